@@ -1,0 +1,425 @@
+"""Fused Triton sketch kernel: S (+)= scale * (dY Sgn_out)^T (X Sgn_in), signs hashed in registers.
+
+One pass over the tokens reads X and dY once each. Per block of BLOCK_N tokens a program
+projects X onto k_in sign columns and dY onto k_out sign columns, chunk by chunk over the
+features (the sign tile of a chunk is rebuilt from the hash in hashing.py, never loaded), then
+adds the outer product of the two projections into a [k_out, k_in] float32 accumulator held in
+registers. A persistent grid walks the token blocks, so each program writes one partial.
+
+Partials are combined either by a second, fixed-order reduction kernel (deterministic, the
+default: bit-identical results run to run at the cost of one tiny extra launch) or by float32
+atomics into `out` (one launch, but the summation order, and so the last bits, vary).
+
+Importing this module never fails: without Triton the kernels stay plain functions and
+`is_available()` says False.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a Triton build that cannot load on this machine
+    triton = None
+    tl = None
+
+_ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Widest sign tile one program holds; larger k is split over grid axes 1 and 2 (re-reading X or dY).
+_MAX_BLOCK_K = 128
+
+
+def _jit(fn=None, **options):
+    """triton.jit when Triton is importable; otherwise the plain function, so the module imports."""
+    if fn is None:
+        return functools.partial(_jit, **options)
+    return fn if triton is None else triton.jit(fn, **options)
+
+
+def is_available() -> bool:
+    """Whether Triton is importable here (usability per device is decided in dispatch.py)."""
+    return triton is not None
+
+
+@_jit
+def _mix32(x):
+    """mix32 of hashing.py on uint32 tensors; uint32 multiplies wrap mod 2^32 as required."""
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x ^= x >> 15
+    return x
+
+
+@_jit
+def _sign_tile(key, o_r, o_c):
+    """Sgn[r, c] = +1 if bit 31 of mix32((mix32(key ^ r) + c) mod 2^32) is 0 else -1, float32.
+
+    key: uint32 scalar; o_r: [BR] row (feature) indices; o_c: [BC] column indices. Returns [BR, BC].
+    """
+    b_hr = _mix32(key ^ o_r.to(tl.uint32))  # [BR]
+    b_h = _mix32(b_hr[:, None] + o_c.to(tl.uint32)[None, :])  # [BR, BC]
+    return tl.where(b_h.to(tl.int32, bitcast=True) < 0, -1.0, 1.0)
+
+
+@_jit
+def _project(
+    p_a,
+    o_n,
+    m_n,
+    D,
+    stride_n,
+    stride_d,
+    key,
+    o_k,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """a[o_n, :] @ Sgn[:, o_k] in float32: [BLOCK_N, BLOCK_K], rows outside m_n are zero."""
+    b_p = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BLOCK_D)):
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        p_t = p_a + o_n[:, None] * stride_n + o_d[None, :].to(tl.int64) * stride_d
+        b_a = tl.load(p_t, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+        # +-1 is exact in every input dtype, so 16-bit inputs take the 16-bit tensor-core path.
+        # Rows past D meet zeros in b_a, so the sign tile needs no mask.
+        b_s = _sign_tile(key, o_d, o_k).to(b_a.dtype)  # [BD, BK]
+        b_p = tl.dot(b_a, b_s, b_p, input_precision=PRECISION)
+    return b_p
+
+
+@_jit(do_not_specialize=["key_in", "key_out"])
+def _sketch_kernel(
+    x,
+    dy,
+    o,
+    key_in,
+    key_out,
+    scale,
+    N,
+    D_IN,
+    D_OUT,
+    K_IN,
+    K_OUT,
+    stride_xn,
+    stride_xd,
+    stride_yn,
+    stride_yd,
+    stride_op,
+    stride_om,
+    stride_ok,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KI: tl.constexpr,
+    BLOCK_KO: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """o[p] (+)= scale * sum_{token blocks b of program p} (dy_b Sgn_out)^T (x_b Sgn_in).
+
+    x: [N, D_IN], dy: [N, D_OUT], one dtype (float32 / float16 / bfloat16), any strides.
+    o: float32 [P, K_OUT, K_IN] (stride_op = 0 to address `out` itself). Program (p, j, i) walks
+    token blocks p, p + P, ... and owns the tile rows j*BLOCK_KO.. and columns i*BLOCK_KI.. of o.
+    ATOMIC adds its tile into o with float32 atomics; otherwise it stores the tile, after adding
+    what o held when ACCUMULATE. Keys are uint32 bit patterns passed as int32. Accumulation is
+    float32 throughout. Both flags are constexpr so the unused store paths compile away.
+    """
+    i_p = tl.program_id(0).to(tl.int64)
+    i_ko = tl.program_id(1).to(tl.int64)
+    i_ki = tl.program_id(2).to(tl.int64)
+    n_p = tl.num_programs(0)
+    u_in = key_in.to(tl.uint32, bitcast=True)
+    u_out = key_out.to(tl.uint32, bitcast=True)
+
+    o_ki = i_ki * BLOCK_KI + tl.arange(0, BLOCK_KI)
+    o_ko = i_ko * BLOCK_KO + tl.arange(0, BLOCK_KO)
+    b_o = tl.zeros([BLOCK_KO, BLOCK_KI], dtype=tl.float32)
+    for i_n in range(i_p, tl.cdiv(N, BLOCK_N), n_p):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_xp = _project(x, o_n, m_n, D_IN, stride_xn, stride_xd, u_in, o_ki, BLOCK_N, BLOCK_D, BLOCK_KI, PRECISION)
+        b_dp = _project(dy, o_n, m_n, D_OUT, stride_yn, stride_yd, u_out, o_ko, BLOCK_N, BLOCK_D, BLOCK_KO, PRECISION)
+        # Padded sign columns (>= k) only fill rows/columns of b_o that the store masks off.
+        b_o = tl.dot(tl.trans(b_dp), b_xp, b_o, input_precision="ieee")  # [BKO, BKI]
+    b_o = b_o * scale
+
+    m_o = (o_ko < K_OUT)[:, None] & (o_ki < K_IN)[None, :]
+    p_o = o + i_p * stride_op + o_ko[:, None] * stride_om + o_ki[None, :] * stride_ok
+    if ATOMIC:
+        tl.atomic_add(p_o, b_o, mask=m_o, sem="relaxed")
+    else:
+        if ACCUMULATE:
+            b_o += tl.load(p_o, mask=m_o, other=0.0)
+        tl.store(p_o, b_o, mask=m_o)
+
+
+@_jit
+def _sketch_reduce_kernel(
+    part,
+    o,
+    P,
+    K_OUT,
+    K_IN,
+    stride_pp,
+    stride_pm,
+    stride_pk,
+    stride_om,
+    stride_ok,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """o (+)= sum_{p < P} part[p], summed in the order p = 0, 1, ... so the result is reproducible.
+
+    part: float32 [P, K_OUT, K_IN]; o: float32 [K_OUT, K_IN]. Without ACCUMULATE o is not read.
+    """
+    i_m = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_o = (o_m < K_OUT)[:, None] & (o_k < K_IN)[None, :]
+    p_part = part + o_m[:, None] * stride_pm + o_k[None, :] * stride_pk
+    b_o = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for i_p in range(0, P):
+        b_o += tl.load(p_part + i_p * stride_pp, mask=m_o, other=0.0)  # [BM, BK]
+    p_o = o + o_m[:, None] * stride_om + o_k[None, :] * stride_ok
+    if ACCUMULATE:
+        b_o += tl.load(p_o, mask=m_o, other=0.0)
+    tl.store(p_o, b_o, mask=m_o)
+
+
+@_jit(do_not_specialize=["key"])
+def _projection_kernel(p, key, scale, D, K, stride_d, stride_k, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """p[r, c] = scale * Sgn(key, r, c) through the sketch kernel's hash; for hash-equality tests.
+
+    p: float32 [D, K]; key: uint32 bit pattern passed as int32.
+    """
+    i_d = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1).to(tl.int64)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    b_p = _sign_tile(key.to(tl.uint32, bitcast=True), o_d, o_k) * scale  # [BD, BK]
+    m_p = (o_d < D)[:, None] & (o_k < K)[None, :]
+    tl.store(p + o_d[:, None] * stride_d + o_k[None, :] * stride_k, b_p, mask=m_p)
+
+
+def _as_int32(key: int) -> int:
+    """A uint32 key as the int32 with the same bits: one kernel signature for every key."""
+    if not 0 <= key <= 0xFFFFFFFF:
+        raise ValueError(f"stream keys are uint32, got {key}")
+    return key - (1 << 32) if key >= (1 << 31) else key
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise RuntimeError(
+        f"the Triton sketch runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1 set before "
+        f"triton is imported; got a {device.type} tensor"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _block_k(k: int) -> int:
+    """Sign-tile width for k columns: a power of two >= 16 (tl.dot's minimum), at most _MAX_BLOCK_K."""
+    return min(max(16, triton.next_power_of_2(k)), _MAX_BLOCK_K)
+
+
+def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, programs along tokens, num_warps) for the persistent grid.
+
+    Heuristic rather than autotune: the choice must be cheap on the first call and keep
+    interpreter runs quick. BLOCK_N = 64 amortises the per-chunk hash over 64 tokens; it shrinks
+    when there are too few token blocks to give every SM work. Wide sign tiles get more warps.
+    """
+    block_d = 64 if dtype != torch.float32 else 32
+    num_warps = 4 if block_k <= 32 else 8
+    block_n = 64
+    if device.type != "cuda":
+        # The interpreter runs programs one after another: few programs, still several blocks each.
+        return block_n, block_d, min(triton.cdiv(n, block_n), 4), num_warps
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    while block_n > 16 and triton.cdiv(n, block_n) < sms:
+        block_n //= 2
+    # Several programs per SM hide load latency; fewer when each holds a wide accumulator.
+    per_sm = 4 if block_k <= 32 else 2
+    return block_n, block_d, min(triton.cdiv(n, block_n), per_sm * sms), num_warps
+
+
+def sketch_triton(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    key_in: int,
+    key_out: int,
+    k_in: int,
+    k_out: int,
+    scale: float,
+    out: torch.Tensor,
+    accumulate: bool,
+    *,
+    deterministic: bool = True,
+    block_n: int | None = None,
+    block_d: int | None = None,
+    block_k: int | None = None,
+    num_programs: int | None = None,
+) -> torch.Tensor:
+    """out (+)= scale * (dy @ Sgn_out)^T (x @ Sgn_in), signs hashed in-kernel from the stream keys.
+
+    Args:
+        x: [N, d_in] float32 / float16 / bfloat16, any strides, on CUDA (or CPU when interpreting).
+        dy: [N, d_out], same dtype and device as x.
+        key_in: uint32 stream key of Sgn_in (hashing.stream_key).
+        key_out: uint32 stream key of Sgn_out.
+        k_in: sketch columns (input side).
+        k_out: sketch rows (output side).
+        scale: multiplies the +-1 sums, 1/sqrt(k_in * k_out) for GradientSketch.
+        out: [k_out, k_in] float32 on x's device, updated in place.
+        accumulate: add into out (True) or overwrite it without reading it (False).
+        deterministic: combine per-program partials with a fixed-order second kernel, so equal
+            inputs give bit-identical results on one device (default True; the launch heuristic
+            depends only on N, dtype, k and the SM count); False adds them with
+            float32 atomics (one launch fewer, last bits vary between runs).
+        block_n, block_d, block_k, num_programs: override the launch heuristic (tests, tuning);
+            block sizes must be powers of two >= 16. The result does not depend on them beyond
+            float32 rounding.
+    Returns:
+        out.
+    """
+    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(
+            f"sketch_triton expects x [N, d_in] and dy [N, d_out], got {tuple(x.shape)} and {tuple(dy.shape)}"
+        )
+    if x.dtype != dy.dtype or x.dtype not in _ACCEPTED_DTYPES:
+        raise TypeError(f"x and dy need one dtype among {_ACCEPTED_DTYPES}, got {x.dtype} and {dy.dtype}")
+    if out.shape != (k_out, k_in) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 [{k_out}, {k_in}], got {out.dtype} {tuple(out.shape)}")
+    if not (x.device == dy.device == out.device):
+        raise ValueError(f"x, dy and out must share a device, got {x.device}, {dy.device}, {out.device}")
+    if not is_available():
+        raise RuntimeError("the Triton sketch backend needs triton, which is not importable here")
+    _check_device(x.device)
+    n, d_in = x.shape
+    d_out = dy.shape[1]
+    if n == 0:
+        return out if accumulate else out.zero_()
+
+    for name, value in (("block_n", block_n), ("block_d", block_d), ("block_k", block_k)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+    bk = block_k or _MAX_BLOCK_K
+    bki, bko = min(_block_k(k_in), bk), min(_block_k(k_out), bk)
+    bn, bd, n_prog, num_warps = _launch_config(n, x.dtype, max(bki, bko), x.device)
+    bn, bd = block_n or bn, block_d or bd
+    n_prog = max(1, min(num_programs or n_prog, triton.cdiv(n, bn)))
+    grid = (n_prog, triton.cdiv(k_out, bko), triton.cdiv(k_in, bki))
+    # fp32 inputs need full-precision products (tf32 would miss the 1e-5 target); 16-bit inputs
+    # multiply exactly by +-1 on the default tensor-core path.
+    precision = "ieee" if x.dtype == torch.float32 else None
+
+    if n_prog == 1:
+        # One program per tile: it owns its part of out outright, so store (or add) directly.
+        target, stride_p, atomic, kernel_acc = out, 0, False, accumulate
+    elif deterministic:
+        target = torch.empty(n_prog, k_out, k_in, dtype=torch.float32, device=x.device)
+        stride_p, atomic, kernel_acc = target.stride(0), False, False
+    else:
+        target, stride_p, atomic, kernel_acc = out, 0, True, False
+        if not accumulate:
+            out.zero_()
+    stride_om, stride_ok = target.stride(-2), target.stride(-1)
+
+    with _device_guard(x.device):
+        _sketch_kernel[grid](
+            x,
+            dy,
+            target,
+            _as_int32(key_in),
+            _as_int32(key_out),
+            float(scale),
+            n,
+            d_in,
+            d_out,
+            k_in,
+            k_out,
+            x.stride(0),
+            x.stride(1),
+            dy.stride(0),
+            dy.stride(1),
+            stride_p,
+            stride_om,
+            stride_ok,
+            BLOCK_N=bn,
+            BLOCK_D=bd,
+            BLOCK_KI=bki,
+            BLOCK_KO=bko,
+            PRECISION=precision,
+            ATOMIC=atomic,
+            ACCUMULATE=kernel_acc,
+            num_warps=num_warps,
+        )
+        if target is not out and not atomic:
+            bm, bk2 = min(_block_k(k_out), 32), min(_block_k(k_in), 32)
+            _sketch_reduce_kernel[(triton.cdiv(k_out, bm), triton.cdiv(k_in, bk2))](
+                target,
+                out,
+                n_prog,
+                k_out,
+                k_in,
+                target.stride(0),
+                target.stride(1),
+                target.stride(2),
+                out.stride(0),
+                out.stride(1),
+                BLOCK_M=bm,
+                BLOCK_K=bk2,
+                ACCUMULATE=accumulate,
+            )
+    return out
+
+
+def projection_triton(key: int, d: int, k: int, device: torch.device | str = "cuda") -> torch.Tensor:
+    """P [d, k] float32 with entries +-1/sqrt(k), from the in-kernel hash (tests compare it with
+    hashing.projection_matrix bit for bit).
+
+    Args:
+        key: uint32 stream key.
+        d: rows (features).
+        k: columns.
+        device: CUDA device, or "cpu" under TRITON_INTERPRET=1.
+    """
+    if d <= 0 or k <= 0:
+        raise ValueError(f"projection needs d > 0 and k > 0, got d={d}, k={k}")
+    if not is_available():
+        raise RuntimeError("projection_triton needs triton, which is not importable here")
+    device = torch.device(device)
+    _check_device(device)
+    p = torch.empty(d, k, dtype=torch.float32, device=device)
+    bd, bk = 64, min(_block_k(k), 64)
+    # Rounded from float64 once, as projection_matrix rounds +-1/sqrt(k): the products match exactly.
+    scale = 1.0 / math.sqrt(k)
+    with _device_guard(device):
+        _projection_kernel[(triton.cdiv(d, bd), triton.cdiv(k, bk))](
+            p, _as_int32(key), scale, d, k, p.stride(0), p.stride(1), BLOCK_D=bd, BLOCK_K=bk
+        )
+    return p
+
+
+def _device_guard(device: torch.device):
+    """Make `device` current for the launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
