@@ -1,7 +1,25 @@
-"""gard_kernels: gradient-spectral LoRA rank allocation with fused sketching kernels."""
+"""gard_kernels: gradient-spectral LoRA rank allocation with fused gradient-sketching kernels."""
 from . import reference
+from .allocate import allocate_ranks, clip_rank_change
+from .config import GARDConfig
+from .controller import GARD
+from .ring import SketchRing
 from .sketch import GradientSketch, available_backends
+from .spectra import effective_rank, gram_eigenvalues, spectral_scores
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientSketch", "available_backends", "reference", "__version__"]
+__all__ = [
+    "GARD",
+    "GARDConfig",
+    "GradientSketch",
+    "SketchRing",
+    "allocate_ranks",
+    "available_backends",
+    "clip_rank_change",
+    "effective_rank",
+    "gram_eigenvalues",
+    "reference",
+    "spectral_scores",
+    "__version__",
+]
