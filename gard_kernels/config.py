@@ -1,0 +1,136 @@
+"""GARDConfig: every knob of the controller, documented once and validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+MODES = ("static", "dynamic")
+SCORES = ("spectral", "grad_norm", "uniform", "random")
+MEASURES = ("energy", "entropy", "stable", "participation")
+GROW_INITS = ("zero", "gradient")
+SHRINKS = ("norm", "svd")
+
+
+@dataclass
+class GARDConfig:
+    """Configuration of a GARD run.
+
+    Args:
+        budget: global LoRA parameter budget B; sum over layers of r * (d_in + d_out) never exceeds it.
+        target_modules: which Linear / Conv1D modules get adapters. A list of names or name suffixes
+            (PEFT style: "q_proj" matches "model.layers.0.self_attn.q_proj"), or one string that is
+            a regular expression matched against full module names (re.fullmatch).
+        mode: "static" profiles `window` steps, allocates once and re-initialises the adapters
+            (paper §3.3); "dynamic" re-allocates every `interval` steps after `warmup` (§3.4).
+        r_min: smallest rank of any layer (0 lets a layer drop out entirely).
+        r_max: largest rank of any layer (also capped at min(d_in, d_out) per layer).
+        r_init: provisional rank of every layer while profiling; None takes the largest uniform
+            rank within the budget and [r_min, r_max] (0 under tight budgets: rank-0 layers are
+            still profiled).
+        window: M, the number of per-step sketches per layer whose Gram spectrum is analysed.
+        k_in: sketch columns on the input side; the sketch of one step has k_in * k_out entries.
+        k_out: sketch rows on the output side.
+        alpha: energy threshold of the effective rank, in (0, 1).
+        measure: effective-rank measure: "energy" (the paper), "entropy", "stable", "participation".
+        score: layer importance: "spectral" (effective rank, the paper), "grad_norm" (gradient
+            Frobenius norm estimated from the same sketches), "uniform", or "random" (baselines).
+        interval: tau, steps between re-allocations in dynamic mode.
+        ema: beta, smoothing of effective ranks across re-allocations, in [0, 1).
+        delta_max: largest rank change of one layer at one re-allocation (dynamic mode).
+        warmup: steps before the first dynamic re-allocation; None uses `window`.
+        freeze_after: dynamic mode stops re-allocating after this step ("early-dynamic"); None never.
+        grow_init: new directions start with B = 0 and A random ("zero") or A along the top
+            singular directions of the current weight gradient ("gradient").
+        shrink: which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the
+            best rank-r approximation of the current update ("svd").
+        scaling: constant factor of the LoRA branch, y = W x + scaling * B A x. It does not depend
+            on the rank, so a resize never rescales what was learned; PEFT's lora_alpha = scaling * r.
+        seed: run seed; per-layer projection seeds, adapter inits and random scores derive from it.
+        backend: sketch backend used during capture ("auto" measures and picks the fastest).
+    """
+
+    budget: int
+    target_modules: Union[Sequence[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    mode: str = "dynamic"
+    r_min: int = 0
+    r_max: int = 8
+    r_init: Optional[int] = None
+    window: int = 8
+    k_in: int = 16
+    k_out: int = 16
+    alpha: float = 0.9
+    measure: str = "energy"
+    score: str = "spectral"
+    interval: int = 20
+    ema: float = 0.7
+    delta_max: int = 2
+    warmup: Optional[int] = None
+    freeze_after: Optional[int] = None
+    grow_init: str = "zero"
+    shrink: str = "norm"
+    scaling: float = 2.0
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"GARDConfig: {message}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        require(is_int(self.budget) and self.budget > 0, f"budget must be a positive int, got {self.budget!r}")
+        if isinstance(self.target_modules, str):
+            require(bool(self.target_modules), "target_modules must not be empty")
+        else:
+            self.target_modules = list(self.target_modules)
+            require(
+                bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
+                f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}",
+            )
+        for name, choices in (
+            ("mode", MODES),
+            ("score", SCORES),
+            ("measure", MEASURES),
+            ("grow_init", GROW_INITS),
+            ("shrink", SHRINKS),
+        ):
+            value = getattr(self, name)
+            require(value in choices, f"{name} must be one of {choices}, got {value!r}")
+        require(is_int(self.r_min) and self.r_min >= 0, f"r_min must be an int >= 0, got {self.r_min!r}")
+        require(
+            is_int(self.r_max) and self.r_max >= max(self.r_min, 1),
+            f"r_max must be an int >= max(r_min, 1), got r_max={self.r_max!r}, r_min={self.r_min}",
+        )
+        if self.r_init is not None:
+            require(
+                is_int(self.r_init) and self.r_min <= self.r_init <= self.r_max,
+                f"r_init must be None or an int in [r_min, r_max] = [{self.r_min}, {self.r_max}], got {self.r_init!r}",
+            )
+        require(is_int(self.window) and self.window >= 2, f"window must be an int >= 2, got {self.window!r}")
+        for name in ("k_in", "k_out"):
+            value = getattr(self, name)
+            require(is_int(value) and value > 0, f"{name} must be a positive int, got {value!r}")
+        require(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha!r}")
+        require(is_int(self.interval) and self.interval >= 1, f"interval must be an int >= 1, got {self.interval!r}")
+        require(0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema!r}")
+        require(is_int(self.delta_max) and self.delta_max >= 1, f"delta_max must be an int >= 1, got {self.delta_max!r}")
+        if self.warmup is not None:
+            require(is_int(self.warmup) and self.warmup >= 0, f"warmup must be None or an int >= 0, got {self.warmup!r}")
+        if self.freeze_after is not None:
+            require(
+                is_int(self.freeze_after) and self.freeze_after >= 0,
+                f"freeze_after must be None or an int >= 0, got {self.freeze_after!r}",
+            )
+        require(self.scaling > 0, f"scaling must be positive, got {self.scaling!r}")
+        require(is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps before the first dynamic re-allocation."""
+        return self.window if self.warmup is None else self.warmup
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,341 @@
+"""GARD: static and dynamic gradient-spectral rank allocation around a user's training loop.
+
+Data flows one way each step: the layers' backward passes write sketches into the ring (capture),
+`step()` closes the slot, and at a re-allocation the window's Gram spectra give effective ranks,
+scores, integer ranks under the budget, and resizes of the adapters and the optimizer state.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .allocate import allocate_ranks, clip_rank_change
+from .config import GARDConfig
+from .lora.capture import CaptureHandle
+from .lora.manager import LoRAManager
+from .ring import SketchRing
+from .sketch import GradientSketch
+from .sketch.hashing import mix32
+from .spectra import effective_rank, gram_eigenvalues, spectral_scores
+
+# Extra random directions of the range finder beyond the largest growth (grow_init="gradient").
+_RANGE_OVERSAMPLE = 8
+
+
+def layer_seed(run_seed: int, layer_index: int) -> int:
+    """Projection seed of one layer: distinct per layer, fixed for the whole run."""
+    return mix32(mix32(run_seed & 0xFFFFFFFF) ^ mix32(layer_index + 1) ^ (run_seed >> 32))
+
+
+class GARD:
+    """Wraps a model's target modules in LoRA adapters whose ranks follow gradient spectra.
+
+    Call `step()` once per optimizer step, after `optimizer.step()`.
+
+    Args:
+        model: any torch model, e.g. a Hugging Face causal LM; its target modules are replaced in place.
+        config: GARDConfig.
+    """
+
+    def __init__(self, model: nn.Module, config: GARDConfig):
+        if not isinstance(config, GARDConfig):
+            raise TypeError(f"config must be a GARDConfig, got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
+        self._check_budget_feasible()
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+        device = next(model.parameters()).device
+        self.ring = SketchRing(len(self.manager), config.window, config.k_in * config.k_out, device=device)
+        self.handles = []
+        for index, layer in enumerate(self.manager.layers):
+            sketch = GradientSketch(layer.d_in, layer.d_out, config.k_in, config.k_out, seed=layer_seed(config.seed, index))
+            handle = CaptureHandle(sketch=sketch, out=None, backend=config.backend)
+            layer.capture = handle
+            self.handles.append(handle)
+
+        r_init = self._initial_rank()
+        for layer in self.manager.layers:
+            layer.resize(min(r_init, layer.d_in, layer.d_out), generator=self._generator)
+
+        self.step_count = 0
+        self.allocated = False  # static mode: the one allocation has happened
+        self.ema_statistic: Optional[torch.Tensor] = None
+        self.history: list[dict[str, Any]] = []
+        self._params_sum = 0
+        self._capturing = False
+        self._non_finite_warned = False
+        self._set_capture(self._capture_due(0))
+
+    # ----------------------------------------------------------------------------------- public API
+    @property
+    def names(self) -> list[str]:
+        return self.manager.names
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Current rank of every adapted module, by full module name."""
+        return dict(zip(self.manager.names, self.manager.ranks))
+
+    @property
+    def num_lora_params(self) -> int:
+        """Active LoRA parameters now: sum r * (d_in + d_out)."""
+        return self.manager.num_params()
+
+    @property
+    def lora_params_mean(self) -> float:
+        """Mean of num_lora_params over the optimizer steps taken so far (the current value before any)."""
+        return self._params_sum / self.step_count if self.step_count else float(self.num_lora_params)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """Every LoRA factor (rank-0 ones included), to hand to the optimizer."""
+        return self.manager.parameters()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer whose state follows the adapters through resizes."""
+        owned = {id(p) for p in self.lora_parameters()}
+        seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = owned - seen
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold {len(missing)} of GARD's {len(owned)} LoRA parameters; "
+                "build it from gard.lora_parameters() (rank-0 factors included)"
+            )
+        self.optimizer = optimizer
+
+    def step(self) -> Optional[dict[str, Any]]:
+        """Close this optimizer step: store its sketches, re-allocate ranks when due.
+
+        Returns the re-allocation record when one happened this step, else None.
+        """
+        if self._capturing:
+            self.ring.advance()
+        self.step_count += 1
+        event = None
+        if self._reallocation_due(self.step_count):
+            event = self._reallocate(require_optimizer=True)
+        self._set_capture(self._capture_due(self.step_count))
+        params = self.num_lora_params
+        if params > self.config.budget:
+            raise RuntimeError(f"internal error: {params} LoRA parameters exceed the budget {self.config.budget}")
+        self._params_sum += params
+        record = {"step": self.step_count, "ranks": self.manager.ranks, "params": params}
+        if event is not None:
+            record["reallocation"] = event
+        self.history.append(record)
+        return event
+
+    def profile(self, batches: Iterable[Any], steps: Optional[int] = None, loss_fn: Optional[Callable] = None) -> dict:
+        """Static GARD's profiling phase without optimizer steps, then the one allocation.
+
+        Args:
+            batches: iterable of model inputs (dicts are passed as keyword arguments).
+            steps: number of batches to profile (default: the window M).
+            loss_fn: loss_fn(model, batch) -> scalar loss; default model(**batch).loss.
+        Returns:
+            The allocation record (also stored in `history`).
+        """
+        steps = self.config.window if steps is None else steps
+        if steps < 2:
+            raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps}")
+        self._set_capture(True)
+        done = 0
+        for batch in batches:
+            if done == steps:
+                break
+            loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+            loss.backward()
+            self.ring.advance()
+            done += 1
+        if done < steps:
+            raise ValueError(f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps")
+        for param in self.lora_parameters():
+            param.grad = None
+        event = self._reallocate(require_optimizer=False)
+        self._set_capture(self._capture_due(self.step_count))
+        self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
+                             "reallocation": event, "profile": True})
+        return event
+
+    # ------------------------------------------------------------------------------------ schedule
+    def _reallocation_due(self, t: int) -> bool:
+        """Whether ranks are re-allocated when the optimizer step count reaches t."""
+        cfg = self.config
+        if cfg.mode == "static":
+            return not self.allocated and t == cfg.window
+        if t < max(cfg.warmup_steps, 1) or t % cfg.interval != 0:
+            return False
+        return cfg.freeze_after is None or t <= cfg.freeze_after
+
+    def _capture_due(self, t: int) -> bool:
+        """Whether the step that runs next (index t, 0-based) must write sketches."""
+        if self.config.mode == "static":
+            return not self.allocated and t < self.config.window
+        # Open the window over the M steps before each re-allocation.
+        return any(self._reallocation_due(s) for s in range(t + 1, t + 1 + self.config.window))
+
+    def _set_capture(self, on: bool) -> None:
+        self._capturing = on
+        shape = (self.config.k_out, self.config.k_in)
+        for index, handle in enumerate(self.handles):
+            handle.out = self.ring.current(index).view(shape) if on else None
+        if self.config.grow_init == "gradient":
+            # Arm the range finder only for the last step before a re-allocation.
+            arm = on and self._reallocation_due(self.step_count + 1)
+            for handle in self.handles:
+                if arm:
+                    handle.arm_range_finder(self.config.delta_max + _RANGE_OVERSAMPLE, self._generator)
+                else:
+                    handle.disarm()
+
+    # ----------------------------------------------------------------------------------- allocation
+    def _statistic(self, eigs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-layer importance statistic before smoothing and normalisation."""
+        cfg = self.config
+        if cfg.score == "spectral":
+            return effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
+        if cfg.score == "grad_norm":
+            # E||S||^2 = ||G||^2, and the Gram trace sums ||S_b||^2 over the valid slots.
+            count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
+            return (eigs.sum(dim=1) / count).sqrt()
+        if cfg.score == "uniform":
+            return torch.ones(len(self.manager), dtype=torch.float64)
+        return torch.rand(len(self.manager), generator=self._generator, dtype=torch.float64)
+
+    def _reallocate(self, require_optimizer: bool) -> dict[str, Any]:
+        cfg = self.config
+        sketches, valid = self.ring.window_sketches()
+        eigs = gram_eigenvalues(sketches, valid).cpu()
+        valid = valid.cpu()
+        invalid = int(self.ring.num_invalid)
+        if invalid and not self._non_finite_warned:
+            warnings.warn(
+                f"GARD discarded {invalid} non-finite sketch slot(s) (overflowing or NaN gradients); "
+                "spectra use the finite steps only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._non_finite_warned = True
+        statistic = self._statistic(eigs, valid)
+        if cfg.mode == "dynamic" and self.ema_statistic is not None:
+            statistic = cfg.ema * self.ema_statistic + (1.0 - cfg.ema) * statistic
+        self.ema_statistic = statistic
+        scores = spectral_scores(statistic)
+        old = self.manager.ranks
+        target = allocate_ranks(
+            scores.tolist(), self.manager.costs, cfg.budget, r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps
+        )
+        if cfg.mode == "dynamic":
+            new = clip_rank_change(old, target, self.manager.costs, cfg.budget, cfg.delta_max)
+        else:
+            new = target
+        changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        if cfg.mode == "static":
+            changed = list(range(len(new)))
+        if changed and require_optimizer and self.optimizer is None:
+            raise RuntimeError(
+                "GARD must resize adapters at this step but no optimizer is attached: call "
+                "gard.attach_optimizer(optimizer) after creating it from gard.lora_parameters()"
+            )
+        discarded = 0.0
+        for i in changed:
+            layer = self.manager.layers[i]
+            if cfg.mode == "static":
+                # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks.
+                layer.resize(0, optimizer=self.optimizer)
+                layer.resize(new[i], grow_init="zero", optimizer=self.optimizer, generator=self._generator)
+            else:
+                change = layer.resize(
+                    new[i], grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=self.optimizer, generator=self._generator
+                )
+                discarded += change.discarded_norm
+        self.allocated = True
+        return {
+            "step": self.step_count,
+            "old_ranks": old,
+            "target_ranks": target,
+            "ranks": new,
+            "statistic": statistic.tolist(),
+            "scores": scores.tolist(),
+            "eigenvalues": eigs.tolist(),
+            "valid_slots": valid.sum(dim=1).tolist(),
+            "invalid_total": invalid,
+            "params": self.manager.num_params(new),
+            "discarded_update_norm": discarded,
+        }
+
+    def _initial_rank(self) -> int:
+        cfg = self.config
+        cost = sum(self.manager.costs)
+        if cfg.r_init is not None:
+            if cfg.r_init * cost > cfg.budget:
+                raise ValueError(
+                    f"r_init={cfg.r_init} on all {len(self.manager)} layers costs {cfg.r_init * cost} parameters, "
+                    f"over the budget {cfg.budget}; lower r_init (or leave it None to fit automatically)"
+                )
+            return cfg.r_init
+        return max(cfg.r_min, min(cfg.r_max, cfg.budget // cost))
+
+    def _check_budget_feasible(self) -> None:
+        floor = self.config.r_min * sum(self.manager.costs)
+        if floor > self.config.budget:
+            raise ValueError(
+                f"budget {self.config.budget} is below r_min * sum(d_in + d_out) = {floor} for "
+                f"{len(self.manager)} adapted layers; raise the budget to at least {floor} or lower r_min"
+            )
+
+    # ---------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run: config, ranks, adapters, ring, EMA, counters, history."""
+        return {
+            "config": self.config.to_dict(),
+            "names": list(self.manager.names),
+            "shapes": [(layer.d_in, layer.d_out) for layer in self.manager.layers],
+            "ranks": self.manager.ranks,
+            "adapters": [
+                {"lora_A": layer.lora_A.detach().clone(), "lora_B": layer.lora_B.detach().clone()}
+                for layer in self.manager.layers
+            ],
+            "ring": self.ring.state_dict(),
+            "ema_statistic": None if self.ema_statistic is None else self.ema_statistic.clone(),
+            "step_count": self.step_count,
+            "allocated": self.allocated,
+            "params_sum": self._params_sum,
+            "generator": self._generator.get_state(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict() of the same model and config; load the optimizer's state afterwards."""
+        mine = self.config.to_dict()
+        for key, value in state["config"].items():
+            if key in mine and _normalise(mine[key]) != _normalise(value):
+                raise ValueError(f"state_dict was saved with config {key}={value!r}, this GARD has {mine[key]!r}")
+        if list(state["names"]) != self.manager.names:
+            raise ValueError("state_dict was saved for other adapted modules: " f"{state['names'][:3]}... vs {self.manager.names[:3]}...")
+        shapes = [(layer.d_in, layer.d_out) for layer in self.manager.layers]
+        if [tuple(s) for s in state["shapes"]] != shapes:
+            raise ValueError("state_dict was saved for a model whose adapted layers have other shapes")
+        for layer, rank, adapter in zip(self.manager.layers, state["ranks"], state["adapters"]):
+            layer.resize(rank)
+            with torch.no_grad():
+                layer.lora_A.copy_(adapter["lora_A"])
+                layer.lora_B.copy_(adapter["lora_B"])
+        self.ring.load_state_dict(state["ring"])
+        self.ema_statistic = state["ema_statistic"]
+        self.step_count = state["step_count"]
+        self.allocated = state["allocated"]
+        self._params_sum = state["params_sum"]
+        self._generator.set_state(state["generator"])
+        self.history = list(state["history"])
+        self._set_capture(self._capture_due(self.step_count))
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+

@@ -1,0 +1,282 @@
+"""LoRALayer: a frozen Linear / Conv1D plus a low-rank update whose rank can change in training."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import CaptureHandle, lora_capture
+from .optim_state import check_remappable, remap_along, remap_optimizer_state, reset_optimizer_state
+
+__all__ = ["LoRALayer", "ResizeRecord"]
+
+# Expected norm of a row of the PEFT init: uniform(-b, b) over d_in entries, b = 1/sqrt(d_in),
+# has E||a||^2 = d_in b^2 / 3 = 1/3 whatever d_in; gradient-initialised rows get the same norm.
+_INIT_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D (weight [d_in, d_out]), recognised by name so that
+    # transformers is never imported here.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+@dataclass(frozen=True)
+class ResizeRecord:
+    """What one `LoRALayer.resize` did.
+
+    Attributes:
+        name: the layer's name.
+        old_rank, new_rank: ranks before and after.
+        kept: old directions kept, in their new positions (all of them on a grow), or "svd" when
+            the update was re-factored.
+        init: "zero" / "gradient" on a grow, None otherwise.
+        discarded_norm: ||Delta W_old - Delta W_new||_F (0 on a grow: the output is unchanged).
+    """
+
+    name: str
+    old_rank: int
+    new_rank: int
+    kept: tuple[int, ...] | str
+    init: str | None
+    discarded_norm: float
+
+
+class LoRALayer(nn.Module):
+    """Frozen base layer plus Delta W = scaling * B A with a resizable rank.
+
+    y = base(x) + scaling * (x A^T) B^T. A: [r, d_in] and B: [d_out, r] as in PEFT; A starts
+    with PEFT's kaiming-uniform(a=sqrt(5)) init, B with zeros, so a new layer computes base(x).
+
+    `scaling` is a constant, independent of the rank: PEFT's alpha / r would rescale the learned
+    update every time r changes. On export to PEFT, set per layer lora_alpha = scaling * r (so
+    PEFT's lora_alpha / r equals `scaling`), e.g. through rank_pattern / alpha_pattern.
+
+    The adapter lives on the base weight's device, in its dtype when that is float32 / float64
+    and in float32 otherwise (PEFT's default for bf16 / fp16 bases).
+
+    Capture: while `capture` is a CaptureHandle whose `out` is set (and grad is enabled), the
+    branch runs through LoRACaptureFunction, which sketches the layer's weight gradient dY^T X
+    in backward; otherwise the branch is plain torch ops.
+
+    Args:
+        base: nn.Linear (weight [d_out, d_in]) or transformers Conv1D (weight [d_in, d_out]).
+            Its weight and bias are frozen.
+        rank: initial rank r >= 0 (0: the layer adds nothing and has zero-size factors).
+        scaling: constant multiplier of B A (default 1.0).
+        name: the module's name in the model, for records and messages.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scaling: float = 1.0, name: str = ""):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            d_out, d_in = base.weight.shape
+        elif _is_conv1d(base):
+            d_in, d_out = base.weight.shape
+        else:
+            raise TypeError(f"LoRALayer wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        _check_rank(rank)
+        self.base = base
+        self.d_in, self.d_out = d_in, d_out
+        self.rank = rank
+        self.scaling = float(scaling)
+        self.name = name
+        self.capture: CaptureHandle | None = None
+        for p in base.parameters():
+            p.requires_grad_(False)
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Parameter(_init_rows(rank, d_in, None, weight.device, dtype))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, device=weight.device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, "
+            f"scaling={self.scaling}"
+        )
+
+    @property
+    def capturing(self) -> bool:
+        """Whether the next forward (with grad enabled) goes through the capture Function."""
+        return self.capture is not None and self.capture.out is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + scaling * (x A^T) B^T.
+
+        Args:
+            x: [..., d_in].
+        Returns:
+            [..., d_out] in base's output dtype.
+        """
+        y = self.base(x)
+        if self.capturing and torch.is_grad_enabled():
+            # The anchor requires grad, so backward (and the sketch) runs even for a rank-0 or
+            # frozen adapter whose input does not require grad. It is zero-size and not a Parameter.
+            anchor = torch.empty(0, device=x.device, requires_grad=True)
+            lora = lora_capture(x, self.lora_A, self.lora_B, self.scaling, self.capture, anchor)
+            return y + lora.to(y.dtype)
+        if self.rank == 0:
+            return y
+        lora = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
+        return y + (lora * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, [d_out, d_in] (Linear layout; transpose it for a Conv1D base)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def resize(
+        self,
+        new_rank: int,
+        grow_init: str = "zero",
+        shrink: str = "norm",
+        optimizer: torch.optim.Optimizer | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ResizeRecord:
+        """Change the rank in place; lora_A / lora_B keep their identity (only `.data` changes).
+
+        Grow: r_new - r directions are appended with B columns zero, so the output is unchanged.
+        Their A rows are PEFT-style random (grow_init="zero") or (grow_init="gradient") the top
+        right singular vectors of the weight gradient G = dY^T X restricted to the complement of
+        the current A rows, from the capture handle's armed range finder, each with the norm a
+        random row has on average.
+        Shrink: "norm" keeps the r_new directions with the largest ||a_i|| ||b_i||, unchanged and
+        in their old order; "svd" re-factors Delta W into its best rank-r_new approximation,
+        B' = Q_b U S^1/2, A' = S^1/2 V^T Q_a^T from B = Q_b R_b, A^T = Q_a R_a and the SVD
+        R_b R_a^T = U S V^T.
+
+        Optimizer state follows (optim_state.py): sliced / zero-padded along the rank dimension,
+        dropped for both factors after an "svd" shrink. An existing .grad is sliced / padded the
+        same way (dropped after "svd"); resize between steps, after zero_grad, to avoid both.
+
+        Args:
+            new_rank: target rank >= 0.
+            grow_init: "zero" or "gradient" (needs `capture` armed with p >= new_rank - rank and at
+                least one backward pass since).
+            shrink: "norm" or "svd".
+            optimizer: optimizer holding lora_A / lora_B, or None.
+            generator: torch.Generator for random A rows (on the generator's device).
+        Returns:
+            ResizeRecord.
+        Raises:
+            TypeError: optimizer state that cannot follow (checked before anything changes).
+        """
+        _check_rank(new_rank)
+        if grow_init not in ("zero", "gradient"):
+            raise ValueError(f"grow_init must be 'zero' or 'gradient', got {grow_init!r}")
+        if shrink not in ("norm", "svd"):
+            raise ValueError(f"shrink must be 'norm' or 'svd', got {shrink!r}")
+        old_rank = self.rank
+        check_remappable(optimizer, (self.lora_A, self.lora_B))
+        if new_rank == old_rank:
+            return ResizeRecord(self.name, old_rank, new_rank, tuple(range(old_rank)), None, 0.0)
+        if new_rank > old_rank:
+            return self._grow(new_rank, grow_init, optimizer, generator)
+        if shrink == "norm":
+            return self._shrink_norm(new_rank, optimizer)
+        return self._shrink_svd(new_rank, optimizer, generator)
+
+    def _grow(self, new_rank, grow_init, optimizer, generator) -> ResizeRecord:
+        a, b = self.lora_A, self.lora_B
+        old_rank = self.rank
+        n_new = new_rank - old_rank
+        if grow_init == "gradient":
+            if self.capture is None:
+                raise RuntimeError(f"{self.name or 'layer'}: grow_init='gradient' needs a capture handle")
+            rows = self.capture.top_input_directions(n_new, exclude=a.data) * _INIT_ROW_NORM
+            if rows.shape[0] < n_new:
+                # The complement of the kept rows inside the captured subspace ran out.
+                fresh = _init_rows(n_new - rows.shape[0], self.d_in, generator, a.device, a.dtype)
+                rows = torch.cat([rows.to(device=a.device, dtype=a.dtype), fresh])
+        else:
+            rows = _init_rows(n_new, self.d_in, generator, a.device, a.dtype)
+        self._assign(
+            torch.cat([a.data, rows.to(device=a.device, dtype=a.dtype)]),
+            torch.cat([b.data, b.new_zeros(self.d_out, n_new)], dim=1),
+            optimizer,
+            torch.arange(old_rank, device=a.device),
+        )
+        return ResizeRecord(self.name, old_rank, new_rank, tuple(range(old_rank)), grow_init, 0.0)
+
+    def _shrink_norm(self, new_rank, optimizer) -> ResizeRecord:
+        a, b = self.lora_A.data, self.lora_B.data
+        strength = a.norm(dim=1) * b.norm(dim=0)  # [r]
+        keep = torch.topk(strength, new_rank, sorted=False).indices.sort().values
+        dropped = torch.ones(self.rank, dtype=torch.bool, device=a.device)
+        dropped[keep] = False
+        discarded = self.scaling * _product_norm(b[:, dropped], a[dropped])
+        old_rank = self.rank
+        self._assign(a[keep], b[:, keep], optimizer, keep)
+        return ResizeRecord(self.name, old_rank, new_rank, tuple(keep.tolist()), None, discarded)
+
+    def _shrink_svd(self, new_rank, optimizer, generator) -> ResizeRecord:
+        a, b = self.lora_A.data, self.lora_B.data
+        q_b, r_b = torch.linalg.qr(b.double())  # [d_out, k_b], [k_b, r]
+        q_a, r_a = torch.linalg.qr(a.double().T)  # [d_in, k_a], [k_a, r]
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core [k_b, k_a]
+        # Directions with (numerically) zero singular value would get A row = 0 and B column = 0,
+        # which no gradient can revive; they start fresh instead (e.g. Delta W = 0 after a grow).
+        tol = s.max() * max(self.d_in, self.d_out) * torch.finfo(torch.float32).eps
+        k = int((s[:new_rank] > tol).sum())
+        root = s[:k].sqrt()
+        new_b = (q_b @ u[:, :k]) * root  # [d_out, k]
+        new_a = root[:, None] * (vh[:k] @ q_a.T)  # [k, d_in]
+        discarded = self.scaling * s[k:].square().sum().sqrt().item()
+        if k < new_rank:
+            fresh = _init_rows(new_rank - k, self.d_in, generator, a.device, torch.float64)
+            new_a = torch.cat([new_a, fresh])
+            new_b = torch.cat([new_b, new_b.new_zeros(self.d_out, new_rank - k)], dim=1)
+        old_rank = self.rank
+        self._assign(new_a.to(a.dtype), new_b.to(b.dtype), optimizer, None)
+        return ResizeRecord(self.name, old_rank, new_rank, "svd", None, discarded)
+
+    def _assign(self, new_a, new_b, optimizer, index) -> None:
+        """Install new factors; state and grads follow `index` (old positions kept), or are dropped."""
+        new_rank = new_a.shape[0]
+        for param, new, dim in ((self.lora_A, new_a, 0), (self.lora_B, new_b, 1)):
+            grad = None
+            if index is None:
+                reset_optimizer_state(optimizer, param)
+            else:
+                remap_optimizer_state(optimizer, param, index, new_rank, dim)
+                if param.grad is not None:
+                    grad = remap_along(param.grad, index, new_rank, dim)
+            # The old grad must go first: autograd refuses a grad whose shape differs from the data.
+            param.grad = None
+            _set_data(param, new.contiguous())
+            param.grad = grad
+        self.rank = new_rank
+
+
+def _check_rank(rank) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"LoRA rank must be a non-negative int, got {rank!r}")
+
+
+def _set_data(param: nn.Parameter, new: torch.Tensor) -> None:
+    """param.data = new, also when the shape changes while an old graph is still alive.
+
+    A leaf caches its gradient accumulator (with the old shape) for as long as some graph holds
+    it, e.g. the previous step's `loss`; `.data =` drops that cache only when the dtype or device
+    changes, and a backward through the stale accumulator fails on the shape. Passing through a
+    zero-size tensor of another dtype drops it.
+    """
+    other = torch.float64 if new.dtype != torch.float64 else torch.float32
+    param.data = new.new_empty(0, dtype=other)
+    param.data = new
+
+
+def _init_rows(n: int, d_in: int, generator, device, dtype) -> torch.Tensor:
+    """[n, d_in] rows of PEFT's A init: kaiming_uniform(a=sqrt(5)) = uniform(+-1/sqrt(d_in))."""
+    bound = 1.0 / math.sqrt(d_in)
+    gen_device = generator.device if generator is not None else device
+    rows = torch.empty(n, d_in, device=gen_device, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    return rows.to(device)
+
+
+def _product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||B A||_F without forming it: ||B A||^2 = sum((B^T B) * (A A^T)), O(r^2 (d_in + d_out))."""
+    b, a = b.double(), a.double()
+    return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0).sqrt().item()
