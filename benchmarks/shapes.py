@@ -10,3 +10,15 @@ SKETCH_SHAPES = {
 
 # 210 layers (SmolLM2's 30 blocks x 7 projections), window 32, 256-entry sketches.
 SPECTRA_SHAPE = dict(layers=210, window=32, k=256)
+
+# Training-step overhead: SmolLM2-135M's architecture (random weights) and a tiny smoke version.
+TRAIN_STEP_MODELS = {
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, batch=2, seq=128,
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, batch=2, seq=32,
+    ),
+}
