@@ -3,6 +3,7 @@ from . import reference
 from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
 from .controller import GARD
+from .integrations.peft_export import load_adapter
 from .ring import SketchRing
 from .sketch import GradientSketch, available_backends
 from .spectra import effective_rank, gram_eigenvalues, spectral_scores
@@ -19,6 +20,7 @@ __all__ = [
     "clip_rank_change",
     "effective_rank",
     "gram_eigenvalues",
+    "load_adapter",
     "reference",
     "spectral_scores",
     "__version__",

@@ -1,0 +1,197 @@
+"""GARDCallback: GARD inside a Hugging Face `transformers.Trainer`, checkpoints and exact resume included.
+
+Where each part happens, in the order `Trainer` runs:
+
+1. Wrap: in `on_init_end` (the end of `Trainer.__init__`), or earlier through `prepare(model)`.
+   Either way before `train()` builds its optimizer, so the Trainer's own optimizer holds every
+   LoRA factor (rank-0 ones are zero-size parameters that require grad). Every other parameter
+   is frozen, as PEFT does.
+2. Resume, shapes: `train(resume_from_checkpoint=...)` loads the checkpoint's model weights before
+   any callback event and before it builds and loads the optimizer. A load_state_dict pre-hook on
+   each adapter resizes it to the saved factor's rank, so the weights load and the optimizer
+   state that follows finds parameters of its shapes.
+3. Resume, controller: `on_train_begin` (before the first step) restores the rest of the
+   controller (sketch ring, EMA, counters, generator, history) from `gard_state.pt` in
+   `<output_dir>/checkpoint-<global_step>`, or from the directory given to `load_checkpoint`.
+   Then it attaches the Trainer's optimizer, whose state follows every later resize.
+4. Step: `on_step_end` runs once per optimizer step (after the optimizer and LR scheduler
+   steps and zero_grad, whatever gradient_accumulation_steps is) and calls `gard.step()`.
+   The LR scheduler keeps driving the same optimizer: a resize changes parameter shapes and
+   state, never the parameter objects or param groups.
+5. Save: `on_save` writes `gard_state.pt` into the checkpoint directory the Trainer just wrote.
+6. Log: `on_log` adds `lora_params` and `lora_ranks` (ranks in `gard.names` order, one string)
+   to the Trainer's log record and to the logs passed on to the callbacks after this one.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..config import GARDConfig
+from ..controller import GARD
+
+__all__ = ["GARDCallback", "GARD_STATE_NAME"]
+
+GARD_STATE_NAME = "gard_state.pt"
+
+
+class GARDCallback(TrainerCallback):
+    """Runs GARD inside `transformers.Trainer`; pass it in `callbacks=[...]`.
+
+    Args:
+        config: GARDConfig of the run.
+
+    Attributes:
+        gard: the GARD controller once the model is wrapped (ranks, history, export), else None.
+    """
+
+    def __init__(self, config: GARDConfig):
+        if not isinstance(config, GARDConfig):
+            raise TypeError(f"config must be a GARDConfig, got {type(config).__name__}")
+        self.config = config
+        self.gard: Optional[GARD] = None
+        self._scratch = torch.Generator().manual_seed(0)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Wrap `model` now (the Trainer does it otherwise): GARD adapters, everything else frozen.
+
+        Needed only to build an optimizer yourself (`Trainer(optimizers=...)`) or to inspect the
+        adapters before the Trainer exists. Calling it again with the same model does nothing.
+
+        Returns:
+            The same model, wrapped in place.
+        """
+        if self.gard is not None:
+            if self.gard.model is model:
+                return model
+            raise ValueError("this GARDCallback already wraps another model; use one callback per model")
+        gard = GARD(model, self.config)
+        owned = {id(p) for p in gard.lora_parameters()}
+        for param in model.parameters():
+            if id(param) not in owned:
+                param.requires_grad_(False)
+        for layer in gard.manager.layers:
+            layer.register_load_state_dict_pre_hook(self._resize_before_load)
+        self.gard = gard
+        return model
+
+    def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
+        """Restore the controller state saved in `checkpoint_dir` now.
+
+        Resuming from `<output_dir>/checkpoint-N` (or `resume_from_checkpoint=True`) finds the state
+        by itself; call this before `trainer.train(resume_from_checkpoint=checkpoint_dir)` when the
+        checkpoint lives elsewhere.
+        """
+        self._require_gard("load_checkpoint")
+        path = os.path.join(checkpoint_dir, GARD_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no GARD state at {path}: the checkpoint was not written by a Trainer running GARDCallback"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.gard.load_state_dict(saved["gard"])
+
+    # ---------------------------------------------------------------------------- Trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError(
+                "GARDCallback needs the model when the Trainer is built (Trainer(model=...)); "
+                "model_init is not supported"
+            )
+        self.prepare(model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        gard = self._require_gard("training")
+        if model is not None and model is not gard.model:
+            raise ValueError("the Trainer trains another model than the one GARDCallback wrapped")
+        if state.global_step > 0 and gard.step_count != state.global_step:
+            # Resuming: the Trainer restored its own state at global_step from the checkpoint.
+            checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if not os.path.isfile(os.path.join(checkpoint_dir, GARD_STATE_NAME)):
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step} but {checkpoint_dir} has no {GARD_STATE_NAME}; "
+                    "for a checkpoint outside output_dir call callback.load_checkpoint(path) before "
+                    "trainer.train(resume_from_checkpoint=path)"
+                )
+            self.load_checkpoint(checkpoint_dir)
+        if gard.step_count != state.global_step:
+            raise ValueError(
+                f"GARD is at step {gard.step_count} but the Trainer starts at step {state.global_step}; "
+                "restore the matching checkpoint (callback.load_checkpoint) or use a fresh model and callback"
+            )
+        if optimizer is None:
+            raise ValueError("GARDCallback needs the Trainer's optimizer at on_train_begin")
+        optimizer = _unwrap_optimizer(optimizer)
+        _check_state_shapes(optimizer, gard)
+        gard.attach_optimizer(optimizer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.gard.step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.gard is None or logs is None:
+            return
+        extra = {
+            "lora_params": self.gard.num_lora_params,
+            "lora_ranks": ",".join(str(r) for r in self.gard.manager.ranks),
+        }
+        logs.update(extra)
+        # The Trainer stored a copy of `logs` in log_history just before this event.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.gard is None or not state.is_world_process_zero:
+            return
+        checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(checkpoint_dir):
+            warnings.warn(
+                f"GARDCallback: no checkpoint directory {checkpoint_dir} (hyperparameter search?); "
+                "the controller state was not saved, so this checkpoint cannot be resumed exactly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        torch.save({"gard": self.gard.state_dict()}, os.path.join(checkpoint_dir, GARD_STATE_NAME))
+
+    # --------------------------------------------------------------------------------- internals
+    def _require_gard(self, what: str) -> GARD:
+        if self.gard is None:
+            raise RuntimeError(
+                f"GARDCallback has not wrapped a model yet ({what}): pass it to Trainer(callbacks=[...]) "
+                "or call callback.prepare(model) first"
+            )
+        return self.gard
+
+    def _resize_before_load(self, layer, state_dict, prefix, *args) -> None:
+        """load_state_dict pre-hook of each adapter: take the rank of the incoming factors."""
+        incoming = state_dict.get(prefix + "lora_A")
+        if incoming is None or incoming.dim() != 2 or incoming.shape[1] != layer.d_in:
+            return
+        rank = int(incoming.shape[0])
+        if rank != layer.rank:
+            # The loaded values replace the grown rows, so they come from a scratch generator.
+            layer.resize(rank, optimizer=self.gard.optimizer, generator=self._scratch)
+
+
+def _unwrap_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (and similar wrappers)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _check_state_shapes(optimizer, gard: GARD) -> None:
+    for param in gard.lora_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            # Factored states (other ranks of tensor) are refused at the first resize instead.
+            if torch.is_tensor(value) and value.dim() == param.dim() and value.shape != param.shape:
+                raise RuntimeError(
+                    f"optimizer state {key!r} has shape {tuple(value.shape)} for a LoRA factor of shape "
+                    f"{tuple(param.shape)}: the checkpoint's model weights and optimizer state disagree"
+                )

@@ -1,0 +1,266 @@
+"""GARD adapters as standard PEFT LoRA adapters: export for PEFT / merging, and import to continue.
+
+A GARD layer computes y = W x + scaling * B A x with one constant `scaling`; PEFT computes
+y = W x + (lora_alpha / r) * B A x. Export writes, per layer, r = its rank and lora_alpha =
+scaling * r (rank_pattern / alpha_pattern), so PEFT reproduces GARD's outputs. Rank-0 layers
+are left out: PEFT has no rank-0 adapters and they add nothing.
+
+Names: PEFT selects modules with `target_modules` (a list matches a module whose name equals an
+entry or ends with "." + entry) and looks up per-module ranks with the first `rank_pattern` key
+K such that re.match(rf"(.*\\.)?({K})$", name) succeeds. Full module names are exact for almost
+every model; where some other module's name ends with "." + an exported name, or a key would
+match another exported module, the export switches to patterns that cannot over-match (a
+full-match regex for target_modules, "^"-anchored escaped keys for the patterns).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import GARDConfig
+from ..lora.layer import LoRALayer
+from ..lora.manager import match_target_modules
+
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "load_adapter", "save_pretrained"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT stores the weights of a PeftModel's base model under this prefix (adapter name removed).
+_KEY_PREFIX = "base_model.model."
+_FACTORS = ("lora_A", "lora_B")
+
+
+def save_pretrained(gard, path: str | os.PathLike, task_type: Optional[str] = None) -> dict[str, Any]:
+    """Write `gard`'s adapters as a PEFT LoRA adapter directory.
+
+    `peft.PeftModel.from_pretrained(base_model, path)` then computes what the GARD-wrapped model
+    computes, and `.merge_and_unload()` gives a plain model with the updates merged.
+
+    Args:
+        gard: a GARD controller.
+        path: output directory (created if missing); gets adapter_config.json and
+            adapter_model.safetensors.
+        task_type: PEFT task type written to the config (e.g. "CAUSAL_LM"), or None.
+    Returns:
+        The adapter config that was written, as a dict.
+    Raises:
+        ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
+    """
+    from safetensors.torch import save_file
+
+    layers = [layer for layer in gard.manager.layers if layer.rank > 0]
+    if not layers:
+        raise ValueError("every GARD adapter has rank 0: there is nothing to export")
+    names = [layer.name for layer in layers]
+    ranks = {layer.name: layer.rank for layer in layers}
+    alphas = {layer.name: _plain_number(layer.scaling * layer.rank) for layer in layers}
+    r_default = max(ranks.values())
+
+    base_names = _unwrapped_module_names(gard.model)
+    # PEFT's list semantics would also pick up a module whose name ends with "." + a target.
+    if any(_peft_list_hit(names, n) for n in base_names if n not in ranks):
+        target_modules: list[str] | str = "|".join(re.escape(n) for n in names)
+    else:
+        target_modules = names
+    # Each exported module must be matched first by its own key, whatever the key order.
+    if any(_pattern_hit(key, other) for key in names for other in names if other != key):
+        keys = {name: "^" + re.escape(name) for name in names}
+    else:
+        keys = {name: name for name in names}
+
+    model_config = getattr(gard.model, "config", None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": r_default,
+        "lora_alpha": _plain_number(layers[0].scaling * r_default),
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "fan_in_fan_out": all(not isinstance(layer.base, nn.Linear) for layer in layers),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {keys[n]: ranks[n] for n in names},
+        "alpha_pattern": {keys[n]: alphas[n] for n in names},
+    }
+    tensors = {}
+    for layer in layers:
+        for factor in _FACTORS:
+            value = getattr(layer, factor).detach()
+            tensors[f"{_KEY_PREFIX}{layer.name}.{factor}.weight"] = value.to("cpu").contiguous()
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, config: Optional[GARDConfig] = None):
+    """Wrap `model` in GARD with the adapters of a PEFT LoRA adapter directory, to continue training.
+
+    Each adapter's layer gets the saved rank and factors; adapted layers absent from the adapter
+    (rank 0 at export) start at rank 0. The adapter's per-layer lora_alpha / r is folded into B
+    when it differs from the config's `scaling`, so the model computes what PEFT would.
+    Attach an optimizer afterwards, as after `GARD(model, config)`.
+
+    Args:
+        model: the base model, not yet wrapped.
+        path: directory with adapter_config.json and adapter_model.safetensors (GARD's export or
+            any plain PEFT LoRA adapter on Linear / Conv1D modules).
+        config: GARDConfig of the continued run; its target_modules must cover the adapter's
+            modules and its budget the adapter's parameters. None: the adapter's modules only,
+            budget = the adapter's parameter count, scaling = lora_alpha / r of its first layer.
+    Returns:
+        The GARD controller.
+    Raises:
+        ValueError: not a LoRA adapter GARD can represent (DoRA, biases, modules_to_save, other
+            weight names), or the adapter does not fit `config` (modules, shapes, ranks, budget).
+    """
+    from safetensors.torch import load_file
+
+    from ..controller import GARD
+
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME)) as handle:
+        peft_config = json.load(handle)
+    _check_supported(peft_config)
+    factors = _read_factors(load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME)))
+    scalings = {}
+    for name, (a, _) in factors.items():
+        rank = a.shape[0]
+        alpha = peft_config.get("lora_alpha", 8)
+        for key, value in (peft_config.get("alpha_pattern") or {}).items():
+            if _pattern_hit(key, name):
+                alpha = value
+                break
+        scalings[name] = alpha / (math.sqrt(rank) if peft_config.get("use_rslora") else rank)
+
+    if config is None:
+        names = list(factors)
+        max_rank = max(a.shape[0] for a, _ in factors.values())
+        config = GARDConfig(
+            budget=sum(a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in factors.values()),
+            target_modules="|".join(re.escape(n) for n in names),
+            r_init=0,
+            r_max=max(GARDConfig.r_max, max_rank),
+            scaling=scalings[names[0]],
+        )
+    _check_fits(factors, model, config)
+    gard = GARD(model, config)
+    layers = dict(zip(gard.names, gard.manager.layers))
+
+    # Grown rows are overwritten at once: draw them from a throwaway generator, not the run's.
+    scratch = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        a, b = factors.get(name, (None, None))
+        layer.resize(0 if a is None else a.shape[0], generator=scratch)
+        if a is not None:
+            with torch.no_grad():
+                layer.lora_A.copy_(a)
+                layer.lora_B.copy_(b * (scalings[name] / layer.scaling))
+    return gard
+
+
+def _check_supported(peft_config: dict[str, Any]) -> None:
+    peft_type = str(peft_config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"not a LoRA adapter: peft_type={peft_config.get('peft_type')!r}")
+    unsupported = {
+        "use_dora": bool(peft_config.get("use_dora")),
+        "bias": peft_config.get("bias", "none") != "none",
+        "lora_bias": bool(peft_config.get("lora_bias")),
+        "modules_to_save": bool(peft_config.get("modules_to_save")),
+    }
+    found = [key for key, bad in unsupported.items() if bad]
+    if found:
+        raise ValueError(f"GARD adapters are plain LoRA (B A, no biases, no extra modules); this adapter sets {found}")
+
+
+def _read_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A [r, d_in], B [d_out, r])} from PEFT weight names."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    pattern = re.compile(rf"{re.escape(_KEY_PREFIX)}(.+)\.(lora_A|lora_B)\.weight")
+    for key, value in tensors.items():
+        match = pattern.fullmatch(key)
+        if match is None:
+            raise ValueError(
+                f"unexpected weight {key!r} in the adapter: GARD reads "
+                f"'{_KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' only"
+            )
+        parts.setdefault(match.group(1), {})[match.group(2)] = value
+    factors = {}
+    for name, pair in parts.items():
+        if set(pair) != set(_FACTORS):
+            raise ValueError(f"adapter module {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                "[r, d_in] and [d_out, r]"
+            )
+        factors[name] = (a, b)
+    if not factors:
+        raise ValueError("the adapter holds no LoRA weights")
+    return factors
+
+
+def _check_fits(factors, model: nn.Module, config: GARDConfig) -> None:
+    """Raise before anything is wrapped if the adapter does not fit the model and config."""
+    targeted = set(match_target_modules(model, config.target_modules))
+    missing = [name for name in factors if name not in targeted]
+    if missing:
+        raise ValueError(
+            f"adapter modules {missing[:3]}{'...' if len(missing) > 3 else ''} are not among GARD's adapted "
+            f"modules for target_modules={config.target_modules!r}"
+        )
+    params = 0
+    for name, (a, b) in factors.items():
+        module = model.get_submodule(name)
+        # nn.Linear stores [d_out, d_in]; transformers' Conv1D [d_in, d_out].
+        expected = tuple(module.weight.shape[::-1] if isinstance(module, nn.Linear) else module.weight.shape)
+        rank, d_in, d_out = a.shape[0], a.shape[1], b.shape[0]
+        if (d_in, d_out) != expected:
+            raise ValueError(
+                f"adapter module {name!r} has (d_in, d_out) = {(d_in, d_out)}, the model's layer {expected}"
+            )
+        if rank > min(config.r_max, d_in, d_out):
+            raise ValueError(
+                f"adapter module {name!r} has rank {rank}, above r_max={config.r_max} (or the layer's size)"
+            )
+        params += rank * (d_in + d_out)
+    if params > config.budget:
+        raise ValueError(f"the adapter has {params} LoRA parameters, over the config's budget {config.budget}")
+
+
+def _unwrapped_module_names(model: nn.Module) -> list[str]:
+    """Module names of the model as it is without GARD (a LoRALayer stands for its base)."""
+    inner = [name + "." for name, module in model.named_modules() if isinstance(module, LoRALayer)]
+    return [name for name, _ in model.named_modules() if name and not any(name.startswith(p) for p in inner)]
+
+
+def _peft_list_hit(targets: list[str], name: str) -> bool:
+    """PEFT's rule for a list of target_modules."""
+    return name in targets or any(name.endswith("." + t) for t in targets)
+
+
+def _pattern_hit(key: str, name: str) -> bool:
+    """PEFT's rule for a rank_pattern / alpha_pattern key."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def _plain_number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
