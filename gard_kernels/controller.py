@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
 from .lora.capture import CaptureHandle
@@ -43,6 +44,7 @@ class GARD:
     def __init__(self, model: nn.Module, config: GARDConfig):
         if not isinstance(config, GARDConfig):
             raise TypeError(f"config must be a GARDConfig, got {type(config).__name__}")
+        distributed.reject_wrapped(model)
         self.model = model
         self.config = config
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -180,6 +182,9 @@ class GARD:
         return any(self._reallocation_due(s) for s in range(t + 1, t + 1 + self.config.window))
 
     def _set_capture(self, on: bool) -> None:
+        # The last generator draws of every public call happen here (arming the range finder);
+        # state_dict() saves the state from before them, so a resumed run re-arms identically.
+        self._generator_state = self._generator.get_state()
         self._capturing = on
         shape = (self.config.k_out, self.config.k_in)
         for index, handle in enumerate(self.handles):
@@ -210,6 +215,9 @@ class GARD:
     def _reallocate(self, require_optimizer: bool) -> dict[str, Any]:
         cfg = self.config
         sketches, valid = self.ring.window_sketches()
+        # Under torch.distributed: the window of the global gradient (a no-op on one process).
+        sketches, valid = distributed.reduce_window(sketches, valid)
+        distributed.reduce_range_finders(self.handles, self.ring.device)
         eigs = gram_eigenvalues(sketches, valid).cpu()
         valid = valid.cpu()
         invalid = int(self.ring.num_invalid)
@@ -282,7 +290,14 @@ class GARD:
         return max(cfg.r_min, min(cfg.r_max, cfg.budget // cost))
 
     def _check_budget_feasible(self) -> None:
-        floor = self.config.r_min * sum(self.manager.costs)
+        r_min = self.config.r_min
+        small = [(name, cap) for name, cap in zip(self.manager.names, self.manager.caps) if cap < r_min]
+        if small:
+            raise ValueError(
+                f"r_min={r_min} exceeds min(d_in, d_out) of {len(small)} adapted layer(s), e.g. {small[0][0]!r} "
+                f"({small[0][1]}); lower r_min to {min(cap for _, cap in small)} or leave those modules out of target_modules"
+            )
+        floor = r_min * sum(self.manager.costs)
         if floor > self.config.budget:
             raise ValueError(
                 f"budget {self.config.budget} is below r_min * sum(d_in + d_out) = {floor} for "
@@ -290,6 +305,12 @@ class GARD:
             )
 
     # ---------------------------------------------------------------------------------- checkpoint
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a standard PEFT LoRA adapter; see gard_kernels.integrations.peft_export.save_pretrained."""
+        from .integrations.peft_export import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run: config, ranks, adapters, ring, EMA, counters, history."""
         return {
@@ -306,7 +327,7 @@ class GARD:
             "step_count": self.step_count,
             "allocated": self.allocated,
             "params_sum": self._params_sum,
-            "generator": self._generator.get_state(),
+            "generator": self._generator_state.clone(),
             "history": list(self.history),
         }
 
@@ -316,13 +337,24 @@ class GARD:
         for key, value in state["config"].items():
             if key in mine and _normalise(mine[key]) != _normalise(value):
                 raise ValueError(f"state_dict was saved with config {key}={value!r}, this GARD has {mine[key]!r}")
-        if list(state["names"]) != self.manager.names:
-            raise ValueError("state_dict was saved for other adapted modules: " f"{state['names'][:3]}... vs {self.manager.names[:3]}...")
-        shapes = [(layer.d_in, layer.d_out) for layer in self.manager.layers]
-        if [tuple(s) for s in state["shapes"]] != shapes:
-            raise ValueError("state_dict was saved for a model whose adapted layers have other shapes")
+        saved, mine_names = list(state["names"]), self.manager.names
+        if saved != mine_names:
+            first = next((i for i, (a, b) in enumerate(zip(saved, mine_names)) if a != b), min(len(saved), len(mine_names)))
+            theirs = saved[first] if first < len(saved) else "(none)"
+            ours = mine_names[first] if first < len(mine_names) else "(none)"
+            raise ValueError(
+                f"state_dict was saved for other adapted modules: {len(saved)} adapted modules there, "
+                f"{len(mine_names)} here; module #{first} is {theirs!r} there and {ours!r} here"
+            )
+        for name, layer, shape in zip(mine_names, self.manager.layers, state["shapes"]):
+            if tuple(shape) != (layer.d_in, layer.d_out):
+                raise ValueError(
+                    f"state_dict was saved for a model whose module {name!r} has (d_in, d_out) = "
+                    f"{tuple(shape)}, here it has {(layer.d_in, layer.d_out)}"
+                )
         for layer, rank, adapter in zip(self.manager.layers, state["ranks"], state["adapters"]):
-            layer.resize(rank)
+            # Grown rows are overwritten below and the generator's state is restored afterwards.
+            layer.resize(rank, generator=self._generator)
             with torch.no_grad():
                 layer.lora_A.copy_(adapter["lora_A"])
                 layer.lora_B.copy_(adapter["lora_B"])

@@ -116,7 +116,8 @@ class CaptureHandle:
             exclude: optional [m, d_in] rows whose span the directions must avoid.
         Returns:
             [r', d_in] float32 orthonormal rows on the activations' device, strongest first;
-            r' = r unless the complement of `exclude` inside span(Q) has fewer dimensions.
+            r' = r unless the complement of `exclude` inside span(Q) has fewer dimensions
+            (r' = 0 when a backward pass since arming had non-finite gradients).
         """
         if self._z is None:
             raise RuntimeError(
@@ -131,6 +132,9 @@ class CaptureHandle:
                 "top_input_directions: no backward pass reached this layer since arm_range_finder; "
                 "the gradient is unknown"
             )
+        if not (torch.isfinite(self._z).all() and torch.isfinite(self._y).all()):
+            # An overflowing or NaN backward pass poisoned the estimate: no direction is known.
+            return torch.zeros(0, self.sketch.d_in, device=self._z.device)
         z, y = self._z.double(), self._y.double()
         omega_in = self._omega_in.double()
         q, _ = torch.linalg.qr(z)  # [d_in, p]

@@ -185,7 +185,11 @@ class LoRALayer(nn.Module):
         if grow_init == "gradient":
             if self.capture is None:
                 raise RuntimeError(f"{self.name or 'layer'}: grow_init='gradient' needs a capture handle")
-            rows = self.capture.top_input_directions(n_new, exclude=a.data) * _INIT_ROW_NORM
+            if self.capture.armed and self.capture.range_tokens == 0:
+                # No gradient reached the layer (unused in forward): nothing to align with.
+                rows = a.data.new_zeros(0, self.d_in)
+            else:
+                rows = self.capture.top_input_directions(n_new, exclude=a.data) * _INIT_ROW_NORM
             if rows.shape[0] < n_new:
                 # The complement of the kept rows inside the captured subspace ran out.
                 fresh = _init_rows(n_new - rows.shape[0], self.d_in, generator, a.device, a.dtype)

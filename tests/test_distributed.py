@@ -1,0 +1,182 @@
+"""Data-parallel GARD on CPU: two gloo processes against one process that sees both halves."""
+import contextlib
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gard_kernels as gk
+from gard_kernels import distributed
+
+WORLD = 2
+STEPS = 14
+MICRO = 2  # micro-batches per process and step; the first runs under no_sync
+SAMPLES = 2  # per micro-batch
+TARGETS = ["inp", "mid", "out", "spare"]
+# Capture is off one step in four (window 3 < interval 4): rank-0 factors are then unused.
+CONFIG = dict(
+    budget=260, target_modules=TARGETS, mode="dynamic", window=3, interval=4, warmup=4, r_init=2, r_max=6,
+    delta_max=2, ema=0.0, grow_init="gradient", shrink="norm", backend="torch", seed=5,
+)
+REALLOCATIONS = 3  # at steps 4, 8, 12
+
+
+class Net(nn.Module):
+    """Three Linear layers, and a fourth whose output is multiplied by 0: its gradient is zero,
+    so GARD takes it to rank 0 (zero-size factors that DDP must skip)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out, self.spare = nn.Linear(12, 16), nn.Linear(16, 10), nn.Linear(10, 6), nn.Linear(10, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        return self.out(h) + 0.0 * self.spare(h)
+
+
+def _model() -> Net:
+    return Net()
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[WORLD * MICRO * SAMPLES, 12] inputs, [.., 6] targets of one optimizer step: a rank-2 teacher plus noise."""
+    g = torch.Generator().manual_seed(1000 + step)
+    teacher = torch.randn(2, 12, generator=torch.Generator().manual_seed(7))
+    mix = torch.randn(6, 2, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(WORLD * MICRO * SAMPLES, 12, generator=g)
+    y = torch.tanh(x @ teacher.T) @ mix.T + 0.1 * torch.randn(x.shape[0], 6, generator=g)
+    return x, y
+
+
+def _micro_batches(step: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = _global_batch(step)
+    per_rank = MICRO * SAMPLES
+    x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    return list(zip(x.split(SAMPLES), y.split(SAMPLES)))
+
+
+def _adapters(gard: gk.GARD) -> list[torch.Tensor]:
+    return [t.detach().clone() for layer in gard.manager.layers for t in (layer.lora_A, layer.lora_B)]
+
+
+def _events(gard: gk.GARD) -> list[dict]:
+    return [r["reallocation"] for r in gard.history if "reallocation" in r]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        _check_reduce_window(rank)
+        model = _model()
+        with pytest.raises(TypeError, match="rebuild_ddp"):
+            gk.GARD(nn.parallel.DistributedDataParallel(_model()), gk.GARDConfig(**CONFIG))
+        gard = gk.GARD(model, gk.GARDConfig(**CONFIG))
+        ddp = distributed.wrap_ddp(model)
+        opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
+        gard.attach_optimizer(opt)
+        after_resize = []
+        for step in range(STEPS):
+            batches = _micro_batches(step, rank)
+            for index, (x, y) in enumerate(batches):
+                last = index == len(batches) - 1
+                with ddp.no_sync() if not last else contextlib.nullcontext():
+                    loss = nn.functional.mse_loss(ddp(x), y) / len(batches)
+                    loss.backward()
+            opt.step()
+            event = gard.step()
+            opt.zero_grad()
+            if event is not None:
+                ddp = distributed.rebuild_ddp(ddp)
+            elif _events(gard) and _events(gard)[-1]["step"] == step:
+                # The first step after a resize went through the rebuilt wrapper.
+                after_resize.append(_adapters(gard))
+        # A wrapper built directly (not by wrap_ddp) is rebuilt with its own arguments.
+        plain = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, bucket_cap_mb=1)
+        rebuilt = distributed.rebuild_ddp(plain)
+        assert rebuilt.find_unused_parameters and rebuilt.bucket_bytes_cap == 1024 * 1024
+        torch.save(
+            {"history": gard.history, "adapters": _adapters(gard), "after_resize": after_resize},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_reduce_window(rank: int) -> None:
+    sketches = torch.full((2, 3, 4), float(rank + 1))
+    valid = torch.tensor([[True, True, rank == 0], [True, rank == 1, True]])
+    mean, both = distributed.reduce_window(sketches, valid)
+    assert both.tolist() == [[True, True, False], [True, False, True]]
+    expected = torch.where(both[..., None], torch.tensor(1.5), 0.0).expand(2, 3, 4)
+    assert torch.equal(mean, expected)
+    assert torch.equal(sketches, torch.full((2, 3, 4), float(rank + 1)))  # input untouched
+
+
+def _single_process_run() -> gk.GARD:
+    """One process, every step over all WORLD * MICRO micro-batches with gradient accumulation."""
+    model = _model()
+    gard = gk.GARD(model, gk.GARDConfig(**CONFIG))
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
+    gard.attach_optimizer(opt)
+    for step in range(STEPS):
+        batches = [b for rank in range(WORLD) for b in _micro_batches(step, rank)]
+        for x, y in batches:
+            (nn.functional.mse_loss(model(x), y) / len(batches)).backward()
+        opt.step(), gard.step(), opt.zero_grad()
+    return gard
+
+
+def test_two_processes_allocate_like_one_process_seeing_both_halves(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    single = _single_process_run()
+
+    ranks = [[h["ranks"] for h in r["history"]] for r in results]
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == [h["ranks"] for h in single.history]
+    events = [r["history"][i]["reallocation"] for r in results for i in range(STEPS) if "reallocation" in r["history"][i]]
+    n = REALLOCATIONS
+    assert len(events) == 2 * n and events[:n] == events[n:]  # records bit-identical across processes
+    # The run exercises growth (with gradient-initialised directions) and shrinkage.
+    grew = any(b > a for e in events for a, b in zip(e["old_ranks"], e["ranks"]))
+    shrank = any(0 < b < a for e in events for a, b in zip(e["old_ranks"], e["ranks"]))
+    assert grew and shrank and ranks[0][-1][TARGETS.index("spare")] == 0
+    for mine, theirs in zip(events[:n], _events(single)):
+        assert torch.allclose(torch.tensor(mine["eigenvalues"]), torch.tensor(theirs["eigenvalues"]), rtol=1e-4, atol=1e-9)
+        assert mine["statistic"] == theirs["statistic"]
+
+    # Adapters stay synchronised across processes after every resize (DDP rebuilt), and follow
+    # the single-process run.
+    assert len(results[0]["after_resize"]) == n
+    for a, b in zip(results[0]["after_resize"] + [results[0]["adapters"]], results[1]["after_resize"] + [results[1]["adapters"]]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(results[0]["adapters"], _adapters(single)):
+        assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_single_process_is_a_no_op():
+    assert not distributed.is_distributed()
+    sketches, valid = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    out = distributed.reduce_window(sketches, valid)
+    assert out[0] is sketches and out[1] is valid
+
+
+def test_data_parallel_wrapper_is_rejected():
+    with pytest.raises(TypeError, match="GARD first"):
+        gk.GARD(nn.DataParallel(_model()), gk.GARDConfig(**CONFIG))
