@@ -1,7 +1,8 @@
 """SketchRing: the last M gradient sketches of every adapted layer, kept on the device.
 
 One slot per optimizer step. Fused kernels and `add` accumulate micro-batch sketches into the
-current slot; `advance` closes the step. Nothing here synchronises with the GPU on the hot path:
+current (open) slot; `advance` closes the step. The buffer holds M + 1 slots so that the window
+always has M closed steps besides the one being written. Nothing here synchronises with the GPU on the hot path:
 the slot index and step count live on the host (they are known without looking at the data), the
 validity mask and invalid counters live on the device and are read only when asked for.
 """
@@ -32,8 +33,9 @@ class SketchRing:
         num_layers, window, k = int(num_layers), int(window), int(k)
         self.num_layers, self.window, self.k = num_layers, window, k
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.buffer = torch.zeros(num_layers, window, k, dtype=torch.float32, device=self.device)  # [L, M, k]
-        self.valid = torch.zeros(num_layers, window, dtype=torch.bool, device=self.device)  # [L, M]
+        self.slots = window + 1
+        self.buffer = torch.zeros(num_layers, self.slots, k, dtype=torch.float32, device=self.device)  # [L, M+1, k]
+        self.valid = torch.zeros(num_layers, self.slots, dtype=torch.bool, device=self.device)  # [L, M+1]
         self._invalid_per_layer = torch.zeros(num_layers, dtype=torch.int64, device=self.device)  # [L]
         self.slot = 0
         self.steps = 0
@@ -65,19 +67,22 @@ class SketchRing:
         self.valid[:, self.slot] = finite
         self._invalid_per_layer += (~finite).to(torch.int64)
         closed.masked_fill_(~finite[:, None], 0.0)
-        self.slot = (self.slot + 1) % self.window
+        self.slot = (self.slot + 1) % self.slots
         self.buffer[:, self.slot].zero_()
         self.valid[:, self.slot] = False
         self.steps += 1
 
     def window_sketches(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Closed sketches of the window and their validity (the open slot is always invalid).
+        """The M most recently closed sketches and their validity, oldest first (a copy).
 
         Returns:
-            sketches: [L, M, k] float32, the buffer itself (not a copy), in slot order.
-            valid: [L, M] bool.
+            sketches: [L, M, k] float32.
+            valid: [L, M] bool (slots never filled yet are invalid).
         """
-        return self.buffer, self.valid
+        order = torch.tensor(
+            [(self.slot + 1 + i) % self.slots for i in range(self.window)], device=self.device
+        )
+        return self.buffer.index_select(1, order), self.valid.index_select(1, order)
 
     def reset(self) -> None:
         """Forget the window, including the open slot (e.g. for a fresh window after reallocation).
@@ -112,15 +117,15 @@ class SketchRing:
         """Restore from `state_dict()` output, copying onto this ring's device.
 
         Args:
-            state: dict with keys buffer [L, M, k], valid [L, M], invalid_per_layer [L], slot, steps;
+            state: dict with keys buffer [L, M+1, k], valid [L, M+1], invalid_per_layer [L], slot, steps;
                 shapes must match this ring's (num_layers, window, k).
         """
         missing = {"buffer", "valid", "invalid_per_layer", "slot", "steps"} - set(state)
         if missing:
             raise ValueError(f"SketchRing state is missing keys {sorted(missing)}")
         expected = {
-            "buffer": (self.num_layers, self.window, self.k),
-            "valid": (self.num_layers, self.window),
+            "buffer": (self.num_layers, self.slots, self.k),
+            "valid": (self.num_layers, self.slots),
             "invalid_per_layer": (self.num_layers,),
         }
         for key, shape in expected.items():
@@ -131,8 +136,8 @@ class SketchRing:
                     f"(num_layers={self.num_layers}, window={self.window}, k={self.k})"
                 )
         slot, steps = int(state["slot"]), int(state["steps"])
-        if not 0 <= slot < self.window:
-            raise ValueError(f"SketchRing state slot {slot} outside [0, {self.window})")
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"SketchRing state slot {slot} outside [0, {self.slots})")
         if steps < 0:
             raise ValueError(f"SketchRing state steps must be >= 0, got {steps}")
         self.buffer.copy_(state["buffer"])

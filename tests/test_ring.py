@@ -31,15 +31,12 @@ def test_accumulate_and_advance_match_sums():
     for step in range(M + 3):
         expected.append(_fill_step(ring, gen))
         ring.advance()
-    assert ring.steps == M + 3 and ring.slot == (M + 3) % M
+    assert ring.steps == M + 3 and ring.slot == (M + 3) % (M + 1)
+    # The open slot is zero and outside the window, which holds the last M steps, oldest first.
+    assert torch.equal(ring.buffer[:, ring.slot], torch.zeros(L, K))
     sketches, valid = ring.window_sketches()
-    # The open slot is zero and invalid; the other M - 1 hold the last M - 1 steps.
-    assert torch.equal(sketches[:, ring.slot], torch.zeros(L, K))
-    assert not valid[:, ring.slot].any()
-    for back in range(1, M):
-        slot = (ring.slot - back) % M
-        torch.testing.assert_close(sketches[:, slot], expected[-back], rtol=0, atol=0)
-        assert valid[:, slot].all()
+    assert sketches.shape == (L, M, K) and valid.all()
+    torch.testing.assert_close(sketches, torch.stack(expected[-M:], dim=1), rtol=0, atol=0)
     assert ring.num_invalid == 0
 
 
@@ -48,7 +45,9 @@ def test_unfilled_slots_invalid():
     assert not ring.valid.any()
     ring.add(0, torch.ones(3))
     ring.advance()
-    assert ring.valid.tolist() == [[True, False, False, False]] * 2
+    assert ring.valid.tolist() == [[True, False, False, False, False]] * 2
+    # Oldest first: three slots never filled, then the closed step.
+    assert ring.window_sketches()[1].tolist() == [[False, False, False, True]] * 2
 
 
 def test_current_is_in_place_view_and_add_accepts_any_shape():
@@ -76,9 +75,9 @@ def test_non_finite_slot_marked_invalid_counted_and_zeroed(bad):
     assert ring.num_invalid_per_layer.tolist() == [0, 0, 2]
     sketches, valid = ring.window_sketches()
     assert torch.isfinite(sketches).all()
-    # step 4 went into slot 0; steps 3, 5 in slots 3, 1 (slot 2 is open).
-    assert valid.tolist() == [[True, True, False, True], [True, True, False, True], [False, True, False, True]]
-    assert sketches[2, 0].abs().sum() == 0
+    # The window holds steps 2..5, oldest first; steps 1 and 4 of layer 2 were non-finite.
+    assert valid.tolist() == [[True] * 4, [True] * 4, [True, True, False, True]]
+    assert sketches[2, 2].abs().sum() == 0
 
 
 def test_reset_clears_window_keeps_counters():
@@ -122,7 +121,7 @@ def test_load_state_dict_rejects_mismatch():
     with pytest.raises(ValueError, match="missing keys"):
         SketchRing(2, 4, 6).load_state_dict({"buffer": state["buffer"]})
     with pytest.raises(ValueError, match="slot"):
-        SketchRing(2, 4, 6).load_state_dict({**state, "slot": 4})
+        SketchRing(2, 4, 6).load_state_dict({**state, "slot": 5})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
