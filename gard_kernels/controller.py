@@ -34,7 +34,8 @@ def layer_seed(run_seed: int, layer_index: int) -> int:
 class GARD:
     """Wraps a model's target modules in LoRA adapters whose ranks follow gradient spectra.
 
-    Call `step()` once per optimizer step, after `optimizer.step()`.
+    Call `step()` once per optimizer step, after `optimizer.step()`. Like PEFT, GARD freezes every
+    parameter of the model; unfreeze what else should train (a head, norms) after constructing it.
 
     Args:
         model: any torch model, e.g. a Hugging Face causal LM; its target modules are replaced in place.
@@ -48,6 +49,8 @@ class GARD:
         self.model = model
         self.config = config
         self._generator = torch.Generator().manual_seed(config.seed)
+        # Base weights get no gradients: backward computes only what the adapters and capture need.
+        model.requires_grad_(False)
         self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
         self._check_budget_feasible()
         self.optimizer: Optional[torch.optim.Optimizer] = None
