@@ -86,7 +86,8 @@ def effective_rank(eigs, alpha: float = 0.9, measure: str = "energy") -> torch.T
         elif measure == "stable":
             out.append(total / lam[0])
         elif measure == "participation":
-            out.append(total**2 / math.fsum(v * v for v in lam))
+            # (Σλ)² / Σλ² = 1 / Σ p² with p = λ / Σλ: no underflow of λ² for tiny spectra.
+            out.append(1.0 / math.fsum((v / total) ** 2 for v in lam))
         else:
             raise ValueError(f"unknown measure {measure!r}")
     return torch.tensor(out, dtype=torch.float64)
