@@ -7,5 +7,5 @@ from setuptools import setup
 
 setup(
     package_dir={"gard_kernels._csrc": "csrc"},
-    package_data={"gard_kernels._csrc": ["*.h", "*.cpp", "*.sh", "cpu/*.cpp", "cuda/*.cu"]},
+    package_data={"gard_kernels._csrc": ["*.h", "*.cpp", "*.sh", "cpu/*.cpp", "cuda/*.cu", "cuda/*.h"]},
 )

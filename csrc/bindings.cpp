@@ -13,7 +13,8 @@
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
+
+#include "cuda/sketch_cuda.h"
 #endif
 
 namespace gard_kernels {
@@ -22,16 +23,6 @@ namespace gard_kernels {
 void sketch_cpu(const at::Tensor& x, const at::Tensor& dy, uint32_t key_in, uint32_t key_out, int64_t k_in,
                 int64_t k_out, double scale, const at::Tensor& out, bool accumulate);
 at::Tensor projection_cpu(uint32_t key, int64_t d, int64_t k);
-
-#ifdef WITH_CUDA
-// Defined in cuda/sketch_cuda.cu (built by nvcc without torch headers, so declared here by hand;
-// a mismatch fails when the library is loaded). dtype codes: 0 float32, 1 float16, 2 bfloat16.
-int64_t sketch_cuda_partials(int64_t n, int64_t k_in, int64_t k_out, int dtype, int device);
-cudaError_t sketch_cuda(const void* x, const void* dy, int dtype, int64_t n, int64_t d_in, int64_t d_out,
-                        int64_t x_stride_row, int64_t x_stride_col, int64_t dy_stride_row, int64_t dy_stride_col,
-                        uint32_t key_in, uint32_t key_out, int64_t k_in, int64_t k_out, double scale, float* out,
-                        bool accumulate, float* workspace, int64_t partials, int device, cudaStream_t stream);
-#endif
 
 namespace {
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "../hash.h"
+#include "sketch_cuda.h"
 
 namespace gard_kernels {
 namespace {
@@ -225,10 +226,7 @@ void launch_partials(const Side& in, const Side& out, int64_t n, const Plan& pla
 
 }  // namespace
 
-// Number of partial sketches sketch_cuda writes: the caller allocates a float32 workspace of
-// sketch_cuda_partials(...) * k_out * k_in elements on `device`. Returns 0 when k_in and k_out
-// are too large for the kernel's shared memory, -1 on a CUDA error or unknown dtype.
-// dtype: 0 float32, 1 float16, 2 bfloat16.
+// Contracts of both entry points: sketch_cuda.h.
 int64_t sketch_cuda_partials(int64_t n, int64_t k_in, int64_t k_out, int dtype, int device) {
   Plan plan;
   if (make_plan(n, k_in, k_out, device, &plan) != cudaSuccess) return -1;
@@ -238,10 +236,6 @@ int64_t sketch_cuda_partials(int64_t n, int64_t k_in, int64_t k_out, int dtype, 
   return grid;
 }
 
-// out (+)= scale * (dy @ Sgn_out)^T (x @ Sgn_in), enqueued on `stream`.
-// x [n, d_in] and dy [n, d_out] on `device`, one dtype (code as above), any element strides, n > 0;
-// out [k_out, k_in] float32 contiguous; accumulate=false overwrites out without reading it;
-// workspace: float32 [partials, k_out * k_in] with partials from sketch_cuda_partials.
 cudaError_t sketch_cuda(const void* x, const void* dy, int dtype, int64_t n, int64_t d_in, int64_t d_out,
                         int64_t x_stride_row, int64_t x_stride_col, int64_t dy_stride_row, int64_t dy_stride_col,
                         uint32_t key_in, uint32_t key_out, int64_t k_in, int64_t k_out, double scale, float* out,

@@ -24,7 +24,7 @@ import torch
 _OP_NAMESPACE = "gard_kernels"
 _SOURCES = ("bindings.cpp", "cpu/sketch_cpu.cpp")
 _CUDA_SOURCES = ("cuda/sketch_cuda.cu",)
-_HEADERS = ("hash.h",)
+_HEADERS = ("hash.h", "cuda/sketch_cuda.h")
 _BUILD_LOCK = threading.Lock()
 
 
