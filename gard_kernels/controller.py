@@ -156,6 +156,8 @@ class GARD:
             loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
             loss.backward()
             self.ring.advance()
+            # Point the capture handles at the slot advance() just opened.
+            self._set_capture(True)
             done += 1
         if done < steps:
             raise ValueError(f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps")
@@ -179,6 +181,10 @@ class GARD:
 
     def _capture_due(self, t: int) -> bool:
         """Whether the step that runs next (index t, 0-based) must write sketches."""
+        if self.manager.num_params() == 0:
+            # Every rank is 0 (tight budgets start so): nothing trains, and only capture keeps the
+            # backward pass running and the spectra fresh, so that layers can grow.
+            return True
         if self.config.mode == "static":
             return not self.allocated and t < self.config.window
         # Open the window over the M steps before each re-allocation.

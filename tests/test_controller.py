@@ -258,3 +258,18 @@ def test_step_without_optimizer_when_resize_is_due_raises():
 def test_config_validation(bad, message):
     with pytest.raises(ValueError, match=message):
         gk.GARDConfig(**({"budget": 1000} | bad))
+
+
+def test_all_rank_zero_start_keeps_capturing_until_layers_grow():
+    """With every rank at 0 and the base frozen, only capture lets loss.backward() run at all."""
+    model = tiny_llama()
+    cfg = gk.GARDConfig(budget=300, target_modules=["q_proj", "v_proj"], window=3, interval=10, warmup=3)
+    gard = gk.GARD(model, cfg)
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
+    gard.attach_optimizer(opt)
+    for step, batch in enumerate(batches(12)):
+        assert (gard.num_lora_params == 0) <= all(h.out is not None for h in gard.handles)
+        model(**batch).loss.backward()
+        opt.step(), gard.step(), opt.zero_grad()
+    assert gard.history[9]["params"] > 0  # grew at the first re-allocation (step 10)
+    assert all(h.out is None for h in gard.handles)  # and the window closed again
