@@ -49,23 +49,31 @@ def gram_eigenvalues(sketches: torch.Tensor, valid: torch.Tensor | None = None) 
     if not x.is_floating_point():
         raise ValueError(f"sketches must be floating point, got {x.dtype}")
 
+    # Squares of float32 (or narrower) values cannot overflow or underflow in float64; a float64
+    # input is first divided by its layer's largest finite entry so the same holds for it.
+    amax = None
+    if x.dtype == torch.float64:
+        amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=(-2, -1))  # [L]
+        amax = torch.where(amax > 0, amax, 1.0)
+        x = x / amax[:, None, None]
     x = x.to(torch.float64)  # [L, M, k]
-    keep = torch.isfinite(x).all(dim=-1)  # [L, M]
+    gram = x @ x.transpose(-1, -2)  # [L, M, M]
+    # A slot with NaN/Inf anywhere has a non-finite diagonal entry, and Gram entry (i, j) involves
+    # only slots i and j: masking rows and columns of the Gram drops exactly the excluded slots,
+    # without another pass over the sketches.
+    keep = torch.isfinite(gram.diagonal(dim1=-2, dim2=-1))  # [L, M]
     if valid is not None:
         keep = keep & valid.to(device=x.device, dtype=torch.bool)
+    pair = keep[:, :, None] & keep[:, None, :]
     # where, not multiply: NaN * 0 is NaN.
-    x = torch.where(keep[..., None], x, 0.0)
-    # Divide by the layer's largest entry first so squaring neither overflows nor underflows.
-    amax = x.abs().amax(dim=(-2, -1))  # [L]
-    amax = torch.where(amax > 0, amax, 1.0)
-    x = x / amax[:, None, None]
-    gram = x @ x.transpose(-1, -2)  # [L, M, M]
+    gram = torch.where(pair, gram, 0.0)
     gram = 0.5 * (gram + gram.transpose(-1, -2))
     # Trace normalisation puts every layer's spectrum in [0, 1]: one well-scaled batched solve.
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # [L]
     trace = torch.where(trace > 0, trace, 1.0)
     eigs = _eigvalsh_with_fallback(gram / trace[:, None, None])  # [L, M] ascending
-    eigs = eigs.flip(-1).clamp_min(0.0) * (trace * amax.square())[:, None]
+    scale = trace if amax is None else trace * amax.square()
+    eigs = eigs.flip(-1).clamp_min(0.0) * scale[:, None]
     return eigs[0] if single else eigs
 
 

@@ -76,8 +76,9 @@ def test_invalid_slot_is_same_as_dropping_it():
     got = gram_eigenvalues(poisoned, valid)
     dropped_2 = gram_eigenvalues(torch.cat([x[2, :3], x[2, 4:]])[None])[0]
     dropped_4 = gram_eigenvalues(x[4, 1:][None])[0]
-    assert rel_error(got[2, :6], dropped_2) < EIG_TOLERANCE and got[2, 6] == 0
-    assert rel_error(got[4, :6], dropped_4) < EIG_TOLERANCE and got[4, 6] == 0
+    # The excluded slot leaves one eigenvalue that is zero up to the solver's rounding.
+    assert rel_error(got[2, :6], dropped_2) < EIG_TOLERANCE and got[2, 6] < 1e-12 * got[2].sum()
+    assert rel_error(got[4, :6], dropped_4) < EIG_TOLERANCE and got[4, 6] < 1e-12 * got[4].sum()
     assert rel_error(got[[0, 1, 3]], gram_eigenvalues(x[[0, 1, 3]])) < EIG_TOLERANCE
     # Without a mask the NaN slot is still excluded.
     assert rel_error(gram_eigenvalues(poisoned)[2, :6], dropped_2) < EIG_TOLERANCE
