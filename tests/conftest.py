@@ -12,3 +12,13 @@ if not torch.cuda.is_available():
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from threads, and
+    OpenMP workers spinning on a shared CPU make their many small ops slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

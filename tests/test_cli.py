@@ -17,14 +17,7 @@ FAST = ["--tokenizer", "bytes", "--max-len", "16", "--batch-size", "2", "--steps
         "--window", "2", "--tau", "2", "--k", "4", "--backend", "torch", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and OpenMP workers spinning on a shared CPU make
-    # their many small ops slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
