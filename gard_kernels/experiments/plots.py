@@ -175,6 +175,7 @@ def _fig4(runs: list[dict], rep: dict, path: Path) -> Optional[str]:
 
 
 def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
+    import matplotlib
     import matplotlib.pyplot as plt
 
     groups: dict[tuple, list[dict]] = {}
@@ -197,12 +198,13 @@ def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
         ax.axhline(base["ppl"], color="gray", linestyle="--", label=f"base model {base['ppl']:.3f}")
     low, high = ax.get_ylim()
     paper = f"paper GARD {PAPER_RESULT['ppl']} at {PAPER_RESULT['params']:.0f} params (other data / length)"
-    if low - (high - low) <= PAPER_RESULT["ppl"] <= high + (high - low):
+    if low <= PAPER_RESULT["ppl"] <= high:
         ax.scatter([PAPER_RESULT["params"]], [PAPER_RESULT["ppl"]], marker="*", s=160, color="black", label=paper)
     else:
         # Far off this scale: a marker would flatten every curve, so it is only named.
         ax.text(0.01, 0.01, paper + ", off scale", transform=ax.transAxes, fontsize=7, color="dimgray")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("LoRA parameters (mean over training)")
     ax.set_ylabel("validation PPL (mean ± 95% CI over seeds)")
     ax.set_title("validation perplexity vs adapter size")
@@ -228,7 +230,13 @@ def _fig6(runs: list[dict], path: Path) -> Optional[str]:
         variant_seeds = {r["seed"] for r in variants if r["method"] == method and r["budget"] == budget}
         seeds_used |= variant_seeds
         pool = [r for r in runs if r["method"] == method and r["budget"] == budget and r["seed"] in variant_seeds]
+        reference = [
+            r["primary_metric"] for r in runs
+            if r["method"] == "uniform" and r["budget"] == budget and r["seed"] in variant_seeds and not r.get("variant")
+        ]
         for ax, (field, label) in zip(row, axes_spec):
+            if reference:
+                ax.axhline(sum(reference) / len(reference), color="gray", linestyle="--", label="uniform LoRA")
             points: dict[float, list[float]] = {}
             for r in pool:
                 v = r.get("variant", {})
@@ -246,6 +254,8 @@ def _fig6(runs: list[dict], path: Path) -> Optional[str]:
             ax.set_xlabel(label)
             ax.set_ylabel(f"val PPL, budget {budget}")
             ax.ticklabel_format(axis="y", useOffset=False)
+            if reference:
+                ax.legend(fontsize=7)
     fig.suptitle(f"ablation of {method}: one factor at a time, other settings at their defaults (seeds {sorted(seeds_used)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
