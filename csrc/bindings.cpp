@@ -53,15 +53,23 @@ void check_sketch_args(const at::Tensor& x, const at::Tensor& dy, int64_t k_in, 
               " and ", out.device());
 }
 
-void sketch_cpu_op(const at::Tensor& x, const at::Tensor& dy, int64_t key_in, int64_t key_out, int64_t k_in,
-                   int64_t k_out, double scale, const at::Tensor& out, bool accumulate) {
+// Checks shared by every device's entry point. Returns false when there is nothing to launch
+// (N = 0 tokens: out is zeroed unless accumulating).
+bool prepare_sketch(const at::Tensor& x, const at::Tensor& dy, int64_t k_in, int64_t k_out, const at::Tensor& out,
+                    bool accumulate) {
   check_sketch_args(x, dy, k_in, k_out, out);
-  const uint32_t key_in_u = checked_key(key_in, "key_in");
-  const uint32_t key_out_u = checked_key(key_out, "key_out");
   if (x.size(0) == 0) {
     if (!accumulate) out.zero_();
-    return;
+    return false;
   }
+  return true;
+}
+
+void sketch_cpu_op(const at::Tensor& x, const at::Tensor& dy, int64_t key_in, int64_t key_out, int64_t k_in,
+                   int64_t k_out, double scale, const at::Tensor& out, bool accumulate) {
+  const uint32_t key_in_u = checked_key(key_in, "key_in");
+  const uint32_t key_out_u = checked_key(key_out, "key_out");
+  if (!prepare_sketch(x, dy, k_in, k_out, out, accumulate)) return;
   sketch_cpu(x, dy, key_in_u, key_out_u, k_in, k_out, scale, out, accumulate);
 }
 
@@ -79,13 +87,9 @@ int dtype_code(at::ScalarType dtype) {
 
 void sketch_cuda_op(const at::Tensor& x, const at::Tensor& dy, int64_t key_in, int64_t key_out, int64_t k_in,
                     int64_t k_out, double scale, const at::Tensor& out, bool accumulate) {
-  check_sketch_args(x, dy, k_in, k_out, out);
   const uint32_t key_in_u = checked_key(key_in, "key_in");
   const uint32_t key_out_u = checked_key(key_out, "key_out");
-  if (x.size(0) == 0) {
-    if (!accumulate) out.zero_();
-    return;
-  }
+  if (!prepare_sketch(x, dy, k_in, k_out, out, accumulate)) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   const int dtype = dtype_code(x.scalar_type());
