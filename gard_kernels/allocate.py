@@ -31,17 +31,29 @@ def allocate_ranks(
     r_min: int | Sequence[int] = 0,
     r_max: int | Sequence[int] = 8,
     caps: Sequence[int] | None = None,
+    current: Sequence[int] | None = None,
+    dead_band: float = 0.0,
 ) -> list[int]:
     """Integer ranks proportional to scores with P(r) <= budget, maximal under the budget.
 
-    First the paper's map r_l = clip(round(r_min_l + c · s_l), r_min_l, hi_l), with hi_l =
-    min(r_max_l, caps_l) and c the largest value that fits (bisection; P is monotone in c).
-    Then a greedy top-up raises ranks one at a time, always the layer whose next unit the map
-    would grant first as c grows (then higher score, fewer extra units, lower index), skipping
-    layers whose unit no longer fits, until no layer below hi_l fits one more unit. Hence:
-    P(r) <= budget; r_min_l <= r_l <= hi_l; no layer below hi_l can take +1 within the budget;
-    of two layers with equal cost and bounds, the higher-scored one never has the lower rank.
-    Scores need not sum to 1; all-zero scores are treated as uniform.
+    Unit j (0-based above r_min_l) of layer l is granted once the scale c of the paper's map
+    r_l = clip(round(r_min_l + c · s_l), r_min_l, hi_l) reaches (j + 0.5) / s_l, hi_l =
+    min(r_max_l, caps_l). First every unit up to the largest c that fits is granted (bisection;
+    the spend is monotone in c), then a greedy top-up grants the remaining units in order of that
+    c (then units the layer holds now, higher score, fewer extra units, lower index), skipping
+    units that no longer fit.
+
+    Hysteresis (dynamic re-allocation): units a layer holds now (j < current_l - r_min_l) count
+    as if its score were s_l · (1 + dead_band). A unit therefore leaves a layer for another one
+    only when the receiver's score per unit exceeds the holder's by more than that factor, and
+    exact ties go to the holder; with current = the result of a call without `current`, the same
+    ranks come back for any dead_band >= 0.
+
+    Layers with score 0 stay at r_min_l when any score is positive (their gradient carries
+    nothing to adapt); the budget they leave may stay unspent. All-zero scores are uniform.
+    Hence: P(r) <= budget; r_min_l <= r_l <= hi_l; no layer with a positive score (or any layer
+    when all are 0) below hi_l can take +1 within the budget; without `current`, of two layers
+    with equal cost and bounds the higher-scored one never has the lower rank.
 
     Args:
         scores: [L] finite, >= 0, e.g. spectral_scores.
@@ -50,6 +62,10 @@ def allocate_ranks(
         r_min: lower rank bound, scalar or [L]; default 0.
         r_max: upper rank bound, scalar or [L]; default 8.
         caps: optional [L] hard upper bounds, e.g. min(d_in, d_out); default None (no caps).
+        current: optional [L] ranks held now (ints >= 0, any values; only units inside the
+            bounds count as held); default None (no hysteresis).
+        dead_band: relative score advantage, >= 0, a layer needs to take a unit from a holder;
+            default 0.0 (ties only). Ignored without `current`.
     Returns:
         [L] Python ints.
     """
@@ -75,25 +91,36 @@ def allocate_ranks(
         raise ValueError(
             f"budget {budget} is below the minimum Σ r_min·cost = {floor_spend}; raise the budget or lower r_min"
         )
+    band = _as_float(dead_band, "dead_band")
+    if band < 0:
+        raise ValueError(f"dead_band must be >= 0, got {dead_band!r}")
+    held = [0] * n  # units above r_min that each layer holds now
+    if current is not None:
+        now = _per_layer(current, n, "current")
+        held = [min(max(now[l], lo[l]), hi[l]) - lo[l] for l in range(n)]
+    boost = 1.0 + band
 
     raw = s
     if max(raw) == 0.0:
         s = [1.0] * n
     else:
-        # Rescale to max 1 so the search interval for c stays finite for any score scale.
+        # Rescale to max 1 so the search interval for c stays finite for any score scale. Score-0
+        # layers keep s = 0: their units are never granted (break at c = inf), so they stay at r_min.
         s = [v / max(raw) for v in raw]
 
-    ranks = _proportional(s, cost, cap, lo, hi)
+    ranks = _proportional(s, cost, cap, lo, hi, held, boost)
     spent = parameter_count(ranks, cost)
 
-    def priority(l: int) -> tuple[float, float, int, int]:
-        # c at which the map would grant layer l its next unit; the unscaled score breaks float
-        # ties (rescaling may merge close scores) so a higher-scored layer is never passed over
-        # by an equal-cost lower-scored one.
-        nxt = (ranks[l] + 0.5 - lo[l]) / s[l] if s[l] > 0 else math.inf
-        return (nxt, -raw[l], ranks[l] - lo[l], l)
+    def priority(l: int) -> tuple[float, bool, float, int, int]:
+        # c at which the map would grant layer l its next unit; a held unit wins exact ties, and
+        # the unscaled score breaks float ties (rescaling may merge close scores) so a
+        # higher-scored layer is never passed over by an equal-cost lower-scored one.
+        j = ranks[l] - lo[l]
+        nxt = _unit_break(j, s[l], held[l], boost)
+        return (nxt, j >= held[l], -raw[l], j, l)
 
-    heap = [priority(l) for l in range(n) if ranks[l] < hi[l]]
+    # Score-0 layers (s = 0 after rescaling) never enter the queue.
+    heap = [priority(l) for l in range(n) if ranks[l] < hi[l] and s[l] > 0]
     heapq.heapify(heap)
     while heap:
         l = heapq.heappop(heap)[-1]
@@ -107,30 +134,45 @@ def allocate_ranks(
     return ranks
 
 
-def _proportional(s: list[float], cost: list[int], cap: int, lo: list[int], hi: list[int]) -> list[int]:
-    """The paper's clip(round(lo + c·s)) with the largest c whose spend fits `cap`.
+def _unit_break(j: int, s: float, held: int, boost: float) -> float:
+    """c at which the map grants unit j (0-based above r_min) of a layer with rescaled score s."""
+    if s <= 0:
+        return math.inf
+    return min((j + 0.5) / (s * boost if j < held else s), 1e300)
 
-    The map only changes where some layer's lo_l + c·s_l crosses a half-integer, so the search
-    bisects over those breakpoints (sorted) instead of over c: exact, and ~log2(Σ span) steps.
+
+def _proportional(
+    s: list[float], cost: list[int], cap: int, lo: list[int], hi: list[int], held: list[int], boost: float
+) -> list[int]:
+    """Every unit whose break (see _unit_break) is <= the largest c whose spend fits `cap`.
+
+    A layer's breaks increase with j (held units come first and are only made earlier by the
+    boost), so its rank at c is r_min plus the number of its breaks <= c. The spend only changes
+    at breakpoints, so the search bisects over them (sorted) instead of over c: exact, and
+    ~log2(Σ span) steps.
     """
     s_a = np.asarray(s, dtype=np.float64)
-    lo_a, hi_a = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    lo_a = np.asarray(lo, dtype=np.int64)
     cost_a = np.asarray(cost, dtype=np.int64)
+    n = len(s)
+
+    positive = s_a > 0
+    span = np.where(positive, np.asarray(hi, dtype=np.int64) - lo_a, 0)  # units each layer can gain
+    layer = np.repeat(np.arange(n), span)
+    # j = 0 .. span_l - 1 within each layer.
+    j = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+    mult = np.where(j < np.asarray(held, dtype=np.int64)[layer], boost, 1.0)
+    with np.errstate(over="ignore", divide="ignore"):
+        # Capped so c·s stays finite for subnormal scores.
+        unit_breaks = np.minimum((j + 0.5) / (s_a[layer] * mult), 1e300)
 
     def ranks_at(c: float) -> np.ndarray:
-        # Round half up; np.round's half-to-even would round 2.5 and 3.5 in different directions.
-        return np.clip(np.floor(lo_a + c * s_a + 0.5), lo_a, hi_a).astype(np.int64)
+        return lo_a + np.bincount(layer[unit_breaks <= c], minlength=n)
 
     def fits(c: float) -> bool:
         return int(ranks_at(c) @ cost_a) <= cap
 
-    positive = s_a > 0
-    span = (hi_a - lo_a)[positive].astype(np.int64)  # units each positive-score layer can gain
-    # Layer l reaches lo_l + j + 1 at c = (j + 0.5) / s_l, j = 0 .. span_l - 1.
-    j = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
-    with np.errstate(over="ignore"):
-        # Capped so c·s stays finite for subnormal scores (and inf·0 never makes a NaN).
-        breaks = np.unique(np.minimum((j + 0.5) / np.repeat(s_a[positive], span), 1e300))
+    breaks = np.unique(unit_breaks)
     # fits() is monotone (non-increasing) along the sorted breakpoints: find the last True.
     low, high = -1, len(breaks)  # fits(breaks[low]) holds (c = 0 when low = -1); breaks[high] does not
     while high - low > 1:

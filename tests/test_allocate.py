@@ -42,19 +42,47 @@ def allocation_problems(draw, max_layers=12, max_span=10):
     return scores, costs, budget, r_min, r_max, caps, lo, hi
 
 
-def check_allocation(ranks, scores, costs, budget, lo, hi):
+def live_bounds(scores, lo, hi):
+    """Upper bounds allocate_ranks may fill: score-0 layers stay at r_min unless all scores are 0."""
+    if max(scores) == 0:
+        return list(hi)
+    return [h if s > 0 else a for s, a, h in zip(scores, lo, hi)]
+
+
+def unit_break(scores, held, band, l, j):
+    """c at which allocate_ranks' map grants unit j (0-based above r_min) of layer l."""
+    top = max(scores)
+    s = scores[l] / top if top > 0 else 1.0
+    if s == 0:
+        return math.inf
+    return min((j + 0.5) / (s * (1 + band) if j < held[l] else s), 1e300)
+
+
+def check_allocation(ranks, scores, costs, budget, lo, hi, current=None, band=0.0):
     n = len(costs)
     spent = parameter_count(ranks, costs)
+    live = live_bounds(scores, lo, hi)
     assert all(isinstance(r, int) for r in ranks)
-    # (a) budget, (b) bounds, (c) maximal: no layer below its upper bound fits one more unit.
+    # (a) budget, (b) bounds, score-0 layers at r_min, (c) maximal: no live layer below its upper
+    # bound fits one more unit.
     assert spent <= budget
-    assert all(lo[l] <= ranks[l] <= hi[l] for l in range(n))
-    assert all(ranks[l] == hi[l] or spent + costs[l] > budget for l in range(n)), (ranks, spent, budget)
-    # (d) of two layers alike in cost and bounds, the higher-scored one never has the lower rank.
+    assert all(lo[l] <= ranks[l] <= live[l] for l in range(n)), (ranks, live)
+    assert all(ranks[l] == live[l] or spent + costs[l] > budget for l in range(n)), (ranks, spent, budget)
+    if current is None:
+        # (d) of two layers alike in cost and bounds, the higher-scored one never has the lower rank.
+        for i in range(n):
+            for j in range(n):
+                if (costs[i], lo[i], hi[i]) == (costs[j], lo[j], hi[j]) and scores[i] > scores[j]:
+                    assert ranks[i] >= ranks[j], (i, j, ranks, scores)
+    # (e) exchange: of two layers alike in cost and bounds, the one with fewer units would grant
+    # its next unit no earlier than the other granted its last (held units counting boosted).
+    held = [0] * n if current is None else [min(max(c, a), h) - a for c, a, h in zip(current, lo, live)]
     for i in range(n):
         for j in range(n):
-            if (costs[i], lo[i], hi[i]) == (costs[j], lo[j], hi[j]) and scores[i] > scores[j]:
-                assert ranks[i] >= ranks[j], (i, j, ranks, scores)
+            if (costs[i], lo[i], live[i]) == (costs[j], lo[j], live[j]) and ranks[i] < ranks[j]:
+                nxt = unit_break(scores, held, band, i, ranks[i] - lo[i])
+                last = unit_break(scores, held, band, j, ranks[j] - lo[j] - 1)
+                assert nxt >= last, (i, j, ranks, scores, current)
 
 
 @settings(max_examples=200, deadline=None)
@@ -66,12 +94,72 @@ def test_allocate_properties(problem):
     assert allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps) == ranks
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    problem=allocation_problems(),
+    current=st.lists(st.integers(0, 14), min_size=12, max_size=12),
+    band=st.sampled_from([0.0, 0.1, 0.25, 1.0, 1e6]),
+)
+def test_allocate_with_hysteresis_properties(problem, current, band):
+    scores, costs, budget, r_min, r_max, caps, lo, hi = problem
+    current = current[: len(costs)]
+    ranks = allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps, current=current, dead_band=band)
+    check_allocation(ranks, scores, costs, budget, lo, hi, current=current, band=band)
+    # Stability: handing an allocation back as the current ranks returns it, for any dead-band.
+    plain = allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps)
+    assert allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps, current=plain, dead_band=band) == plain
+    assert allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps, current=ranks, dead_band=band) == ranks
+
+
+def test_allocate_hysteresis_ties_keep_the_current_ranks():
+    # Equal scores and costs: without current ranks the lower index wins; with them, the holder.
+    assert allocate_ranks([1.0, 1.0, 1.0], [10] * 3, 10) == [1, 0, 0]
+    assert allocate_ranks([1.0, 1.0, 1.0], [10] * 3, 10, current=[0, 0, 1]) == [0, 0, 1]
+    # A second unit is worth s / 1.5, another layer's first s / 0.5: a real gain, unless the band
+    # covers the factor 3 (an exact tie at dead_band=2 goes to the holder).
+    assert allocate_ranks([1.0, 1.0, 1.0], [10] * 3, 20, current=[0, 2, 0]) == [1, 1, 0]
+    assert allocate_ranks([1.0, 1.0, 1.0], [10] * 3, 20, current=[0, 2, 0], dead_band=2.0) == [0, 2, 0]
+    # Scores at M - 1 and M (flat spectra, noise): no move inside the band, a move outside it.
+    assert allocate_ranks([7.0, 8.0], [10, 10], 10, current=[1, 0], dead_band=0.25) == [1, 0]
+    assert allocate_ranks([7.0, 8.0], [10, 10], 10, current=[1, 0], dead_band=0.0) == [0, 1]
+    assert allocate_ranks([4.0, 6.0], [10, 10], 10, current=[1, 0], dead_band=0.25) == [0, 1]
+
+
+def test_allocate_hysteresis_band_is_relative_per_unit():
+    # Layer 0 holds 3 units: its third is worth s0 / 2.5 (boosted by 1 + band); layer 1's first
+    # s1 / 0.5. A unit moves only when s1 / 0.5 > (1 + band) · s0 / 2.5.
+    costs, budget = [10, 10], 30
+    assert allocate_ranks([1.0, 0.2], costs, budget) == [3, 0]  # 0.2 / 0.5 = 1 / 2.5: tie to lower index
+    # Threshold at band 0.25: s1 > 1.25 · 0.5 / 2.5 = 0.25.
+    assert allocate_ranks([1.0, 0.24], costs, budget, current=[3, 0], dead_band=0.0) == [2, 1]
+    assert allocate_ranks([1.0, 0.24], costs, budget, current=[3, 0], dead_band=0.25) == [3, 0]
+    assert allocate_ranks([1.0, 0.26], costs, budget, current=[3, 0], dead_band=0.25) == [2, 1]
+    # Units outside the bounds are not held: r_max=2 caps what current=[3, 0] holds.
+    assert allocate_ranks([1.0, 1.0], costs, budget, r_max=2, current=[3, 0], dead_band=10.0) == [2, 1]
+
+
+def test_allocate_dead_layers_stay_at_r_min():
+    # A score-0 layer (zero gradient) never receives leftover budget; the rest stays unspent.
+    assert allocate_ranks([1, 0], [1000, 200], 3500) == [3, 0]
+    assert allocate_ranks([1, 0], [1000, 200], 3500, r_min=1) == [3, 1]
+    assert allocate_ranks([0.5, 0.0, 0.5], [10] * 3, 10**6, r_max=4) == [4, 0, 4]
+    # Hysteresis does not keep a layer that went dead.
+    assert allocate_ranks([1, 0], [10, 10], 100, r_max=4, current=[1, 3], dead_band=1e6) == [4, 0]
+    # All-zero scores stay uniform (nothing to tell the layers apart).
+    assert allocate_ranks([0, 0], [1000, 200], 3500) == [3, 2]
+
+
 @settings(max_examples=80, deadline=None)
 @given(problem=allocation_problems(max_layers=4, max_span=3))
 def test_allocate_is_one_of_the_bruteforce_maximal_vectors(problem):
     scores, costs, budget, r_min, r_max, caps, lo, hi = problem
     ranks = allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps)
-    assert tuple(ranks) in reference.allocate_ranks_bruteforce(scores, costs, budget, lo, hi)
+    live = live_bounds(scores, lo, hi)
+    assert tuple(ranks) in reference.allocate_ranks_bruteforce(scores, costs, budget, lo, live)
+    current = [max(0, r + (-1) ** l) for l, r in enumerate(ranks)]
+    for band in (0.0, 0.5):
+        moved = allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps, current=current, dead_band=band)
+        assert tuple(moved) in reference.allocate_ranks_bruteforce(scores, costs, budget, lo, live)
 
 
 def test_allocate_proportional_when_budget_is_exact():
@@ -117,6 +205,10 @@ def test_allocate_smollm2_budget_and_extremes():
         (([1.0, 1.0], [10, 10], 100), dict(r_max=2.5), "r_max must be an int"),
         (([1.0, 1.0], [10, 10], float("nan")), {}, "budget"),
         (([1.0, 1.0], [10, 10], -1), {}, "budget"),
+        (([1.0, 1.0], [10, 10], 100), dict(current=[1]), "current has 1 entries"),
+        (([1.0, 1.0], [10, 10], 100), dict(current=[1, -1]), "current must be >= 0"),
+        (([1.0, 1.0], [10, 10], 100), dict(current=[1, 1], dead_band=-0.1), "dead_band must be >= 0"),
+        (([1.0, 1.0], [10, 10], 100), dict(current=[1, 1], dead_band=float("inf")), "dead_band must be finite"),
     ],
 )
 def test_allocate_rejects_bad_input(args, kwargs, match):
