@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch is on disk here; installing it first keeps pip from pulling a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test check-cuda bench demo
+.PHONY: install test check-cuda check-wheel bench demo
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIN)
@@ -14,7 +14,11 @@ install:
 check-cuda:
 	bash csrc/check_cuda_compiles.sh
 
-test: install check-cuda
+# A wheel installed into a fresh virtualenv outside the checkout builds and runs the C++ backend.
+check-wheel:
+	PYTHON=$(PYTHON) bash .ci/check_wheel.sh
+
+test: install check-cuda check-wheel
 	$(PYTHON) -m pytest -q tests
 
 bench: install

@@ -243,3 +243,67 @@ def test_import_does_not_build():
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+@pytest.fixture
+def fresh_build_state(monkeypatch, tmp_path):
+    """A not-yet-attempted build in a private extensions dir; the real state comes back after."""
+    monkeypatch.setattr(native._State, "loaded", None)
+    monkeypatch.setattr(native._State, "with_cuda", False)
+    monkeypatch.setattr(native._State, "reasons", {})
+    monkeypatch.setattr(native._State, "fixes", {})
+    monkeypatch.setattr(native._State, "warned", set())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    return tmp_path
+
+
+def _unavailable_warning() -> str:
+    with pytest.warns(RuntimeWarning, match="native cpu sketch kernel is unavailable") as record:
+        assert not native.is_available("cpu")
+    return str(record[0].message)
+
+
+def _csrc_copy(root: Path) -> Path:
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    for rel in native._CPU_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((csrc / rel).read_bytes())
+    return root
+
+
+def test_warning_names_missing_sources(fresh_build_state, monkeypatch):
+    partial = _csrc_copy(fresh_build_state / "partial")
+    (partial / "hash.h").unlink()
+    monkeypatch.setattr(native, "_csrc_candidates", lambda: (fresh_build_state / "absent", partial))
+    message = _unavailable_warning()
+    assert "C++ sources are not in this installation" in message
+    assert "absent: missing" in message and "lacks hash.h" in message
+    assert "gard_kernels/_csrc" in message  # the fix says what a good install holds
+
+
+def test_warning_names_missing_compiler(fresh_build_state, monkeypatch):
+    monkeypatch.setenv("CXX", "gard-no-such-compiler")
+    message = _unavailable_warning()
+    assert "no C++ compiler: 'gard-no-such-compiler'" in message and "install g++" in message
+    assert "sources" not in message and "ninja" not in message
+
+
+def test_warning_names_missing_ninja(fresh_build_state, monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    message = _unavailable_warning()
+    assert "ninja is not on PATH" in message and "pip install ninja" in message
+    assert "compiler" not in message.split("To fix")[0]
+
+
+def test_warning_names_build_error(fresh_build_state, monkeypatch):
+    broken = _csrc_copy(fresh_build_state / "broken")
+    for rel in native._SOURCES:
+        # A missing include is fatal at once (an #error would still parse torch's headers).
+        path = broken / rel
+        path.write_text('#include "gard_test_broken_source.h"\n' + path.read_text())
+    monkeypatch.setattr(native, "_csrc_candidates", lambda: (broken, broken))
+    message = _unavailable_warning()
+    assert "the build failed" in message and "gard_test_broken_source" in message
+    assert "compiler output" in message

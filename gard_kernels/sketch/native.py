@@ -7,13 +7,16 @@ sources, the flags, the torch version and, for `-march=native` builds, the CPU, 
 builds anew, other processes reuse a finished build, and a home directory shared between machines
 never runs code compiled for another CPU. The CUDA kernel is added only when torch sees a GPU and a
 CUDA toolchain exists; if that build fails, a CPU-only build is tried. Any failure warns once (with
-the reason and a fix) and makes `is_available` return False: the torch backend takes over.
+the reason and a fix) and makes `is_available` return False: the torch backend takes over. The
+reason names the real cause, checked in this order: the sources are not in the installation, no
+C++ compiler, no ninja, or the build itself failed (with the compiler's message).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import threading
 import warnings
@@ -25,6 +28,8 @@ _OP_NAMESPACE = "gard_kernels"
 _SOURCES = ("bindings.cpp", "cpu/sketch_cpu.cpp")
 _CUDA_SOURCES = ("cuda/sketch_cuda.cu",)
 _HEADERS = ("hash.h", "cuda/sketch_cuda.h")
+# What a CPU-only build reads: without any of these the sources count as missing.
+_CPU_FILES = _SOURCES + ("hash.h",)
 _BUILD_LOCK = threading.Lock()
 
 
@@ -33,17 +38,47 @@ class _State:
 
     loaded: bool | None = None
     with_cuda = False
-    # device type -> why the native backend is unusable for it
+    # device type -> why the native backend is unusable for it, and what to do about it
     reasons: dict[str, str] = {}
+    fixes: dict[str, str] = {}
     warned: set[str] = set()
 
 
-def _csrc_dir() -> Path | None:
-    """csrc/ of a source checkout, or gard_kernels/_csrc inside an installed wheel."""
+def _csrc_candidates() -> tuple[Path, Path]:
+    """gard_kernels/_csrc (installed wheel) and csrc/ of a source checkout, in search order."""
     package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "_csrc", package.parent / "csrc"):
-        if (candidate / "bindings.cpp").is_file():
+    return package / "_csrc", package.parent / "csrc"
+
+
+def _csrc_dir() -> Path | None:
+    """The first candidate directory that holds every source and header of the CPU build."""
+    for candidate in _csrc_candidates():
+        if all((candidate / rel).is_file() for rel in _CPU_FILES):
             return candidate
+    return None
+
+
+def _missing_sources_reason() -> str:
+    """Which candidate directories were searched and what each lacks."""
+    found = []
+    for candidate in _csrc_candidates():
+        missing = [rel for rel in _CPU_FILES if not (candidate / rel).is_file()]
+        found.append(f"{candidate}: " + ("missing" if not candidate.is_dir() else "lacks " + ", ".join(missing)))
+    return "the C++ sources are not in this installation (" + "; ".join(found) + ")"
+
+
+def _toolchain_problem() -> tuple[str, str] | None:
+    """(reason, fix) when the C++ compiler or ninja that torch's JIT build runs is missing."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return (
+            f"no C++ compiler: {compiler!r} (torch builds with $CXX, default c++) is not on PATH",
+            "install g++ or clang++ (e.g. `apt-get install g++`), or point CXX at one",
+        )
+    if not cpp_extension.is_ninja_available():
+        return ("ninja is not on PATH (torch's JIT build runs it)", "`pip install ninja`, in the environment you run in")
     return None
 
 
@@ -97,7 +132,9 @@ def _cpu_fingerprint() -> str:
 
 def _build_name(csrc: Path, sources: list[str], flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for rel in sorted(set(sources) | set(_HEADERS)):
+    # The CUDA header is read only by a CUDA build; hashing it always would bind CPU builds to it.
+    headers = _HEADERS if any(rel.endswith(".cu") for rel in sources) else _CPU_FILES
+    for rel in sorted(set(sources) | set(headers)):
         digest.update(rel.encode())
         digest.update((csrc / rel).read_bytes())
     digest.update(repr(flags).encode())
@@ -163,11 +200,13 @@ def _register_fake() -> None:
 
 
 def _short(error: BaseException) -> str:
-    """First and last lines of a (possibly long compiler) error message."""
+    """A (possibly long compiler) error message cut to its first line, its `error:` lines and its end."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
-    if len(lines) > 12:
-        lines = lines[:4] + ["..."] + lines[-8:]
-    return "\n".join(lines)
+    if len(lines) <= 12:
+        return "\n".join(lines)
+    # The compiler's diagnostics sit in the middle, between long command lines.
+    diagnostics = [line for line in lines[1:-3] if "error" in line.lower() and len(line) < 400][:6]
+    return "\n".join([lines[0], "...", *diagnostics, "...", *lines[-3:]])
 
 
 def _load() -> None:
@@ -177,12 +216,27 @@ def _load() -> None:
             _load_locked()
 
 
+def _fail(device_types: tuple[str, ...], reason: str, fix: str) -> None:
+    for device_type in device_types:
+        _State.reasons.setdefault(device_type, reason)
+        _State.fixes.setdefault(device_type, fix)
+
+
 def _load_locked() -> None:
     _State.loaded = False
     try:
         csrc = _csrc_dir()
         if csrc is None:
-            _State.reasons["cpu"] = "the csrc/ sources are not shipped with this installation"
+            _fail(
+                ("cpu", "cuda"),
+                _missing_sources_reason(),
+                "reinstall gard_kernels from its wheel or source tree (`pip install .`): the wheel ships "
+                "the sources as gard_kernels/_csrc",
+            )
+            return
+        problem = _toolchain_problem()
+        if problem is not None:
+            _fail(("cpu", "cuda"), *problem)
             return
         cuda_missing = _cuda_toolchain_missing()
         attempts = [True, False] if cuda_missing is None else [False]
@@ -191,31 +245,37 @@ def _load_locked() -> None:
             try:
                 _build(csrc, with_cuda)
             except Exception as error:  # compiler missing, compile error, load error: all fall back
-                errors.append(("CUDA build" if with_cuda else "C++ build") + " failed: " + _short(error))
+                errors.append(("CUDA build: " if with_cuda else "C++ build: ") + _short(error))
                 continue
             _register_fake()
             _State.loaded = True
             _State.with_cuda = with_cuda
             break
+        build_fix = (
+            "the compiler output above says what failed; the build needs a C++17 compiler that accepts "
+            "torch's headers (TORCH_EXTENSIONS_DIR holds the build directory)"
+        )
         if not _State.loaded:
-            _State.reasons["cpu"] = "\n".join(errors)
+            _fail(("cpu",), "the build failed: " + "\n".join(errors), build_fix)
         if not _State.with_cuda:
-            _State.reasons["cuda"] = "\n".join(errors) if errors else (cuda_missing or "CUDA kernel not built")
+            if errors:
+                _fail(("cuda",), "the build failed: " + "\n".join(errors), build_fix)
+            else:
+                _fail(
+                    ("cuda",),
+                    cuda_missing or "CUDA kernel not built",
+                    "install a CUDA toolkit matching torch.version.cuda and set CUDA_HOME",
+                )
     except Exception as error:
         _State.loaded = False
-        _State.reasons.setdefault("cpu", _short(error))
-        _State.reasons.setdefault("cuda", _short(error))
+        _fail(("cpu", "cuda"), _short(error), "report this error to the gard_kernels maintainers")
 
 
 def _warn_once(device_type: str) -> None:
     if device_type in _State.warned:
         return
     _State.warned.add(device_type)
-    fix = (
-        "install a C++ compiler (g++ or clang++) and ninja (`pip install ninja`)"
-        if device_type == "cpu"
-        else "install a CUDA toolkit matching torch.version.cuda and set CUDA_HOME"
-    )
+    fix = _State.fixes.get(device_type, "unknown")
     warnings.warn(
         f"gard_kernels: the native {device_type} sketch kernel is unavailable, falling back to the torch "
         f"backend. Reason: {_State.reasons.get(device_type, 'unknown')}\nTo fix: {fix}.",

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds a wheel, installs it into a fresh virtualenv outside the checkout, and checks that the
+# installed package builds its C++ backend from the shipped sources and matches the float64
+# reference. The venv sees the already-installed torch/numpy/ninja (--system-site-packages), so
+# nothing large downloads; the wheel is installed with --no-deps, so nothing at all does.
+# Runs in about a minute, most of it the C++ compile (a fresh TORCH_EXTENSIONS_DIR, so a cached
+# build from the checkout cannot stand in for the installed package's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+work="$(mktemp -d "${TMPDIR:-/tmp}/gard_wheel.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+"$PYTHON" -m pip wheel . --no-deps --no-build-isolation -q -w "$work/dist"
+"$PYTHON" -m venv --system-site-packages "$work/venv"
+"$work/venv/bin/python" -m pip install -q --no-deps --no-index --force-reinstall "$work"/dist/gard_kernels-*.whl
+
+# From a directory outside the checkout, so neither '' on sys.path nor the editable install of
+# the checkout can supply gard_kernels: the check asserts the import comes from the venv.
+cd "$work"
+TORCH_EXTENSIONS_DIR="$work/torch_extensions" "$work/venv/bin/python" - "$work/venv" <<'PY'
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+import gard_kernels
+from gard_kernels import reference
+from gard_kernels.sketch import native
+
+venv = Path(sys.argv[1]).resolve()
+package = Path(gard_kernels.__file__).resolve().parent
+assert venv in package.parents, f"gard_kernels was imported from {package}, not from the wheel in {venv}"
+csrc = native._csrc_dir()
+assert csrc == package / "_csrc", f"the native sources resolved to {csrc}, expected the wheel's {package / '_csrc'}"
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a fallback warning is a failure here
+    available = native.is_available("cpu")
+assert available, f"the C++ backend did not build from the wheel: {native.unavailable_reason('cpu')}"
+assert "cpp" in gard_kernels.available_backends("cpu"), gard_kernels.available_backends("cpu")
+
+torch.manual_seed(0)
+tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+for dtype, (n, d_in, d_out, k_in, k_out) in [
+    (torch.float32, (123, 77, 45, 16, 24)),
+    (torch.bfloat16, (301, 130, 67, 16, 16)),
+    (torch.float16, (5, 3, 2000, 5, 33)),
+]:
+    sk = gard_kernels.GradientSketch(d_in, d_out, k_in, k_out, seed=3)
+    x, dy = torch.randn(n, d_in).to(dtype), torch.randn(n, d_out).to(dtype)
+    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    out = torch.full((k_out, k_in), float("nan"))
+    native.sketch_native(x, dy, sk.key_in, sk.key_out, k_in, k_out, sk.scale, out, False)
+    error = ((out.double() - expected).norm() / expected.norm()).item()
+    assert error < tolerance[dtype], f"{dtype} {n}x{d_in}x{d_out}: relative error {error:.2e}"
+    print(f"check_wheel: {dtype} [{n}, {d_in}] x [{n}, {d_out}] -> [{k_out}, {k_in}]: rel. error {error:.1e}")
+print(f"check_wheel: the C++ backend builds from {csrc} and matches the float64 reference")
+PY
