@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from .capture import CaptureHandle, lora_capture
-from .optim_state import check_remappable, remap_along, remap_optimizer_state, reset_optimizer_state
+from .optim_state import (
+    check_remappable,
+    mark_new_directions,
+    remap_along,
+    remap_optimizer_state,
+    reset_optimizer_state,
+)
 
 __all__ = ["LoRALayer", "ResizeRecord"]
 
@@ -148,7 +154,9 @@ class LoRALayer(nn.Module):
         R_b R_a^T = U S V^T.
 
         Optimizer state follows (optim_state.py): sliced / zero-padded along the rank dimension,
-        dropped for both factors after an "svd" shrink. An existing .grad is sliced / padded the
+        with grown elements seeded at their first gradient so that their first update is a fresh
+        Adam's (never ~3x lr); dropped for both factors after an "svd" shrink and at rank 0 (so
+        resize(0) then resize(r) starts the optimizer afresh). An existing .grad is sliced / padded the
         same way (dropped after "svd"); resize between steps, after zero_grad, to avoid both.
 
         Args:
@@ -241,7 +249,7 @@ class LoRALayer(nn.Module):
         new_rank = new_a.shape[0]
         for param, new, dim in ((self.lora_A, new_a, 0), (self.lora_B, new_b, 1)):
             grad = None
-            if index is None:
+            if index is None or new_rank == 0:
                 reset_optimizer_state(optimizer, param)
             else:
                 remap_optimizer_state(optimizer, param, index, new_rank, dim)
@@ -251,6 +259,8 @@ class LoRALayer(nn.Module):
             param.grad = None
             _set_data(param, new.contiguous())
             param.grad = grad
+            if index is not None and new_rank > index.numel():
+                mark_new_directions(optimizer, param, index.numel(), dim)
         self.rank = new_rank
 
 

@@ -7,15 +7,53 @@ RMSprop, Adagrad, ...) keep per-parameter state that is either shaped like the p
 slice or pad: tensors are sliced along the rank dimension and zero-padded for new directions,
 scalars are kept. Any other state (Adafactor-style row/column factors, L-BFGS histories) has no
 such image, so it is refused with an error before anything is changed.
+
+Grown directions and bias correction. Adam-style optimizers keep one `step` t per tensor, so a
+direction appended late in training meets zero moments but bias corrections 1 - beta^t of ~1:
+its first update would be (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr per element, and ~6.6 lr ten
+steps later. Instead every grown element runs as a fresh Adam of its own. Its age n (steps since
+it was grown) is kept in the state (`NEW_KEY`, parameter-shaped, sliced, padded and
+checkpointed with the moments), and the stored moments are the element's own fresh moments
+scaled by c = (1 - beta^t) / (1 - beta^n), so that the optimizer's tensor-wide bias correction
+divides by exactly the element's own 1 - beta^n. A step pre-hook re-scales them as t and n
+advance: with m_s = c_old m_f stored, setting m = (c_new / c_old) m_s + (1 - beta1) (c_new - 1)
+/ beta1 * g before the optimizer's m <- beta1 m + (1 - beta1) g leaves m = c_new m_f' (the same
+for exp_avg_sq with g^2 and beta2, and for amsgrad's running max). The first update of a grown
+element is therefore lr * g / (|g| + eps), and every later one is a fresh Adam's, at any step
+count; an element leaves the tracking once both c are within 1e-3 of 1 (about 7,000 steps for
+beta2 = 0.999), when the tensor-wide correction is its own. Optimizers without bias correction
+(SGD with momentum, RMSprop, Adagrad) need nothing: a zero-padded buffer gives exactly, or at
+most, a fresh optimizer's first update.
 """
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Iterable
 
 import torch
 
-__all__ = ["check_remappable", "remap_along", "remap_optimizer_state", "reset_optimizer_state"]
+__all__ = [
+    "NEW_KEY",
+    "check_remappable",
+    "check_optimizer_supported",
+    "mark_new_directions",
+    "remap_along",
+    "remap_optimizer_state",
+    "reset_optimizer_state",
+    "track_new_directions",
+]
+
+# State key of the per-element age of grown directions: 0 for an ordinary element, 1 + the
+# steps taken since the grow for a tracked one. Float: Optimizer.load_state_dict casts floating
+# state to the parameter's dtype, and float32 counts steps exactly far beyond the tracking span.
+NEW_KEY = "gard_new_directions"
+# A tracked element is released once both bias-correction ratios are this close to 1.
+_RELEASE_TOLERANCE = 1e-3
+
+# optimizer -> the parameters whose state holds NEW_KEY. The optimizer's step pre-hook, installed
+# once, only looks at these, so it costs a dictionary look-up when nothing waits.
+_waiting: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def _is_scalar(value) -> bool:
@@ -105,3 +143,131 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.
     """
     if optimizer is not None:
         optimizer.state.pop(param, None)
+
+
+def check_optimizer_supported(optimizer: torch.optim.Optimizer) -> None:
+    """Raise now if `optimizer`'s state could not follow a rank change later.
+
+    Optimizers create state lazily, so factored or quantised state (Adafactor's row/column
+    factors, 8-bit Adam's blockwise scales) would otherwise only surface at the first resize,
+    mid-run. The check runs one step of the same class with the same defaults on a throwaway
+    [3, 2] parameter and checks the state it creates, plus the state the optimizer already has.
+
+    Raises:
+        TypeError: naming the optimizer and what works instead.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    check_remappable(optimizer, params)
+    probe = torch.nn.Parameter(torch.zeros(3, 2))
+    try:
+        trial = type(optimizer)([probe], **optimizer.defaults)
+        probe.grad = torch.ones_like(probe)
+        trial.step()
+    except Exception as error:  # any failure means the probe says nothing; refuse clearly
+        raise TypeError(
+            f"GARD cannot verify that {type(optimizer).__name__}'s state can follow rank changes (a trial "
+            f"step on a small parameter failed: {error}). Use an optimizer with elementwise state "
+            "(torch.optim.AdamW, Adam, SGD, RMSprop, ...)"
+        ) from error
+    try:
+        check_remappable(trial, [probe])
+    except TypeError as error:
+        raise TypeError(f"attach_optimizer: {error}") from None
+    for key, value in trial.state[probe].items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and not value.is_floating_point():
+            raise TypeError(
+                f"{type(optimizer).__name__} keeps state[{key!r}] as {value.dtype} (quantised state): slicing "
+                "it along the rank dimension is not meaningful. Use an optimizer with floating-point "
+                "elementwise state (torch.optim.AdamW, Adam, SGD, ...)"
+            )
+
+
+def mark_new_directions(
+    optimizer: torch.optim.Optimizer | None, param: torch.Tensor, start: int, dim: int
+) -> None:
+    """Start slots [start, end) of `param` along `dim` as fresh Adam elements (age 0).
+
+    Call it after remap_optimizer_state has padded the state to the new size. Does nothing
+    when the optimizer keeps no Adam-style moments for `param` (no state yet: its first step
+    is a fresh start anyway).
+    """
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param)
+    if not state or "exp_avg" not in state or "exp_avg_sq" not in state or "step" not in state:
+        return
+    age = state.get(NEW_KEY)
+    if age is None or age.shape != param.shape:
+        age = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+    age.narrow(dim, start, param.shape[dim] - start).fill_(1.0)
+    state[NEW_KEY] = age
+    track_new_directions(optimizer)
+
+
+def track_new_directions(optimizer: torch.optim.Optimizer) -> None:
+    """Find the parameters whose state holds NEW_KEY (e.g. after load_state_dict) and make sure
+    the optimizer keeps their grown elements fresh at its next steps."""
+    if optimizer not in _waiting:
+        optimizer.register_step_pre_hook(_keep_new_directions_fresh)
+    _waiting[optimizer] = [p for p, state in optimizer.state.items() if NEW_KEY in state]
+
+
+@torch.no_grad()
+def _keep_new_directions_fresh(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Step pre-hook: re-scale the moments of tracked elements (see the module docstring)."""
+    params = _waiting.get(optimizer)
+    if not params:
+        return
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    still = []
+    for param in params:
+        state = optimizer.state.get(param)
+        group = group_of.get(id(param))
+        if not state or NEW_KEY not in state or group is None:
+            continue
+        still.append(param)
+        if param.grad is None or param.grad.is_sparse or state[NEW_KEY].shape != param.shape:
+            # Adam skips a parameter without a gradient: neither t nor the ages advance.
+            continue
+        _rescale_tracked(optimizer, group, param, state)
+        if NEW_KEY not in state:
+            still.pop()
+    _waiting[optimizer] = still
+
+
+def _rescale_tracked(optimizer, group, param, state) -> None:
+    beta1, beta2 = group["betas"]
+    stored = state[NEW_KEY]
+    tracked = stored > 0
+    exp_avg = state["exp_avg"]
+    g = param.grad.to(exp_avg.dtype)
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    if group.get("weight_decay", 0) and not decoupled:
+        # Adam's L2 form adds weight_decay * p to the gradient before the moments.
+        g = g + group["weight_decay"] * param.to(g.dtype)
+    if group.get("maximize", False):
+        g = -g
+    t = float(state["step"]) + 1.0  # the step about to be taken
+    n = stored[tracked].to(torch.float64)  # the element's own step count after this step
+    g = g[tracked].to(torch.float64)
+
+    def ratios(beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # c = (1 - beta^t) / (1 - beta^n) after this step, and c_new / c_old (0 before the first).
+        c_new = (1.0 - beta**t) / (1.0 - torch.pow(beta, n))
+        c_old = (1.0 - beta ** (t - 1.0)) / (1.0 - torch.pow(beta, n - 1.0)).clamp_min(1e-300)
+        return c_new, torch.where(n > 1, c_new / c_old, torch.zeros_like(n))
+
+    c1, r1 = ratios(beta1)
+    c2, r2 = ratios(beta2)
+    exp_avg[tracked] = (r1 * exp_avg[tracked] + (1.0 - beta1) * (c1 - 1.0) / beta1 * g).to(exp_avg.dtype)
+    exp_avg_sq = state["exp_avg_sq"]
+    exp_avg_sq[tracked] = (r2 * exp_avg_sq[tracked] + (1.0 - beta2) * (c2 - 1.0) / beta2 * g.square()).to(
+        exp_avg_sq.dtype
+    )
+    if "max_exp_avg_sq" in state:
+        peak = state["max_exp_avg_sq"]
+        peak[tracked] = (r2 * peak[tracked]).to(peak.dtype)
+    released = (c1 - 1.0 <= _RELEASE_TOLERANCE) & (c2 - 1.0 <= _RELEASE_TOLERANCE)
+    stored[tracked] = torch.where(released, torch.zeros_like(n), n + 1.0).to(stored.dtype)
+    if not bool((stored > 0).any()):
+        del state[NEW_KEY]
