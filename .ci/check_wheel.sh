@@ -12,7 +12,8 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/gard_wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 "$PYTHON" -m pip wheel . --no-deps --no-build-isolation -q -w "$work/dist"
-"$PYTHON" -m venv --system-site-packages "$work/venv"
+# --without-pip: the venv runs the pip of the system site-packages it sees (ensurepip costs seconds).
+"$PYTHON" -m venv --without-pip --system-site-packages "$work/venv"
 "$work/venv/bin/python" -m pip install -q --no-deps --no-index --force-reinstall "$work"/dist/gard_kernels-*.whl
 
 # From a directory outside the checkout, so neither '' on sys.path nor the editable install of
