@@ -38,6 +38,11 @@ class GARDConfig:
         interval: tau, steps between re-allocations in dynamic mode.
         ema: beta, smoothing of effective ranks across re-allocations, in [0, 1).
         delta_max: largest rank change of one layer at one re-allocation (dynamic mode).
+        dead_band: hysteresis of dynamic re-allocations, >= 0: a unit of rank leaves the layer that
+            holds it only for a layer whose score per unit is more than (1 + dead_band) times higher;
+            exact ties keep the current ranks. 0.25 absorbs the window-to-window noise of effective
+            ranks (flat spectra sit at M-1 or M); 0 keeps only the tie rule. Not used by the first
+            allocation, which ties to the current ranks but moves freely from the provisional r_init.
         warmup: steps before the first dynamic re-allocation; None uses `window`.
         freeze_after: dynamic mode stops re-allocating after this step ("early-dynamic"); None never.
         grow_init: new directions start with B = 0 and A random ("zero") or A along the top
@@ -65,6 +70,7 @@ class GARDConfig:
     interval: int = 20
     ema: float = 0.7
     delta_max: int = 2
+    dead_band: float = 0.25
     warmup: Optional[int] = None
     freeze_after: Optional[int] = None
     grow_init: str = "zero"
@@ -117,6 +123,11 @@ class GARDConfig:
         require(is_int(self.interval) and self.interval >= 1, f"interval must be an int >= 1, got {self.interval!r}")
         require(0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema!r}")
         require(is_int(self.delta_max) and self.delta_max >= 1, f"delta_max must be an int >= 1, got {self.delta_max!r}")
+        require(
+            isinstance(self.dead_band, (int, float)) and not isinstance(self.dead_band, bool)
+            and 0.0 <= self.dead_band < float("inf"),
+            f"dead_band must be a finite number >= 0 (0.25 is the default, 0 only breaks ties), got {self.dead_band!r}",
+        )
         if self.warmup is not None:
             require(is_int(self.warmup) and self.warmup >= 0, f"warmup must be None or an int >= 0, got {self.warmup!r}")
         if self.freeze_after is not None:

@@ -20,7 +20,7 @@ from .lora.manager import LoRAManager
 from .ring import SketchRing
 from .sketch import GradientSketch
 from .sketch.hashing import mix32
-from .spectra import effective_rank, gram_eigenvalues, spectral_scores
+from .spectra import effective_rank, equalize_valid_slots, gram_eigenvalues, spectral_scores
 
 # Extra random directions of the range finder beyond the largest growth (grow_init="gradient").
 _RANGE_OVERSAMPLE = 8
@@ -227,6 +227,9 @@ class GARD:
         # Under torch.distributed: the window of the global gradient (a no-op on one process).
         sketches, valid = distributed.reduce_window(sketches, valid)
         distributed.reduce_range_finders(self.handles, self.ring.device)
+        found = valid.sum(dim=1).cpu()
+        # Every layer is scored on the same number of sketches: effective ranks are bounded by it.
+        valid = equalize_valid_slots(valid)
         eigs = gram_eigenvalues(sketches, valid).cpu()
         valid = valid.cpu()
         invalid = int(self.ring.num_invalid)
@@ -244,8 +247,13 @@ class GARD:
         self.ema_statistic = statistic
         scores = spectral_scores(statistic)
         old = self.manager.ranks
+        # Hysteresis (dynamic only): ties keep the current ranks, and after the first allocation a
+        # unit moves only for a gain above the dead-band. Static mode and the first dynamic
+        # allocation start from the provisional r_init, which no spectrum chose.
+        dynamic = cfg.mode == "dynamic"
         target = allocate_ranks(
-            scores.tolist(), self.manager.costs, cfg.budget, r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps
+            scores.tolist(), self.manager.costs, cfg.budget, r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps,
+            current=old if dynamic else None, dead_band=cfg.dead_band if dynamic and self.allocated else 0.0,
         )
         if cfg.mode == "dynamic":
             new = clip_rank_change(old, target, self.manager.costs, cfg.budget, cfg.delta_max)
@@ -280,7 +288,8 @@ class GARD:
             "statistic": statistic.tolist(),
             "scores": scores.tolist(),
             "eigenvalues": eigs.tolist(),
-            "valid_slots": valid.sum(dim=1).tolist(),
+            "valid_slots": found.tolist(),
+            "scored_slots": valid.sum(dim=1).tolist(),
             "invalid_total": invalid,
             "params": self.manager.num_params(new),
             "discarded_update_norm": discarded,

@@ -77,6 +77,39 @@ def gram_eigenvalues(sketches: torch.Tensor, valid: torch.Tensor | None = None) 
     return eigs[0] if single else eigs
 
 
+def equalize_valid_slots(valid: torch.Tensor, minimum: int = 2) -> torch.Tensor:
+    """Keep every layer's newest V valid slots, V the smallest valid count among the layers.
+
+    A spectrum of V sketches has at most V non-zero eigenvalues, so every effective-rank measure
+    is bounded by V, and a noise-like (flat) spectrum's effective rank grows about linearly in V:
+    a layer that lost slots to non-finite gradients would be scored lower for that alone.
+    Dividing by V would in turn over-score a layer whose true rank is below V (its effective rank
+    does not depend on V). Scoring every layer on the same number of sketches is fair to both,
+    at the price of ignoring some finite slots of the other layers. Layers with fewer than
+    `minimum` valid slots have no usable spectrum, do not lower V, and keep what they have.
+
+    Args:
+        valid: [L, M] bool, slots oldest first (as GradientRing.window_sketches returns them).
+        minimum: smallest count that sets V; default 2.
+    Returns:
+        [L, M] bool, a subset of valid (valid itself when nothing changes).
+    """
+    if valid.dim() != 2:
+        raise ValueError(f"valid must be [L, M], got shape {tuple(valid.shape)}")
+    valid = valid.to(torch.bool)
+    count = valid.sum(dim=1)  # [L]
+    usable = count >= minimum
+    if not bool(usable.any()):
+        return valid
+    target = int(count[usable].min())
+    if bool((count[usable] == target).all()):
+        return valid
+    # Valid slots at or after each position, counted from the newest end.
+    from_newest = valid.flip(-1).to(torch.int64).cumsum(-1).flip(-1)  # [L, M]
+    keep = valid & (from_newest <= target)
+    return torch.where(usable[:, None], keep, valid)
+
+
 def _eigvalsh_with_fallback(mats: torch.Tensor) -> torch.Tensor:
     """Ascending eigenvalues of symmetric [L, M, M] float64; failed layers retried on CPU, else zeros."""
     try:
