@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gard_kernels import reference
-from gard_kernels.spectra import MEASURES, SpectrumWarning, effective_rank, gram_eigenvalues, spectral_scores
+from gard_kernels.spectra import (
+    MEASURES,
+    SpectrumWarning,
+    effective_rank,
+    equalize_valid_slots,
+    gram_eigenvalues,
+    spectral_scores,
+)
 from tests.util import rel_error
 
 # Relative error of float64 eigenvalues against the numpy oracle: both are backward stable.
@@ -210,3 +217,43 @@ def test_gram_eigenvalues_on_gpu_matches_reference():
     got = gram_eigenvalues(x, valid)
     assert got.device.type == "cuda"
     assert rel_error(got, reference.gram_eigenvalues(x, valid)) < EIG_TOLERANCE
+
+
+def test_equalize_valid_slots_keeps_the_newest_common_count():
+    t, f = True, False
+    valid = torch.tensor(
+        [
+            [t, t, t, t, t, t],  # 6 valid: keeps its newest 3
+            [t, f, t, f, f, t],  # 3 valid: sets V = 3
+            [f, t, t, f, t, t],  # 4 valid: drops its oldest
+            [f, f, f, f, f, t],  # 1 valid: below minimum, kept as is, does not set V
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [f, f, f, t, t, t],
+            [t, f, t, f, f, t],
+            [f, f, t, f, t, t],
+            [f, f, f, f, f, t],
+        ]
+    )
+    assert torch.equal(equalize_valid_slots(valid), expected)
+    # Equal counts (the usual case), or no layer with 2 valid slots: unchanged.
+    assert torch.equal(equalize_valid_slots(valid[1:2]), valid[1:2])
+    assert torch.equal(equalize_valid_slots(valid[3:]), valid[3:])
+    with pytest.raises(ValueError, match=r"\[L, M\]"):
+        equalize_valid_slots(valid[0])
+
+
+def test_equalized_window_scores_a_noise_layer_like_its_clean_twin():
+    # Two layers with i.i.d. Gaussian sketches (flat spectra); layer 1 lost half its slots. On the
+    # equalised mask both spectra come from 4 sketches, so their effective ranks agree; on the raw
+    # mask layer 1 would score about half of layer 0.
+    generator = torch.Generator().manual_seed(0)
+    sketches = torch.randn(2, 8, 256, generator=generator)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, ::2] = False
+    raw = effective_rank(gram_eigenvalues(sketches, valid))
+    fair = effective_rank(gram_eigenvalues(sketches, equalize_valid_slots(valid)))
+    assert raw[0] >= 7.0 and raw[1] == 4.0, raw
+    assert fair.tolist() == [4.0, 4.0]
