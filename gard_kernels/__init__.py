@@ -4,6 +4,7 @@ from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
 from .controller import GARD
 from .integrations.peft_export import load_adapter
+from .integrations.suggest import suggest_lora_config
 from .ring import SketchRing
 from .sketch import GradientSketch, available_backends
 from .spectra import effective_rank, gram_eigenvalues, spectral_scores
@@ -23,5 +24,6 @@ __all__ = [
     "load_adapter",
     "reference",
     "spectral_scores",
+    "suggest_lora_config",
     "__version__",
 ]

@@ -27,7 +27,7 @@ from ..config import GARDConfig
 from ..lora.layer import LoRALayer
 from ..lora.manager import match_target_modules
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "load_adapter", "save_pretrained"]
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "adapter_config", "load_adapter", "save_pretrained"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,6 +54,34 @@ def save_pretrained(gard, path: str | os.PathLike, task_type: Optional[str] = No
     """
     from safetensors.torch import save_file
 
+    config = adapter_config(gard, task_type)
+    tensors = {}
+    for layer in gard.manager.layers:
+        if layer.rank == 0:
+            continue
+        for factor in _FACTORS:
+            value = getattr(layer, factor).detach()
+            tensors[f"{_KEY_PREFIX}{layer.name}.{factor}.weight"] = value.to("cpu").contiguous()
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    return config
+
+
+def adapter_config(gard, task_type: Optional[str] = None) -> dict[str, Any]:
+    """The PEFT LoRA adapter config of `gard`'s adapters at their current ranks, as a dict.
+
+    What save_pretrained writes to adapter_config.json, and what suggest_lora_config turns into a
+    peft.LoraConfig: rank-0 layers left out, per-layer r and lora_alpha = scaling * r.
+
+    Args:
+        gard: a GARD controller.
+        task_type: PEFT task type (e.g. "CAUSAL_LM"), or None.
+    Raises:
+        ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
+    """
     layers = [layer for layer in gard.manager.layers if layer.rank > 0]
     if not layers:
         raise ValueError("every GARD adapter has rank 0: there is nothing to export")
@@ -75,7 +103,7 @@ def save_pretrained(gard, path: str | os.PathLike, task_type: Optional[str] = No
         keys = {name: name for name in names}
 
     model_config = getattr(gard.model, "config", None)
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
@@ -97,17 +125,6 @@ def save_pretrained(gard, path: str | os.PathLike, task_type: Optional[str] = No
         "rank_pattern": {keys[n]: ranks[n] for n in names},
         "alpha_pattern": {keys[n]: alphas[n] for n in names},
     }
-    tensors = {}
-    for layer in layers:
-        for factor in _FACTORS:
-            value = getattr(layer, factor).detach()
-            tensors[f"{_KEY_PREFIX}{layer.name}.{factor}.weight"] = value.to("cpu").contiguous()
-
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    return config
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, config: Optional[GARDConfig] = None):

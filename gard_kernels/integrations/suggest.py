@@ -1,0 +1,158 @@
+"""suggest_lora_config: GARD's ranks as a plain `peft.LoraConfig`, for training with PEFT alone.
+
+Static GARD (paper §3.3) profiles `window` batches, allocates ranks under the budget once, and
+the allocation is written in PEFT's vocabulary (per-module r and lora_alpha = scaling * r, the
+format of `GARD.save_pretrained`). The model is wrapped in place only while profiling: every
+module, flag and tensor is put back afterwards, also when profiling fails.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..config import GARDConfig
+from ..controller import GARD
+from .peft_export import adapter_config
+
+__all__ = ["suggest_lora_config"]
+
+# GARDConfig fields that only steer dynamic re-allocation: passing one here would be a silent no-op.
+_DYNAMIC_ONLY = ("interval", "ema", "delta_max", "warmup", "freeze_after", "grow_init", "shrink")
+
+
+def suggest_lora_config(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    budget: int,
+    target_modules: Union[Sequence[str], str],
+    loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
+    task_type: Optional[str] = None,
+    **gard_options: Any,
+):
+    """A `peft.LoraConfig` whose per-module ranks static GARD chose from `model`'s gradients.
+
+    Runs forward and backward on the first `window` batches (default 8) in training mode, with
+    no optimizer step and no copy of the model, and leaves the model as it was: the same module
+    objects, parameter values, buffers, requires_grad flags, gradients and train/eval modes.
+    `peft.get_peft_model(model, config)` then has exactly GARD's number of trainable parameters,
+    sum r * (d_in + d_out) <= budget.
+
+    Args:
+        model: a torch model with nn.Linear or transformers Conv1D target modules.
+        batches: iterable of model inputs; dicts go to model(**batch) unless loss_fn is given.
+        budget: LoRA parameter budget (GARDConfig.budget).
+        target_modules: names / suffixes or a full-match regex (GARDConfig.target_modules).
+        loss_fn: loss_fn(model, batch) -> scalar loss; default model(**batch).loss.
+        task_type: PEFT task type of the config (e.g. "CAUSAL_LM"), or None.
+        **gard_options: other GARDConfig fields of static GARD: window, r_min, r_max, r_init,
+            k_in, k_out, alpha, measure, score, scaling, seed, backend.
+    Returns:
+        peft.LoraConfig with target_modules, rank_pattern and alpha_pattern keyed by full module
+        names (rank-0 modules left out), fan_in_fan_out for Conv1D models, lora_dropout 0.
+    Raises:
+        ValueError: a dynamic-mode option, fewer than `window` batches, a batch without a loss,
+            or a budget under which every module gets rank 0.
+    """
+    from peft import LoraConfig
+
+    config = _static_config(budget, target_modules, gard_options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    snapshot = _ModelSnapshot(model)
+    try:
+        gard = GARD(model, config)
+        model.train()
+        with torch.enable_grad():
+            gard.profile(batches, steps=config.window, loss_fn=_checked_loss(loss_fn))
+        if gard.num_lora_params == 0:
+            smallest = min(gard.manager.costs)
+            raise ValueError(
+                f"budget {budget} gives every module rank 0 (the smallest adapted module costs {smallest} "
+                f"parameters per rank); raise the budget to at least {smallest}"
+            )
+        peft_fields = adapter_config(gard, task_type)
+    finally:
+        snapshot.restore()
+    # The exported adapter is for inference; this config is for training from scratch.
+    peft_fields.update(inference_mode=False)
+    del peft_fields["peft_type"]
+    return LoraConfig(**peft_fields)
+
+
+def _static_config(budget, target_modules, options: dict[str, Any]) -> GARDConfig:
+    mode = options.pop("mode", "static")
+    if mode != "static":
+        raise ValueError(f"suggest_lora_config allocates once, as static GARD does; drop mode={mode!r}")
+    dynamic = sorted(name for name in options if name in _DYNAMIC_ONLY)
+    if dynamic:
+        raise ValueError(
+            f"{dynamic} only steer dynamic re-allocation and have no effect on a one-time allocation; drop them"
+        )
+    known = {field.name for field in GARDConfig.__dataclass_fields__.values()}
+    unknown = sorted(name for name in options if name not in known)
+    if unknown:
+        raise TypeError(f"unknown GARD option(s) {unknown}; the options are GARDConfig's fields: {sorted(known)}")
+    return GARDConfig(budget=budget, target_modules=target_modules, mode="static", **options)
+
+
+def _checked_loss(loss_fn: Optional[Callable]) -> Callable:
+    """loss_fn, or model(**batch).loss, with the errors a user can act on."""
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        if loss_fn is not None:
+            value = loss_fn(model, batch)
+        elif isinstance(batch, Mapping):
+            value = getattr(model(**batch), "loss", None)
+            if value is None:
+                raise ValueError(
+                    "model(**batch) returned no loss; give the batches labels or pass loss_fn(model, batch)"
+                )
+        else:
+            raise TypeError(
+                f"a batch is a {type(batch).__name__}, not a dict of model inputs; pass loss_fn(model, batch)"
+            )
+        if not (torch.is_tensor(value) and value.dim() == 0 and value.requires_grad):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"the loss must be a scalar tensor that requires grad, got {shape}")
+        return value
+
+    return loss
+
+
+class _ModelSnapshot:
+    """What GARD's wrapping and a profiling pass can change in a model, to put it back.
+
+    GARD replaces target modules at their parents, freezes every parameter, and the pass runs in
+    training mode (which may update buffers, e.g. BatchNorm statistics). Parameter values and
+    gradients are never written: there is no optimizer step, and frozen parameters get no gradient.
+    """
+
+    def __init__(self, model: nn.Module):
+        modules = list(model.modules())
+        self.children = [(parent, name, child) for parent in modules for name, child in parent._modules.items()]
+        self.training = [(module, module.training) for module in modules]
+        self.requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+        # Buffers are small next to the weights (rotary tables, norm statistics).
+        self.buffers = [
+            (module, name, buffer, buffer.detach().clone())
+            for module in modules
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+
+    def restore(self) -> None:
+        for parent, name, child in self.children:
+            if parent._modules.get(name) is not child:
+                setattr(parent, name, child)
+        for module, training in self.training:
+            module.training = training
+        for param, requires_grad in self.requires_grad:
+            param.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for module, name, buffer, saved in self.buffers:
+                module._buffers[name] = buffer
+                buffer.copy_(saved)

@@ -1,0 +1,234 @@
+"""suggest_lora_config: static GARD's ranks as a peft.LoraConfig, the model left exactly as it was."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import gard_kernels as gk
+
+from .models import batches, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+WINDOW = 4
+
+
+def _fingerprint(model):
+    """Everything suggest_lora_config must leave untouched, compared by identity or bitwise."""
+    return {
+        "modules": [(name, module, type(module)) for name, module in model.named_modules()],
+        "training": [module.training for module in model.modules()],
+        "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "params": [(name, p) for name, p in model.named_parameters()],
+        "values": {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()},
+    }
+
+
+def _assert_unchanged(model, before):
+    after = _fingerprint(model)
+    assert len(after["modules"]) == len(before["modules"])
+    for (name, module, kind), (name0, module0, kind0) in zip(after["modules"], before["modules"]):
+        assert (name, kind) == (name0, kind0) and module is module0
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert all(g is g0 for g, g0 in zip(after["grads"], before["grads"]))
+    assert all(p is p0 for (_, p), (_, p0) in zip(after["params"], before["params"]))
+    assert after["values"].keys() == before["values"].keys()
+    for key, value in after["values"].items():
+        assert torch.equal(value, before["values"][key]), key
+
+
+def _mixed_state(model):
+    """Not the state GARD leaves behind: eval model with one block training, a trainable norm,
+    and a gradient already stored on it."""
+    model.eval()
+    norm = next(p for name, p in model.named_parameters() if "ln_f" in name or name.endswith("model.norm.weight"))
+    norm.requires_grad_(True)
+    norm.grad = torch.full_like(norm, 7.0)
+    next(iter(model.children())).train()
+    return model
+
+
+def _reference(model, budget, targets, **options):
+    """Static GARD run by hand on a copy: the ranks and parameter count the config must match."""
+    twin = copy.deepcopy(model)
+    gard = gk.GARD(twin, gk.GARDConfig(budget=budget, target_modules=targets, mode="static", window=WINDOW, **options))
+    twin.train()
+    torch.manual_seed(0)
+    gard.profile(batches(8), steps=WINDOW)
+    return gard
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _check_against_reference(config, gard, budget):
+    ranks = {name: rank for name, rank in gard.ranks.items() if rank > 0}
+    # The case must have rank-0 modules or unequal ranks, else a wrong pattern could pass.
+    assert len(ranks) < len(gard.ranks) or len(set(ranks.values())) > 1
+    assert set(config.target_modules) == set(ranks)
+    assert config.rank_pattern == ranks
+    assert config.alpha_pattern == {name: gard.config.scaling * rank for name, rank in ranks.items()}
+    assert config.inference_mode is False
+    assert 0 < gard.num_lora_params <= budget
+
+
+def _check_peft_model(peft_model, config, gard):
+    assert _trainable(peft_model) == gard.num_lora_params
+    adapted = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            adapted[name] = module
+    assert set(adapted) == set(config.rank_pattern)
+    for name, module in adapted.items():
+        layer = gard.manager.layers[gard.names.index(name)]
+        assert module.lora_A["default"].weight.shape == (layer.rank, layer.d_in)
+        assert module.lora_B["default"].weight.shape == (layer.d_out, layer.rank)
+        assert module.scaling["default"] == pytest.approx(gard.config.scaling)
+
+
+def test_llama_config_matches_static_gard_and_leaves_the_model(one_thread):
+    budget = 900
+    model = _mixed_state(tiny_llama())
+    before = _fingerprint(model)
+    reference = _reference(model, budget, LLAMA_TARGETS, scaling=1.5)
+    torch.manual_seed(0)
+    config = gk.suggest_lora_config(model, batches(8), budget=budget, target_modules=LLAMA_TARGETS,
+                                    window=WINDOW, scaling=1.5, task_type="CAUSAL_LM")
+    _assert_unchanged(model, before)
+    assert isinstance(config, peft.LoraConfig) and config.task_type == "CAUSAL_LM"
+    _check_against_reference(config, reference, budget)
+    assert 0 in reference.ranks.values()
+    _check_peft_model(peft.get_peft_model(model, config), config, reference)
+
+
+def test_gpt2_conv1d_config_sets_fan_in_fan_out(one_thread):
+    budget = 1_100
+    model = _mixed_state(tiny_gpt2())
+    before = _fingerprint(model)
+    reference = _reference(model, budget, GPT2_TARGETS)
+    torch.manual_seed(0)
+    config = gk.suggest_lora_config(model, batches(8), budget=budget, target_modules=GPT2_TARGETS, window=WINDOW)
+    _assert_unchanged(model, before)
+    _check_against_reference(config, reference, budget)
+    assert config.fan_in_fan_out is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.get_peft_model(model, config)
+    # PEFT corrects a wrong fan_in_fan_out with a warning; the config must not need correcting.
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    _check_peft_model(peft_model, config, reference)
+
+
+def test_gpt2_peft_model_computes_what_gard_computes(one_thread, tmp_path):
+    # Orientation of the Conv1D factors: PEFT's adapter, loaded back into GARD, gives the same logits.
+    model = tiny_gpt2()
+    config = gk.suggest_lora_config(model, batches(8), budget=1_100, target_modules=GPT2_TARGETS, window=WINDOW)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(tmp_path)
+    ids = batches(1)[0]["input_ids"]
+    model.eval()
+    peft_model.eval()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        expected = peft_model(input_ids=ids).logits
+        gard = gk.load_adapter(model, tmp_path)
+        got = model(input_ids=ids).logits
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert gard.num_lora_params == _trainable(peft_model)
+
+
+def test_loss_fn_and_tuple_batches_give_the_same_config(one_thread):
+    def loss_fn(model, batch):
+        ids, labels = batch
+        return model(input_ids=ids, labels=labels).loss
+
+    tuples = [(b["input_ids"], b["labels"]) for b in batches(8)]
+    options = dict(budget=900, target_modules=LLAMA_TARGETS, window=WINDOW)
+    expected = gk.suggest_lora_config(tiny_llama(), batches(8), **options)
+    got = gk.suggest_lora_config(tiny_llama(), tuples, loss_fn=loss_fn, **options)
+    assert got.rank_pattern == expected.rank_pattern
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(mode="dynamic"), ValueError, "static"),
+        (dict(interval=5), ValueError, "interval"),
+        (dict(ema=0.5, grow_init="gradient"), ValueError, "dynamic"),
+        (dict(windw=4), TypeError, "windw"),
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(target_modules=["nothing"]), ValueError, "matched no module"),
+        # GARD wraps the modules before it checks the budget: the model must come back unwrapped.
+        (dict(r_min=1, budget=100), ValueError, "budget 100 is below"),
+        (dict(budget=10), ValueError, "rank 0"),
+        (dict(window=20), ValueError, "more batches"),
+    ],
+)
+def test_bad_options_raise_and_leave_the_model(one_thread, options, error, match):
+    model = _mixed_state(tiny_llama())
+    before = _fingerprint(model)
+    kwargs = dict(budget=900, target_modules=LLAMA_TARGETS, window=WINDOW)
+    kwargs.update(options)
+    with pytest.raises(error, match=match):
+        gk.suggest_lora_config(model, batches(8), **kwargs)
+    _assert_unchanged(model, before)
+
+
+def _labelless():
+    return [{"input_ids": b["input_ids"]} for b in batches(8)]
+
+
+def _tuples():
+    return [(b["input_ids"], b["labels"]) for b in batches(8)]
+
+
+def _failing_after_two(model, batch):
+    if _failing_after_two.calls == 2:
+        raise RuntimeError("data loader broke")
+    _failing_after_two.calls += 1
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize(
+    "make_batches, loss_fn, error, match",
+    [
+        (_labelless, None, ValueError, "no loss"),
+        (_tuples, None, TypeError, "pass loss_fn"),
+        (batches, lambda model, batch: model(**batch).logits, ValueError, "scalar"),
+        (batches, lambda model, batch: torch.tensor(1.0), ValueError, "requires grad"),
+        (batches, _failing_after_two, RuntimeError, "data loader broke"),
+    ],
+)
+def test_bad_batches_raise_and_leave_the_model(one_thread, make_batches, loss_fn, error, match):
+    _failing_after_two.calls = 0
+    model = _mixed_state(tiny_llama())
+    before = _fingerprint(model)
+    data = make_batches(8) if make_batches is batches else make_batches()
+    with pytest.raises(error, match=match):
+        gk.suggest_lora_config(model, data, budget=900, target_modules=LLAMA_TARGETS, window=WINDOW, loss_fn=loss_fn)
+    _assert_unchanged(model, before)
+
+
+def test_buffers_updated_in_training_mode_are_restored():
+    # BatchNorm updates its running statistics in the training-mode pass.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).eval()
+    before = _fingerprint(model)
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 6, generator=generator) for _ in range(WINDOW)]
+    config = gk.suggest_lora_config(
+        model, data, budget=30, target_modules=["0", "2"], window=WINDOW, loss_fn=lambda m, x: m(x).square().mean()
+    )
+    _assert_unchanged(model, before)
+    assert sum(config.rank_pattern[n] * c for n, c in (("0", 11), ("2", 8)) if n in config.rank_pattern) <= 30
