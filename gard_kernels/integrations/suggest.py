@@ -127,15 +127,15 @@ class _ModelSnapshot:
     """What GARD's wrapping and a profiling pass can change in a model, to put it back.
 
     GARD replaces target modules at their parents, freezes every parameter, and the pass runs in
-    training mode (which may update buffers, e.g. BatchNorm statistics). Parameter values and
-    gradients are never written: there is no optimizer step, and frozen parameters get no gradient.
+    training mode (which may update buffers, e.g. BatchNorm statistics). Gradients are put back
+    as the same tensor objects. Parameter values are never written: there is no optimizer step.
     """
 
     def __init__(self, model: nn.Module):
         modules = list(model.modules())
         self.children = [(parent, name, child) for parent in modules for name, child in parent._modules.items()]
         self.training = [(module, module.training) for module in modules]
-        self.requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+        self.params = [(param, param.requires_grad, param.grad) for param in model.parameters()]
         # Buffers are small next to the weights (rotary tables, norm statistics).
         self.buffers = [
             (module, name, buffer, buffer.detach().clone())
@@ -150,8 +150,9 @@ class _ModelSnapshot:
                 setattr(parent, name, child)
         for module, training in self.training:
             module.training = training
-        for param, requires_grad in self.requires_grad:
+        for param, requires_grad, grad in self.params:
             param.requires_grad_(requires_grad)
+            param.grad = grad
         with torch.no_grad():
             for module, name, buffer, saved in self.buffers:
                 module._buffers[name] = buffer
