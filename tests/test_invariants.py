@@ -1,7 +1,8 @@
 """Controller invariants fuzzed over layer shapes, budgets, scores, Δmax, EMA and schedules.
 
 On random runs of a small Linear/Tanh stack: the budget holds after every step, ranks stay in
-[r_min, min(r_max, d_in, d_out)], a dynamic re-allocation moves no rank by more than Δmax, each
+[r_min, min(r_max, d_in, d_out)], a dynamic re-allocation moves no rank by more than Δmax and
+never moves a unit between layers whose scores differ by less than the dead-band, each
 resize changes ΔW by exactly the discarded norm it reports (not a bit on a grow), the model output
 moves no more than those discarded directions can move it (only by float32 rounding when nothing
 is discarded), and state_dict round-trips.
@@ -48,6 +49,7 @@ def runs(draw):
         interval=draw(st.integers(1, 4)),
         ema=draw(st.sampled_from([0.0, 0.5, 0.9])),
         delta_max=draw(st.integers(1, 4)),
+        dead_band=draw(st.sampled_from([0.0, 0.25, 2.0])),
         warmup=draw(st.one_of(st.none(), st.integers(0, 5))),
         freeze_after=draw(st.one_of(st.none(), st.integers(0, 10))),
         grow_init=draw(st.sampled_from(["zero", "gradient"])),
@@ -123,6 +125,18 @@ def _check_resizes(spy, config):
     return discarded
 
 
+def _check_hysteresis(event, old, costs, cfg, band):
+    """A unit leaves layer i for an equal-cost layer j only if j's last unit is worth more than
+    (1 + band) times i's next one: s_j / (t_j - r_min - 0.5) >= (1 + band) s_i / (t_i - r_min + 0.5)."""
+    target, scores, lo = event["target_ranks"], event["scores"], cfg.r_min
+    for i in range(len(old)):
+        for j in range(len(old)):
+            if costs[i] == costs[j] and target[i] < old[i] and target[j] > old[j]:
+                label("a unit moved between equal-cost layers")
+                gain = scores[j] * (target[i] - lo + 0.5)
+                assert gain >= (1 + band) * scores[i] * (target[j] - lo - 0.5) * (1 - 1e-9), (i, j, old, target, scores)
+
+
 def _assert_same_state(a, b):
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
@@ -166,6 +180,7 @@ def test_controller_invariants(monkeypatch, run):
             before, inputs = _probe(model, gard, probe_x)
             spy.log.clear()
             old = gard.manager.ranks
+            first = not gard.allocated
             event = gard.step()
             after, _ = _probe(model, gard, probe_x)
             opt.zero_grad()
@@ -177,6 +192,7 @@ def test_controller_invariants(monkeypatch, run):
                 continue
             if cfg.mode == "dynamic":
                 assert all(abs(a - b) <= cfg.delta_max for a, b in zip(old, gard.manager.ranks))
+                _check_hysteresis(event, old, [a + b for a, b in shapes], cfg, 0.0 if first else cfg.dead_band)
             discarded = _check_resizes(spy, config)
             if not any(discarded.values()):
                 label("re-allocation without discarded directions")
