@@ -16,12 +16,16 @@ from . import distributed
 from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
 from .lora.capture import CaptureHandle
-from .lora.manager import LoRAManager
+from .lora.layer import adapter_shape
+from .lora.manager import LoRAManager, find_targets
+from .lora.optim_state import check_optimizer_supported, check_remappable, track_new_directions
 from .ring import SketchRing
 from .sketch import GradientSketch
 from .sketch.hashing import mix32
-from .spectra import effective_rank, equalize_valid_slots, gram_eigenvalues, spectral_scores
+from .spectra import effective_rank, equalize_valid_slots, gram_eigenvalues, spectral_scores, summed_sketch_spectrum
 
+# Sentinel of an exhausted batch iterator in profile().
+_EXHAUSTED = object()
 # Extra random directions of the range finder beyond the largest growth (grow_init="gradient").
 _RANGE_OVERSAMPLE = 8
 
@@ -46,28 +50,18 @@ class GARD:
         if not isinstance(config, GARDConfig):
             raise TypeError(f"config must be a GARDConfig, got {type(config).__name__}")
         distributed.reject_wrapped(model)
+        # Every check runs before the model is touched: a refused config leaves it exactly as it was.
+        targets = find_targets(model, config.target_modules)
+        shapes = [adapter_shape(target.module) for target in targets]
+        costs = [d_in + d_out for d_in, d_out in shapes]
+        caps = [min(shape) for shape in shapes]
+        _check_budget_feasible(config, [t.name for t in targets], costs, caps)
+        r_init = _initial_rank(config, costs)
         self.model = model
         self.config = config
         self._generator = torch.Generator().manual_seed(config.seed)
-        # Base weights get no gradients: backward computes only what the adapters and capture need.
-        model.requires_grad_(False)
-        self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
-        self._check_budget_feasible()
         self.optimizer: Optional[torch.optim.Optimizer] = None
-
         device = next(model.parameters()).device
-        self.ring = SketchRing(len(self.manager), config.window, config.k_in * config.k_out, device=device)
-        self.handles = []
-        for index, layer in enumerate(self.manager.layers):
-            sketch = GradientSketch(layer.d_in, layer.d_out, config.k_in, config.k_out, seed=layer_seed(config.seed, index))
-            handle = CaptureHandle(sketch=sketch, out=None, backend=config.backend)
-            layer.capture = handle
-            self.handles.append(handle)
-
-        r_init = self._initial_rank()
-        for layer in self.manager.layers:
-            layer.resize(min(r_init, layer.d_in, layer.d_out), generator=self._generator)
-
         self.step_count = 0
         self.allocated = False  # static mode: the one allocation has happened
         self.ema_statistic: Optional[torch.Tensor] = None
@@ -75,7 +69,31 @@ class GARD:
         self._params_sum = 0
         self._capturing = False
         self._non_finite_warned = False
-        self._set_capture(self._capture_due(0))
+
+        trainable = [(p, p.requires_grad) for p in model.parameters()]
+        self.manager = None
+        try:
+            # Base weights get no gradients: backward computes only what the adapters and capture need.
+            model.requires_grad_(False)
+            self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
+            self.ring = SketchRing(len(self.manager), config.window, config.k_in * config.k_out, device=device)
+            self.handles = []
+            for index, layer in enumerate(self.manager.layers):
+                sketch = GradientSketch(
+                    layer.d_in, layer.d_out, config.k_in, config.k_out, seed=layer_seed(config.seed, index)
+                )
+                handle = CaptureHandle(sketch=sketch, out=None, backend=config.backend)
+                layer.capture = handle
+                self.handles.append(handle)
+            for layer in self.manager.layers:
+                layer.resize(min(r_init, layer.d_in, layer.d_out), generator=self._generator)
+            self._set_capture(self._capture_due(0))
+        except BaseException:
+            if self.manager is not None:
+                self.manager.unwrap()
+            for param, flag in trainable:
+                param.requires_grad_(flag)
+            raise
 
     # ----------------------------------------------------------------------------------- public API
     @property
@@ -102,7 +120,13 @@ class GARD:
         return self.manager.parameters()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer whose state follows the adapters through resizes."""
+        """The optimizer whose state follows the adapters through resizes.
+
+        Raises:
+            ValueError: it does not hold every LoRA factor.
+            TypeError: its state could not follow a rank change (factored or quantised state such
+                as Adafactor's or 8-bit Adam's), refused now rather than at the first resize.
+        """
         owned = {id(p) for p in self.lora_parameters()}
         seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = owned - seen
@@ -111,6 +135,9 @@ class GARD:
                 f"the optimizer does not hold {len(missing)} of GARD's {len(owned)} LoRA parameters; "
                 "build it from gard.lora_parameters() (rank-0 factors included)"
             )
+        check_optimizer_supported(optimizer)
+        # Grown directions recorded in a loaded optimizer state keep their fresh-Adam treatment.
+        track_new_directions(optimizer)
         self.optimizer = optimizer
 
     def step(self) -> Optional[dict[str, Any]]:
@@ -146,28 +173,36 @@ class GARD:
             The allocation record (also stored in `history`).
         """
         steps = self.config.window if steps is None else steps
-        if steps < 2:
-            raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps}")
-        self._set_capture(True)
-        done = 0
-        for batch in batches:
-            if done == steps:
-                break
-            loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
-            loss.backward()
-            self.ring.advance()
-            # Point the capture handles at the slot advance() just opened.
-            self._set_capture(True)
-            done += 1
-        if done < steps:
-            raise ValueError(f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps")
-        for param in self.lora_parameters():
-            param.grad = None
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+            raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
+        # Gradients that existed before are put back afterwards; every one profiling creates is cleared.
+        params = list(self.model.parameters())
+        saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
+        batch_iter = iter(batches)
+        try:
+            for done in range(steps):
+                # next() only as often as needed: the caller's iterator loses exactly `steps` batches.
+                batch = next(batch_iter, _EXHAUSTED)
+                if batch is _EXHAUSTED:
+                    raise ValueError(
+                        f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps"
+                    )
+                # A gradient-initialised grow reads the range finder of the last profiled batch.
+                self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient())
+                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                loss.backward()
+                self.ring.advance()
+        finally:
+            for param, grad in zip(params, saved_grads):
+                param.grad = grad
         event = self._reallocate(require_optimizer=False)
         self._set_capture(self._capture_due(self.step_count))
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
         return event
+
+    def _grows_from_gradient(self) -> bool:
+        return self.config.mode == "dynamic" and self.config.grow_init == "gradient"
 
     # ------------------------------------------------------------------------------------ schedule
     def _reallocation_due(self, t: int) -> bool:
@@ -190,7 +225,12 @@ class GARD:
         # Open the window over the M steps before each re-allocation.
         return any(self._reallocation_due(s) for s in range(t + 1, t + 1 + self.config.window))
 
-    def _set_capture(self, on: bool) -> None:
+    def _set_capture(self, on: bool, arm: Optional[bool] = None) -> None:
+        """Point the capture handles at the ring's open slot (or switch capture off).
+
+        arm: whether the range finder accumulates this step (grow_init="gradient"); default: only
+        on the last step before a re-allocation.
+        """
         # The last generator draws of every public call happen here (arming the range finder);
         # state_dict() saves the state from before them, so a resumed run re-arms identically.
         self._generator_state = self._generator.get_state()
@@ -199,8 +239,8 @@ class GARD:
         for index, handle in enumerate(self.handles):
             handle.out = self.ring.current(index).view(shape) if on else None
         if self.config.grow_init == "gradient":
-            # Arm the range finder only for the last step before a re-allocation.
-            arm = on and self._reallocation_due(self.step_count + 1)
+            if arm is None:
+                arm = on and self._reallocation_due(self.step_count + 1)
             for handle in self.handles:
                 if arm:
                     handle.arm_range_finder(self.config.delta_max + _RANGE_OVERSAMPLE, self._generator)
@@ -208,9 +248,18 @@ class GARD:
                     handle.disarm()
 
     # ----------------------------------------------------------------------------------- allocation
-    def _statistic(self, eigs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _statistic(self, eigs: torch.Tensor, valid: torch.Tensor, sketches: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-layer importance statistic before smoothing and normalisation."""
         cfg = self.config
+        if cfg.score in ("update_rank", "update_nuclear"):
+            # The summed window sketch: a sketch of the accumulated update Σ_b G_b.
+            sigma2, count = summed_sketch_spectrum(sketches, valid, cfg.k_out, cfg.k_in)
+            if cfg.score == "update_rank":
+                return effective_rank(sigma2, alpha=cfg.alpha, measure=cfg.measure)
+            return sigma2.sqrt().sum(dim=1) / count.clamp_min(1.0)
+        if cfg.score == "energy_rank":
+            count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
+            return (eigs.sum(dim=1) / count).sqrt() * effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
         if cfg.score == "spectral":
             return effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
         if cfg.score == "grad_norm":
@@ -241,7 +290,7 @@ class GARD:
                 stacklevel=3,
             )
             self._non_finite_warned = True
-        statistic = self._statistic(eigs, valid)
+        statistic = self._statistic(eigs, valid, sketches)
         if cfg.mode == "dynamic" and self.ema_statistic is not None:
             statistic = cfg.ema * self.ema_statistic + (1.0 - cfg.ema) * statistic
         self.ema_statistic = statistic
@@ -267,18 +316,7 @@ class GARD:
                 "GARD must resize adapters at this step but no optimizer is attached: call "
                 "gard.attach_optimizer(optimizer) after creating it from gard.lora_parameters()"
             )
-        discarded = 0.0
-        for i in changed:
-            layer = self.manager.layers[i]
-            if cfg.mode == "static":
-                # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks.
-                layer.resize(0, optimizer=self.optimizer)
-                layer.resize(new[i], grow_init="zero", optimizer=self.optimizer, generator=self._generator)
-            else:
-                change = layer.resize(
-                    new[i], grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=self.optimizer, generator=self._generator
-                )
-                discarded += change.discarded_norm
+        discarded = self._resize_layers(changed, new)
         self.allocated = True
         return {
             "step": self.step_count,
@@ -295,32 +333,45 @@ class GARD:
             "discarded_update_norm": discarded,
         }
 
-    def _initial_rank(self) -> int:
-        cfg = self.config
-        cost = sum(self.manager.costs)
-        if cfg.r_init is not None:
-            if cfg.r_init * cost > cfg.budget:
-                raise ValueError(
-                    f"r_init={cfg.r_init} on all {len(self.manager)} layers costs {cfg.r_init * cost} parameters, "
-                    f"over the budget {cfg.budget}; lower r_init (or leave it None to fit automatically)"
-                )
-            return cfg.r_init
-        return max(cfg.r_min, min(cfg.r_max, cfg.budget // cost))
+    def _resize_layers(self, changed: list[int], new: list[int]) -> float:
+        """Resize layers `changed` to ranks `new`, all or nothing; returns the discarded update norm.
 
-    def _check_budget_feasible(self) -> None:
-        r_min = self.config.r_min
-        small = [(name, cap) for name, cap in zip(self.manager.names, self.manager.caps) if cap < r_min]
-        if small:
-            raise ValueError(
-                f"r_min={r_min} exceeds min(d_in, d_out) of {len(small)} adapted layer(s), e.g. {small[0][0]!r} "
-                f"({small[0][1]}); lower r_min to {min(cap for _, cap in small)} or leave those modules out of target_modules"
-            )
-        floor = r_min * sum(self.manager.costs)
-        if floor > self.config.budget:
-            raise ValueError(
-                f"budget {self.config.budget} is below r_min * sum(d_in + d_out) = {floor} for "
-                f"{len(self.manager)} adapted layers; raise the budget to at least {floor} or lower r_min"
-            )
+        Everything that can refuse (optimizer state, an unarmed range finder) is checked for every
+        layer first; an unexpected error half-way restores the layers, their optimizer state and
+        the generator to how they were.
+        """
+        cfg = self.config
+        layers = [self.manager.layers[i] for i in changed]
+        for layer in layers:
+            check_remappable(self.optimizer, (layer.lora_A, layer.lora_B))
+        if cfg.mode == "dynamic" and cfg.grow_init == "gradient":
+            for i, layer in zip(changed, layers):
+                if new[i] > layer.rank and not layer.capture.armed:
+                    raise RuntimeError(
+                        f"grow_init='gradient' must grow {layer.name!r} but its range finder was not armed "
+                        "by the capture before this re-allocation"
+                    )
+        snapshots = [layer.snapshot(self.optimizer) for layer in layers]
+        generator_state = self._generator.get_state()
+        discarded = 0.0
+        try:
+            for i, layer in zip(changed, layers):
+                if cfg.mode == "static":
+                    # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks.
+                    layer.resize(0, optimizer=self.optimizer)
+                    layer.resize(new[i], grow_init="zero", optimizer=self.optimizer, generator=self._generator)
+                else:
+                    change = layer.resize(
+                        new[i], grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=self.optimizer,
+                        generator=self._generator,
+                    )
+                    discarded += change.discarded_norm
+        except BaseException:
+            for layer, snapshot in zip(layers, snapshots):
+                layer.restore(snapshot, self.optimizer)
+            self._generator.set_state(generator_state)
+            raise
+        return discarded
 
     # ---------------------------------------------------------------------------------- checkpoint
     def save_pretrained(self, path, **kwargs) -> None:
@@ -384,6 +435,34 @@ class GARD:
         self._generator.set_state(state["generator"])
         self.history = list(state["history"])
         self._set_capture(self._capture_due(self.step_count))
+
+
+def _initial_rank(cfg: GARDConfig, costs: list[int]) -> int:
+    cost = sum(costs)
+    if cfg.r_init is not None:
+        if cfg.r_init * cost > cfg.budget:
+            raise ValueError(
+                f"r_init={cfg.r_init} on all {len(costs)} layers costs {cfg.r_init * cost} parameters, "
+                f"over the budget {cfg.budget}; lower r_init (or leave it None to fit automatically)"
+            )
+        return cfg.r_init
+    return max(cfg.r_min, min(cfg.r_max, cfg.budget // cost))
+
+
+def _check_budget_feasible(cfg: GARDConfig, names: list[str], costs: list[int], caps: list[int]) -> None:
+    r_min = cfg.r_min
+    small = [(name, cap) for name, cap in zip(names, caps) if cap < r_min]
+    if small:
+        raise ValueError(
+            f"r_min={r_min} exceeds min(d_in, d_out) of {len(small)} adapted layer(s), e.g. {small[0][0]!r} "
+            f"({small[0][1]}); lower r_min to {min(cap for _, cap in small)} or leave those modules out of target_modules"
+        )
+    floor = r_min * sum(costs)
+    if floor > cfg.budget:
+        raise ValueError(
+            f"budget {cfg.budget} is below r_min * sum(d_in + d_out) = {floor} for "
+            f"{len(costs)} adapted layers; raise the budget to at least {floor} or lower r_min"
+        )
 
 
 def _normalise(value: Any) -> Any:

@@ -16,7 +16,7 @@ from .optim_state import (
     reset_optimizer_state,
 )
 
-__all__ = ["LoRALayer", "ResizeRecord"]
+__all__ = ["LoRALayer", "ResizeRecord", "adapter_shape"]
 
 # Expected norm of a row of the PEFT init: uniform(-b, b) over d_in entries, b = 1/sqrt(d_in),
 # has E||a||^2 = d_in b^2 / 3 = 1/3 whatever d_in; gradient-initialised rows get the same norm.
@@ -27,6 +27,17 @@ def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D (weight [d_in, d_out]), recognised by name so that
     # transformers is never imported here.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def adapter_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear (weight [d_out, d_in]) or transformers Conv1D ([d_in, d_out])."""
+    if isinstance(module, nn.Linear):
+        d_out, d_in = module.weight.shape
+        return d_in, d_out
+    if _is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out
+    raise TypeError(f"LoRA adapts nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 @dataclass(frozen=True)
@@ -77,12 +88,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, scaling: float = 1.0, name: str = ""):
         super().__init__()
-        if isinstance(base, nn.Linear):
-            d_out, d_in = base.weight.shape
-        elif _is_conv1d(base):
-            d_in, d_out = base.weight.shape
-        else:
-            raise TypeError(f"LoRALayer wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        d_in, d_out = adapter_shape(base)
         _check_rank(rank)
         self.base = base
         self.d_in, self.d_out = d_in, d_out
@@ -131,6 +137,50 @@ class LoRALayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, [d_out, d_in] (Linear layout; transpose it for a Conv1D base)."""
         return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def load_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Install saved factors of any rank r (A: [r, d_in], B: [d_out, r]); draws no random numbers.
+
+        The parameters keep their identity; their grads are dropped. Optimizer state is not
+        touched: load it afterwards (Optimizer.load_state_dict), as with any checkpoint.
+        """
+        rank = lora_A.shape[0]
+        if lora_A.shape != (rank, self.d_in) or lora_B.shape != (self.d_out, rank):
+            raise ValueError(
+                f"{self.name or 'layer'}: factors of shapes {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not "
+                f"fit d_in={self.d_in}, d_out={self.d_out}; expected [r, {self.d_in}] and [{self.d_out}, r]"
+            )
+        for param, value in ((self.lora_A, lora_A), (self.lora_B, lora_B)):
+            param.grad = None
+            _set_data(param, value.detach().to(device=param.device, dtype=param.dtype).clone().contiguous())
+        self.rank = rank
+
+    def snapshot(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Copies of what a resize changes: the factors, their grads and their optimizer state."""
+
+        def copy_state(param):
+            if optimizer is None or param not in optimizer.state:
+                return None
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[param].items()}
+
+        params = (self.lora_A, self.lora_B)
+        return {
+            "factors": [p.detach().clone() for p in params],
+            "grads": [None if p.grad is None else p.grad.clone() for p in params],
+            "state": [copy_state(p) for p in params],
+        }
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Undo whatever happened since `snapshot(optimizer)`: factors, grads, optimizer state."""
+        self.load_factors(*snapshot["factors"])
+        for param, grad, state in zip((self.lora_A, self.lora_B), snapshot["grads"], snapshot["state"]):
+            param.grad = grad
+            if optimizer is not None:
+                optimizer.state.pop(param, None)
+                if state is not None:
+                    optimizer.state[param] = state
 
     @torch.no_grad()
     def resize(

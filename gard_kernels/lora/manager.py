@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
@@ -14,15 +15,36 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
-def match_target_modules(model: nn.Module, target_modules: Union[Sequence[str], str]) -> list[str]:
-    """Full names of the modules selected by PEFT-style suffixes or a full-match regex.
+@dataclass(frozen=True)
+class Target:
+    """One module to adapt.
+
+    Attributes:
+        name: its first full name in `named_modules` order (the name GARD reports and exports).
+        paths: every full name under which the model reaches the same module object; one adapter
+            replaces it on all of them, so a shared module stays shared (and is one budget entry).
+        module: the nn.Linear / Conv1D itself.
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    module: nn.Module
+
+
+def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) -> list[Target]:
+    """The modules selected by PEFT-style suffixes or a full-match regex; reads, never changes, the model.
+
+    A module reachable under several names (registered at two parents) is selected when any of its
+    names matches, and is listed once, at its first name, with all of them.
 
     Raises:
         ValueError: nothing matched (the message lists the adaptable names), a match is not a
             Linear / Conv1D, or the model already holds GARD adapters.
     """
-    names = []
-    for name, module in model.named_modules():
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    hits: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, LoRALayer):
             raise ValueError(
                 f"model already has GARD adapters (at {name!r}); wrap an unwrapped model, or load "
@@ -30,6 +52,8 @@ def match_target_modules(model: nn.Module, target_modules: Union[Sequence[str], 
             )
         if not name:
             continue
+        paths.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
         if isinstance(target_modules, str):
             hit = re.fullmatch(target_modules, name) is not None
         else:
@@ -40,18 +64,33 @@ def match_target_modules(model: nn.Module, target_modules: Union[Sequence[str], 
                     f"target module {name!r} is a {type(module).__name__}; GARD adapts nn.Linear and "
                     "transformers Conv1D only: narrow target_modules"
                 )
-            names.append(name)
-    if not names:
+            hits.add(id(module))
+    if not hits:
         candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_adaptable(m)})
         raise ValueError(
             f"target_modules={target_modules!r} matched no module; adaptable module names end in: "
             f"{candidates}"
         )
-    return names
+    # dicts keep insertion order: the order of first appearance in named_modules.
+    return [Target(names[0], tuple(names), modules[key]) for key, names in paths.items() if key in hits]
+
+
+def match_target_modules(model: nn.Module, target_modules: Union[Sequence[str], str]) -> list[str]:
+    """Full names of the selected modules (the first name of each; see find_targets)."""
+    return [target.name for target in find_targets(model, target_modules)]
+
+
+def _set_at(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
 
 
 class LoRAManager:
     """Owns the LoRALayers of one model, in a fixed order (the order of `named_modules`).
+
+    Construction replaces every name of every target module by its LoRALayer, all or nothing;
+    `unwrap()` puts the original modules back.
 
     Args:
         model: the model; its target modules are replaced in place.
@@ -69,19 +108,29 @@ class LoRAManager:
         scaling: float,
         generator: torch.Generator | None = None,
     ):
-        self.names = match_target_modules(model, target_modules)
+        self.model = model
+        self.targets = find_targets(model, target_modules)
+        self.names = [target.name for target in self.targets]
         self.layers: list[LoRALayer] = []
-        for name in self.names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            base = getattr(parent, attr)
-            layer = LoRALayer(base, rank=0, scaling=scaling, name=name)
-            if rank:
-                layer.resize(rank, generator=generator)
-            setattr(parent, attr, layer)
-            self.layers.append(layer)
+        try:
+            for target in self.targets:
+                layer = LoRALayer(target.module, rank=0, scaling=scaling, name=target.name)
+                if rank:
+                    layer.resize(rank, generator=generator)
+                self.layers.append(layer)
+                for path in target.paths:
+                    _set_at(model, path, layer)
+        except BaseException:
+            self.unwrap()
+            raise
         self.costs = [layer.d_in + layer.d_out for layer in self.layers]
         self.caps = [min(layer.d_in, layer.d_out) for layer in self.layers]
+
+    def unwrap(self) -> None:
+        """Put the original modules back under every name (the adapters are discarded)."""
+        for target in self.targets:
+            for path in target.paths:
+                _set_at(self.model, path, target.module)
 
     def __len__(self) -> int:
         return len(self.layers)

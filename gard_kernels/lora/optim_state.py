@@ -27,6 +27,7 @@ most, a fresh optimizer's first update.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 import weakref
 from typing import Iterable
@@ -159,8 +160,12 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     check_remappable(optimizer, params)
     probe = torch.nn.Parameter(torch.zeros(3, 2))
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    # defaults may hold derived entries the constructor does not take (AdamW's decoupled_weight_decay).
+    options = {k: v for k, v in optimizer.defaults.items() if takes_any or k in accepted}
     try:
-        trial = type(optimizer)([probe], **optimizer.defaults)
+        trial = type(optimizer)([probe], **options)
         probe.grad = torch.ones_like(probe)
         trial.step()
     except Exception as error:  # any failure means the probe says nothing; refuse clearly
