@@ -219,3 +219,18 @@ def test_quantised_state_is_refused_when_attached():
     gard = gk.GARD(tiny_gpt2(), gk.GARDConfig(budget=10_000, target_modules=["c_attn"]))
     with pytest.raises(TypeError, match=r"QuantisedAdam keeps state\['m'\] as torch.int8"):
         gard.attach_optimizer(QuantisedAdam(gard.lora_parameters()))
+
+
+def test_static_reinitialisation_starts_the_optimizer_afresh():
+    model = tiny_llama()
+    cfg = gk.GARDConfig(budget=3_000, target_modules=["q_proj", "v_proj"], mode="static", window=2, r_init=1)
+    gard = gk.GARD(model, cfg)
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
+    gard.attach_optimizer(opt)
+    for batch in batches(2):
+        model(**batch).loss.backward()
+        opt.step()
+        event = gard.step()
+        opt.zero_grad()
+    assert event is not None  # the one allocation, at step M = 2
+    assert all(p not in opt.state for p in gard.lora_parameters())
