@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 MODES = ("static", "dynamic")
-SCORES = ("spectral", "grad_norm", "uniform", "random")
+SCORES = ("spectral", "grad_norm", "uniform", "random", "update_rank", "update_nuclear", "energy_rank")
 MEASURES = ("energy", "entropy", "stable", "participation")
 GROW_INITS = ("zero", "gradient")
 SHRINKS = ("norm", "svd")
@@ -34,7 +34,12 @@ class GARDConfig:
         alpha: energy threshold of the effective rank, in (0, 1).
         measure: effective-rank measure: "energy" (the paper), "entropy", "stable", "participation".
         score: layer importance: "spectral" (effective rank, the paper), "grad_norm" (gradient
-            Frobenius norm estimated from the same sketches), "uniform", or "random" (baselines).
+            Frobenius norm estimated from the same sketches), "uniform", or "random" (baselines);
+            from the same window at no extra capture cost: "update_rank" (effective rank, by
+            `measure` and `alpha`, of the summed sketch S = Σ_b S_b: how many directions the
+            update itself has), "update_nuclear" (nuclear norm of S / valid steps: magnitude and
+            diversity of the mean update), "energy_rank" (gradient norm × the paper's effective
+            rank of the Gram: magnitude weighted by diversity).
         interval: tau, steps between re-allocations in dynamic mode.
         ema: beta, smoothing of effective ranks across re-allocations, in [0, 1).
         delta_max: largest rank change of one layer at one re-allocation (dynamic mode).

@@ -219,3 +219,31 @@ def spectral_scores(r_eff: torch.Tensor | Sequence[float]) -> torch.Tensor:
     if float(total) == 0.0:
         return torch.full_like(r, 1.0 / r.numel())
     return r / total
+
+
+def summed_sketch_spectrum(sketches: torch.Tensor, valid: torch.Tensor | None, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared singular values of each layer's summed window sketch S = Σ_b S_b, and the count.
+
+    The Gram spectrum measures how different the window's steps are; the spectrum of the sum
+    measures how many directions the accumulated update itself has (a sketch of Σ_b G_b). Slots
+    with valid False or any NaN/Inf entry are left out of the sum.
+
+    Args:
+        sketches: [L, M, k_out * k_in] window sketches (any float dtype, any device).
+        valid: [L, M] bool, or None (every slot usable).
+        k_out, k_in: the sketch's matrix shape.
+    Returns:
+        (sigma2 [L, min(k_out, k_in)] float64 descending, on the CPU; count [L] float64 >= 0).
+    """
+    if sketches.dim() != 3 or sketches.shape[-1] != k_out * k_in:
+        raise ValueError(f"sketches must be [L, M, {k_out * k_in}], got shape {tuple(sketches.shape)}")
+    x = sketches.detach().to("cpu", torch.float64)  # [L, M, k]
+    keep = torch.isfinite(x).all(dim=-1)  # [L, M]
+    if valid is not None:
+        keep = keep & valid.to("cpu", torch.bool)
+    total = torch.where(keep[..., None], x, 0.0).sum(dim=1).view(-1, k_out, k_in)  # [L, k_out, k_in]
+    # Scale each layer to unit max entry so the SVD is well conditioned; undo on the squares.
+    amax = total.abs().amax(dim=(-2, -1))
+    amax = torch.where(amax > 0, amax, 1.0)
+    sigma = torch.linalg.svdvals(total / amax[:, None, None])  # [L, min(k_out, k_in)] descending
+    return (sigma * amax[:, None]).square(), keep.sum(dim=1).to(torch.float64)
