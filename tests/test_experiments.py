@@ -9,9 +9,9 @@ from gard_kernels.experiments import compare, data, methods, plots, runner, stat
 
 from .models import VOCAB, tiny_gpt2, tiny_llama
 
-TRAIN = runner.TrainSettings(steps=5, batch_size=2, max_len=16, eval_blocks=12, eval_batch_size=4)
+TRAIN = runner.TrainSettings(steps=5, batch_size=2, max_len=16, eval_blocks=12, eval_batch_size=4, test_blocks=10)
 # The torch sketch backend: "auto" may JIT-build the C++ kernel, which is not what these tests are about.
-GARD = methods.GardSettings(M=2, tau=2, k=4, backend="torch")
+GARD = methods.GardSettings(window=2, interval=2, k_in=4, k_out=4, backend="torch")
 # Tiny Llama: q_proj costs 32 + 32, v_proj 32 + 16 per layer; 2 layers -> 224 per rank unit.
 BUDGET = 500
 
@@ -19,10 +19,12 @@ METRIC_KEYS = [
     "primary_metric", "best_mean_val_ppl", "final_val_ppl", "lora_params_mean", "lora_params_final",
     "total_elapsed_seconds", "train_seconds", "eval_seconds", "method", "budget", "seed", "hyperparameters",
     "device", "package_version", "final_ranks", "history", "per_topic_val_ppl", "val_history", "fingerprint",
+    "test_ppl", "per_topic_test_ppl", "tokens_per_second", "train_tokens", "backprop_blocks_max", "blocks_total",
 ]
+# GARDConfig's field names (no paper symbols), plus the training settings.
 HYPER_KEYS = [
-    "lr", "batch_size", "steps", "max_len", "budget", "target_modules", "alpha", "beta", "tau", "M",
-    "k_in", "k_out", "delta_max", "r_min", "r_max", "seed",
+    "lr", "batch_size", "steps", "max_len", "budget", "target_modules", "alpha", "ema", "interval", "window",
+    "k_in", "k_out", "delta_max", "r_min", "r_max", "seed", "precision", "compile", "test_blocks",
 ]
 
 
@@ -34,14 +36,19 @@ def workspace():
     return compare.make_workspace(tiny_llama(), data.ByteTokenizer(VOCAB), "tiny-llama", "pydoc-topics", 16, progress=False)
 
 
-def test_topic_split_is_disjoint_deterministic_and_complete():
+def test_topic_split_is_three_way_disjoint_deterministic_and_complete():
     topics = [t for t, _ in data.load_corpus("pydoc-topics")]
-    train, val = data.split_topics(topics, 0.2, seed=0)
-    assert not set(train) & set(val)
-    assert set(train) | set(val) == set(topics)
-    assert len(val) == math.ceil(0.2 * len(topics))
-    assert (train, val) == data.split_topics(list(reversed(topics)), 0.2, seed=0)
+    train, val, test = data.split_topics(topics, 0.2, seed=0)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert set(train) | set(val) | set(test) == set(topics)
+    assert len(val) == len(test) == math.ceil(0.2 * len(topics))
+    assert (train, val, test) == data.split_topics(list(reversed(topics)), 0.2, seed=0)
     assert val != data.split_topics(topics, 0.2, seed=1)[1]
+    # Adding the test split left the validation topics of the earlier two-way split unchanged.
+    assert data.split_topics(topics, 0.2, seed=0, test_fraction=0.0)[1] == val
+    assert data.split_topics(topics, 0.2, seed=0, test_fraction=0.0)[2] == []
+    with pytest.raises(ValueError, match="at least 3 topics"):
+        data.split_topics(["a", "b"])
 
 
 def test_packed_blocks_never_mix_train_and_validation_topics(workspace):
@@ -49,9 +56,17 @@ def test_packed_blocks_never_mix_train_and_validation_topics(workspace):
     assert not set(d.train_topics) & set(d.val_topics)
     assert {topic for topic, _ in d.val_blocks} <= set(d.val_topics)
     assert d.train_blocks.shape[1] == 16 and d.train_blocks.dtype == torch.long
-    assert all(2 <= block.numel() <= 16 for _, block in d.val_blocks)
+    assert not set(d.test_topics) & (set(d.train_topics) | set(d.val_topics)) and d.test_topics
+    assert {topic for topic, _ in d.test_blocks} <= set(d.test_topics)
+    assert all(2 <= block.numel() <= 16 for _, block in d.val_blocks + d.test_blocks)
     subset = d.eval_subset(len(d.val_topics))
     assert [t for t, _ in subset] == sorted(d.val_topics)  # round-robin: one block per topic first
+    assert [t for t, _ in d.eval_subset(len(d.test_topics), "test")] == sorted(d.test_topics)
+    # No training token comes from a held-out topic: the train stream is exactly the train topics.
+    encode = data.ByteTokenizer(VOCAB).encode
+    docs = dict(data.load_corpus("pydoc-topics"))
+    expected = sum(len(encode(docs[t])) + 1 for t in d.train_topics)
+    assert d.stats["train_tokens"] == expected
 
 
 def test_text_file_and_stdlib_corpora(tmp_path):
@@ -61,6 +76,12 @@ def test_text_file_and_stdlib_corpora(tmp_path):
     assert len(docs) >= 2 and docs == data.load_corpus("ignored", str(path))
     built = data.build_data(docs, data.ByteTokenizer(VOCAB).encode, VOCAB - 1, 32, "text", progress=False)
     assert not set(built.train_topics) & set(built.val_topics)
+    assert built.test_topics and built.test_blocks and not set(built.test_topics) & (set(built.train_topics) | set(built.val_topics))
+    # A text too short for three chunks is split in thirds of its paragraphs.
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(f"paragraph {i} " + "word " * 40 for i in range(6)), encoding="utf-8")
+    thirds = data.load_corpus("ignored", str(short))
+    assert len(thirds) == 3 and all(text.count("paragraph") == 2 for _, text in thirds)
     stdlib = data.load_corpus("stdlib-source")
     assert len(stdlib) >= 10 and all(text for _, text in stdlib)
     with pytest.raises(ValueError, match="unknown corpus"):
@@ -72,6 +93,9 @@ def test_uniform_ranks_fall_back_to_the_last_layers():
     caps = [576, 192] * 30
     ranks, fallback = methods.uniform_ranks(costs, caps, 57_600)
     assert ranks == [1] * 60 and not fallback
+    # r_max bounds uniform LoRA like every other method (it used to be ignored).
+    assert methods.uniform_ranks(costs, caps, 20 * 57_600, r_max=8)[0] == [8] * 60
+    assert methods.uniform_ranks(costs, caps, 20 * 57_600)[0] == [20] * 60
     ranks, fallback = methods.uniform_ranks(costs, caps, 2_570)
     assert fallback and ranks[-2:] == [1, 1] and sum(ranks) == 2
     assert sum(r * c for r, c in zip(ranks, costs)) == 1920
@@ -115,8 +139,8 @@ def test_static_profile_spreads_batches_over_the_window(workspace):
 
 def test_finetune_on_gpt2(tmp_path):
     ws = compare.make_workspace(tiny_gpt2(), data.ByteTokenizer(VOCAB), "tiny-gpt2", "pydoc-topics", 16, progress=False)
-    gard = methods.GardSettings(target_modules=["c_attn"], M=2, tau=2, k=4, backend="torch")
-    for method in ("gard-dynamic", "uniform"):
+    gard = methods.GardSettings(target_modules=["c_attn"], window=2, interval=2, k_in=4, k_out=4, backend="torch")
+    for method in ("gard-dynamic", "uniform", "gora", "eva"):
         metrics = runner.finetune(method, 300, 1, ws.model, ws.data, TRAIN, gard)
         assert math.isfinite(metrics["primary_metric"]) and metrics["lora_params_mean"] <= 300
 
@@ -136,7 +160,7 @@ def test_evaluate_matches_the_models_own_loss(workspace):
 
 
 def test_compare_resumes_and_refuses_mixed_settings(workspace, tmp_path, monkeypatch):
-    runs = compare.plan_grid(["gard-dynamic", "uniform"], [BUDGET], [0, 1], GARD, alphas=[0.5])
+    runs = compare.plan_grid(["gard-dynamic", "uniform"], [BUDGET], [0, 1], GARD, alphas=[0.5], ablation_methods=["gard-dynamic"])
     assert [r.name for r in runs][-2:] == ["gard-dynamic_b500_s0_alpha0.5", "gard-dynamic_b500_s1_alpha0.5"]
     first = compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)
     assert len(first) == len(runs) == 6
@@ -181,11 +205,12 @@ def test_mean_ci_and_paired_test_match_scipy():
 
 
 def test_plots_are_non_empty_pngs(workspace, tmp_path):
-    runs = compare.plan_grid(["gard-dynamic", "gard-static", "uniform"], [BUDGET], [0, 1], GARD, alphas=[0.5], ks=[2], windows=[3], ablation_seeds=[0])
+    runs = compare.plan_grid(["gard-dynamic", "gard-static", "uniform"], [BUDGET], [0, 1], GARD, alphas=[0.5], ks=[2], windows=[3],
+                             ablation_seeds=[0], ablation_methods=["gard-dynamic"])
     base = compare.base_evaluation(workspace, TRAIN, tmp_path, progress=False)
     compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)
     written, skipped = plots.plot_all(tmp_path)
-    assert not skipped, skipped
+    assert skipped == [("lr_sweep.png", "no learning-rate sweep (gard compare --lrs)")]
     assert {p.name for p in written} == {
         "fig1_gradient_spectrum.png", "fig3_rank_per_layer.png", "fig4_rank_histogram.png",
         "fig5_ppl_vs_params.png", "fig6_ablation.png", "fig7_per_topic_ppl.png",
@@ -193,3 +218,190 @@ def test_plots_are_non_empty_pngs(workspace, tmp_path):
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
     assert base["ppl"] > 1.0
+
+
+def test_lr_sweep_picks_the_best_validation_rate_then_runs_every_seed(workspace, tmp_path, monkeypatch):
+    lrs = [1e-4, 3e-2]
+    kept, sweep = compare.run_lr_sweep(workspace, ["uniform"], [BUDGET], [0, 1], lrs, GARD, TRAIN, tmp_path,
+                                       progress=False, log=lambda *_: None)
+    swept = {rec["lr"]: rec["val_ppl"] for rec in sweep}
+    assert set(swept) == set(lrs) and sum(rec["chosen"] for rec in sweep) == 1
+    best = min(swept, key=swept.get)
+    assert [rec["lr"] for rec in sweep if rec["chosen"]] == [best]
+    assert sorted(m["seed"] for m in kept) == [0, 1] and {m["hyperparameters"]["lr"] for m in kept} == {best}
+    # The sweep seed's run at the chosen rate is reused, not run again; everything resumes.
+    assert (tmp_path / f"uniform_b{BUDGET}_s0_lr{best:g}" / "metrics.json").is_file()
+    monkeypatch.setattr(compare, "finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran again")))
+    again, _ = compare.run_lr_sweep(workspace, ["uniform"], [BUDGET], [0, 1], lrs, GARD, TRAIN, tmp_path,
+                                    progress=False, log=lambda *_: None)
+    assert [m["fingerprint"] for m in again] == [m["fingerprint"] for m in kept]
+    summary = compare.write_results(tmp_path, kept, {"ppl": 60.0, "test_ppl": 61.0}, {}, "t", sweep)
+    text = (tmp_path / "results.md").read_text()
+    assert "Learning-rate sweep" in text and f"**{swept[best]:.4f}**" in text and summary["metric"] == "test"
+    written, _ = plots.plot_all(tmp_path)
+    assert "lr_sweep.png" in {p.name for p in written}
+
+
+def test_results_report_test_ppl_cost_and_pairs_against_uniform_and_gora(workspace, tmp_path):
+    runs = compare.plan_grid(["uniform", "gora", "gard"], [BUDGET], [0, 1], GARD)
+    results = compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)
+    summary = compare.write_results(tmp_path, results, {"ppl": 60.0, "test_ppl": 61.0}, {}, "t")
+    assert summary["metric"] == "test"
+    by_method = {row["method"]: row for row in summary["groups"]}
+    for row in by_method.values():
+        mine = [m for m in results if m["method"] == row["method"]]
+        assert row["ppl_mean"] == pytest.approx(sum(m["test_ppl"] for m in mine) / 2)
+        assert row["tokens_per_second_mean"] > 0 and row["blocks_total"] == 2
+    references = {(p["reference"], p["method"]) for p in summary["paired"]}
+    assert {("uniform", "gora"), ("uniform", "gard"), ("gora", "uniform"), ("gora", "gard")} <= references
+    text = (tmp_path / "results.md").read_text()
+    assert "test PPL (mean ± 95% CI)" in text and "against gora" in text and "tokens/s" in text
+
+
+def test_backprop_depth_counts_blocks_from_the_earliest_adapted_layer(workspace):
+    # 2 layers; uniform's fallback at a budget of one q_proj unit adapts only the last layer.
+    one = runner.finetune("uniform", 64, 0, workspace.model, workspace.data, TRAIN, GARD)
+    assert one["final_ranks"]["model.layers.0.self_attn.q_proj"] == 0 and one["backprop_blocks_max"] == 1
+    full = runner.finetune("uniform", BUDGET, 0, workspace.model, workspace.data, TRAIN, GARD)
+    assert full["backprop_blocks_max"] == 2 and full["blocks_total"] == 2
+    # GARD sketches every adapted module while capturing, whatever its rank: the whole network.
+    gard = runner.finetune("gard-dynamic", 64, 0, workspace.model, workspace.data, TRAIN, GARD)
+    assert gard["backprop_blocks_max"] == 2
+    assert methods.block_index("model.layers.12.self_attn.q_proj") == 12 and methods.block_index("lm_head") is None
+
+
+def test_gard_method_runs_exactly_gardconfigs_defaults(monkeypatch):
+    from gard_kernels.config import GARDConfig
+
+    config = methods.GardSettings().config("gard", 1000, seed=3)
+    assert config.to_dict() == GARDConfig(budget=1000, seed=3).to_dict()
+    # Changing a default of GARDConfig changes `gard` (and only the methods without a preset for it).
+    monkeypatch.setattr(GARDConfig.__dataclass_fields__["window"], "default", 6)
+    assert methods.GardSettings().config("gard", 1000).window == 6
+    assert methods.GardSettings().config("gard-paper-dynamic", 1000).window == methods.EARLIER_GRID["window"]
+    # Shared overrides beat presets; budget and seed are per run; unknown names are refused.
+    assert methods.GardSettings(window=3).config("gard-paper-static", 1000).window == 3
+    with pytest.raises(ValueError, match="unknown GARD option"):
+        methods.GardSettings(M=2)
+    with pytest.raises(ValueError, match="set per run"):
+        methods.GardSettings(budget=5)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        methods.GardSettings(alpha=1.5).validate(["uniform"], [1000])
+
+
+def test_gora_ranks_follow_the_formula_and_respect_budget_and_bounds():
+    costs, caps = [100, 60, 100, 60], [40, 20, 40, 20]
+    importance = [4.0, 1.0, 0.0, 5.0]
+    ranks = methods.gora_ranks(importance, costs, caps, 1000, 0, 8)
+    exact = [1000 * (v / 10.0) / c for v, c in zip(importance, costs)]  # 4.0, 1.67, 0, 8.33
+    assert sum(r * c for r, c in zip(ranks, costs)) <= 1000
+    assert ranks[2] == 0 and ranks[3] <= 8 and all(0 <= r for r in ranks)
+    assert ranks == [4, 2, 0, 8] or sum(abs(r - round(x)) for r, x in zip(ranks, exact)) <= 1
+    # Rounding up everywhere overshoots: units come back from the layers furthest above their share.
+    tight = methods.gora_ranks([1.0, 1.0], [10, 10], [9, 9], 25, 0, 8)
+    assert tight in ([1, 1], [2, 0], [0, 2]) and sum(tight) * 10 <= 25
+    assert methods.gora_ranks([1.0, 1.0], [10, 10], [9, 9], 25, 1, 8) == [1, 1]
+
+
+def test_gora_init_is_one_projected_gradient_step():
+    torch.manual_seed(1)
+    a = torch.randn(3, 11, dtype=torch.float64)
+    grad = torch.randn(7, 11, dtype=torch.float64)
+    b = methods.gora_init_b(a, grad, lr=0.01, scaling=2.0)
+    projector = a.T @ torch.linalg.inv(a @ a.T) @ a  # onto A's row space
+    expected = -0.01 / math.sqrt(3 / 11) * grad @ projector
+    assert torch.allclose(2.0 * b @ a, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gora_profiles_mean_gradients_and_importance(workspace):
+    gard = GARD
+    metrics = runner.finetune("gora", BUDGET, 0, workspace.model, workspace.data, TRAIN, gard)
+    details = metrics["method_details"]
+    # Reference: the mean gradient of every target weight over the same profiling batches, in float64.
+    import copy as _copy
+
+    model = _copy.deepcopy(workspace.model).double()
+    batches = data.train_batches(workspace.data, TRAIN.batch_size, TRAIN.steps, 0)[: gard.value("window")]
+    names = [n for n in metrics["adapted_modules"]]
+    weights = [model.get_submodule(n).weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    sums = [torch.zeros_like(w) for w in weights]
+    for batch in batches:
+        for total, g in zip(sums, torch.autograd.grad(runner.lm_loss(model, batch), weights)):
+            total += g
+    expected = [float((w.detach() * (s / len(batches))).abs().mean()) for w, s in zip(weights, sums)]
+    assert details["importance"] == pytest.approx(expected, rel=1e-3)
+    assert metrics["lora_params_final"] <= BUDGET
+    assert list(details["plan"].values()) == [metrics["final_ranks"][n] for n in names]
+
+
+def test_eva_uses_activation_directions_within_the_budget(workspace):
+    metrics = runner.finetune("eva", BUDGET, 0, workspace.model, workspace.data, TRAIN, GARD)
+    details = metrics["method_details"]
+    assert metrics["lora_params_final"] <= BUDGET and metrics["lora_params_final"] > 0
+    assert sum(details["eva_ranks"].values()) == sum(details["start_ranks"].values())  # PEFT keeps the rank total
+    assert all(r <= 2 * s for r, s in zip(details["eva_ranks"].values(), details["start_ranks"].values()))
+
+
+def test_bf16_autocast_training_keeps_gard_capture_working(workspace):
+    bf16 = runner.TrainSettings(**{**TRAIN.to_dict(), "precision": "bf16"})
+    metrics = runner.finetune("gard-static", BUDGET, 0, workspace.model, workspace.data, bf16, GARD)
+    event = metrics["reallocations"][0]
+    assert all(math.isfinite(v) for eigs in event["eigenvalues"] for v in eigs)
+    assert sum(sum(eigs) for eigs in event["eigenvalues"]) > 0
+    assert math.isfinite(metrics["test_ppl"]) and metrics["hyperparameters"]["precision"] == "bf16"
+    fp32 = runner.finetune("gard-static", BUDGET, 0, workspace.model, workspace.data, TRAIN, GARD)
+    # The same run in float32 allocates from the same batches: ranks agree, PPL within bf16 noise.
+    assert metrics["test_ppl"] == pytest.approx(fp32["test_ppl"], rel=0.05)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        runner.TrainSettings(precision="fp8")
+
+
+def test_compile_option_runs_the_training_forward_through_torch_compile(workspace, monkeypatch):
+    compiled = []
+
+    def fake_compile(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(runner.torch, "compile", fake_compile)
+    settings = runner.TrainSettings(**{**TRAIN.to_dict(), "compile": True})
+    metrics = runner.finetune("uniform", BUDGET, 0, workspace.model, workspace.data, settings, GARD)
+    assert len(compiled) == 1 and metrics["hyperparameters"]["compile"] is True
+
+
+@pytest.mark.parametrize("method", ["update-rank-static", "update-nuclear", "energy-rank-static"])
+def test_new_scores_run_end_to_end(workspace, method):
+    metrics = runner.finetune(method, BUDGET, 0, workspace.model, workspace.data, TRAIN, GARD)
+    event = metrics["reallocations"][0]
+    assert all(math.isfinite(v) and v >= 0 for v in event["statistic"]) and max(event["statistic"]) > 0
+    assert metrics["lora_params_final"] <= BUDGET
+
+
+def test_dequantized_gguf_flags_are_cleared():
+    from gard_kernels.experiments import models as model_source
+
+    class GgufHfQuantizer:  # stand-in with transformers' class name
+        is_trainable = False
+
+    model = tiny_llama()
+    model.hf_quantizer = GgufHfQuantizer()
+    model.is_quantized = True
+    model.quantization_method = "gguf"
+    model.config.quantization_config = {"quant_method": "gguf"}
+    assert model_source.clear_dequantized_flags(model)
+    assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    validate_quantization_for_training(model)  # raised "purely quantized" before
+    # Another quantizer (real quantized weights) is left alone.
+    other = tiny_llama()
+
+    class BnbHfQuantizer:
+        is_trainable = True
+
+    other.hf_quantizer = BnbHfQuantizer()
+    other.is_quantized = True
+    assert not model_source.clear_dequantized_flags(other) and other.is_quantized

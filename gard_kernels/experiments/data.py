@@ -1,10 +1,11 @@
 """Corpora shipped with Python, a deterministic topic split, and packing into token blocks.
 
-A corpus is a list of (topic, text) documents. Topics are split into train / validation by a
-seeded hash of their names, so no topic is on both sides and the split does not depend on the
-order in which documents were read. Train documents are concatenated (EOS between documents)
-and cut into blocks of `max_len` tokens; validation blocks are cut per topic, so the
-validation perplexity can be broken down by topic.
+A corpus is a list of (topic, text) documents. Topics are split three ways, train / validation
+/ test, by a seeded hash of their names, so no topic is on two sides and the split does not
+depend on the order in which documents were read. Every choice (learning rate, score, knobs) is
+made on validation; test is reported. Train documents are concatenated (EOS between documents)
+and cut into blocks of `max_len` tokens; validation and test blocks are cut per topic, so their
+perplexity can be broken down by topic.
 """
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ class LMData:
 
     Attributes:
         corpus: corpus name ("pydoc-topics", "stdlib-source" or "text:<path>").
-        train_topics, val_topics: sorted topic names; disjoint.
+        train_topics, val_topics, test_topics: sorted topic names; pairwise disjoint.
         train_blocks: [N, max_len] int64 token blocks.
-        val_blocks: (topic, [T_i] int64) pairs, T_i <= max_len, grouped by topic.
+        val_blocks, test_blocks: (topic, [T_i] int64) pairs, T_i <= max_len, grouped by topic.
         max_len: block length.
         stats: token counts and the split seed, for metrics.json.
     """
@@ -72,17 +73,23 @@ class LMData:
     val_blocks: list[tuple[str, torch.Tensor]]
     max_len: int
     stats: dict = field(default_factory=dict)
+    test_topics: list[str] = field(default_factory=list)
+    test_blocks: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
-    def eval_subset(self, max_blocks: Optional[int]) -> list[tuple[str, torch.Tensor]]:
-        """At most `max_blocks` validation blocks, taken round-robin over topics (all when None).
+    def eval_subset(self, max_blocks: Optional[int], split: str = "val") -> list[tuple[str, torch.Tensor]]:
+        """At most `max_blocks` blocks of `split` ("val" or "test"), round-robin over topics
+        (all when None).
 
         Round-robin keeps every topic represented when the subset is small; the choice is
         deterministic (the i-th block of each topic, in topic order, for i = 0, 1, ...).
         """
-        if max_blocks is None or max_blocks >= len(self.val_blocks):
-            return list(self.val_blocks)
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        blocks = self.val_blocks if split == "val" else self.test_blocks
+        if max_blocks is None or max_blocks >= len(blocks):
+            return list(blocks)
         by_topic: dict[str, list[torch.Tensor]] = {}
-        for topic, block in self.val_blocks:
+        for topic, block in blocks:
             by_topic.setdefault(topic, []).append(block)
         chosen: list[tuple[str, torch.Tensor]] = []
         depth = 0
@@ -141,33 +148,43 @@ def _text_file_documents(path: Path) -> list[tuple[str, str]]:
             current, size = [], 0
     if current:
         chunks.append("\n\n".join(current))
-    if len(chunks) < 2:
-        # Too short for two chunks of TEXT_CHUNK_CHARS: split the paragraphs in halves instead.
-        if len(paragraphs) < 2:
-            raise ValueError(f"--text-file {str(path)!r} needs at least two paragraphs (separated by a blank line)")
-        half = len(paragraphs) // 2
-        chunks = ["\n\n".join(paragraphs[:half]), "\n\n".join(paragraphs[half:])]
+    if len(chunks) < 3:
+        # Too short for three chunks of TEXT_CHUNK_CHARS (train / validation / test): split the
+        # paragraphs in thirds instead.
+        if len(paragraphs) < 3:
+            raise ValueError(f"--text-file {str(path)!r} needs at least three paragraphs (separated by blank lines)")
+        third = len(paragraphs) // 3
+        cuts = [0, third, 2 * third, len(paragraphs)]
+        chunks = ["\n\n".join(paragraphs[a:b]) for a, b in zip(cuts, cuts[1:])]
     width = len(str(len(chunks)))
     return [(f"chunk-{i:0{width}d}", chunk) for i, chunk in enumerate(chunks)]
 
 
-def split_topics(topics: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic train / validation split of topic names; disjoint, both non-empty.
+def split_topics(
+    topics: Sequence[str], val_fraction: float = 0.2, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[list[str], list[str], list[str]]:
+    """Deterministic train / validation / test split of topic names; pairwise disjoint.
 
-    Topics are ordered by SHA-1 of f"{seed}:{topic}" and the first ceil(val_fraction * n) go to
-    validation. Python's hash() is salted per process, so it is not used.
+    Topics are ordered by SHA-1 of f"{seed}:{topic}"; the first ceil(val_fraction * n) go to
+    validation, the next ceil(test_fraction * n) to test, the rest to train. Train and
+    validation are never empty; test is empty only with test_fraction = 0. Python's hash() is
+    salted per process, so it is not used.
 
     Returns:
-        (train_topics, val_topics), each sorted.
+        (train_topics, val_topics, test_topics), each sorted.
     """
     names = sorted(set(topics))
-    if len(names) < 2:
-        raise ValueError(f"a train / validation split needs at least 2 topics, got {len(names)}")
+    need = 2 if test_fraction == 0 else 3
+    if len(names) < need:
+        raise ValueError(f"a train / validation{' / test' if need == 3 else ''} split needs at least {need} topics, got {len(names)}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1 - val_fraction), got {test_fraction}")
     ranked = sorted(names, key=lambda t: hashlib.sha1(f"{seed}:{t}".encode("utf-8")).hexdigest())
-    n_val = min(len(names) - 1, max(1, math.ceil(val_fraction * len(names))))
-    return sorted(ranked[n_val:]), sorted(ranked[:n_val])
+    n_val = min(len(names) - need + 1, max(1, math.ceil(val_fraction * len(names))))
+    n_test = 0 if test_fraction == 0 else min(len(names) - n_val - 1, max(1, math.ceil(test_fraction * len(names))))
+    return sorted(ranked[n_val + n_test:]), sorted(ranked[:n_val]), sorted(ranked[n_val : n_val + n_test])
 
 
 def build_data(
@@ -179,8 +196,9 @@ def build_data(
     val_fraction: float = 0.2,
     split_seed: int = 0,
     progress: bool = False,
+    test_fraction: float = 0.2,
 ) -> LMData:
-    """Tokenise, split by topic and pack.
+    """Tokenise, split by topic (train / validation / test) and pack.
 
     Args:
         documents: (topic, text) pairs; topics must be unique.
@@ -191,52 +209,60 @@ def build_data(
         val_fraction: fraction of topics in validation.
         split_seed: seed of the topic split (fixed across runs, unlike the training seed).
         progress: tqdm bar over documents.
+        test_fraction: fraction of topics in test (0: no test split).
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
     names = [topic for topic, _ in documents]
     if len(set(names)) != len(names):
         raise ValueError("documents must have unique topic names")
-    train_topics, val_topics = split_topics(names, val_fraction, split_seed)
-    val_set = set(val_topics)
+    train_topics, val_topics, test_topics = split_topics(names, val_fraction, split_seed, test_fraction)
+    held_out = {**{t: "val" for t in val_topics}, **{t: "test" for t in test_topics}}
     from tqdm.auto import tqdm
 
     train_stream: list[int] = []
-    val_blocks: list[tuple[str, torch.Tensor]] = []
-    val_tokens = 0
+    blocks: dict[str, list[tuple[str, torch.Tensor]]] = {"val": [], "test": []}
+    tokens = {"val": 0, "test": 0}
     for topic, text in tqdm(sorted(documents), desc="tokenising", unit="topic", disable=not progress):
         ids = list(encode(text)) + [eos_token_id]
-        if topic in val_set:
-            val_tokens += len(ids)
-            # Full blocks, plus the tail when it is long enough to score (>= max_len / 4 tokens).
-            for start in range(0, len(ids), max_len):
-                piece = ids[start : start + max_len]
-                if len(piece) == max_len or len(piece) >= max(2, max_len // 4) or start == 0:
-                    if len(piece) >= 2:
-                        val_blocks.append((topic, torch.tensor(piece, dtype=torch.long)))
-        else:
+        split = held_out.get(topic)
+        if split is None:
             train_stream.extend(ids)
+            continue
+        tokens[split] += len(ids)
+        # Full blocks, plus the tail when it is long enough to score (>= max_len / 4 tokens).
+        for start in range(0, len(ids), max_len):
+            piece = ids[start : start + max_len]
+            if len(piece) == max_len or len(piece) >= max(2, max_len // 4) or start == 0:
+                if len(piece) >= 2:
+                    blocks[split].append((topic, torch.tensor(piece, dtype=torch.long)))
     n_train = len(train_stream) // max_len
     if n_train == 0:
         raise ValueError(
             f"the training topics hold {len(train_stream)} tokens, fewer than one block of max_len={max_len}; "
             "lower --max-len or give more text"
         )
-    if not val_blocks:
+    if not blocks["val"]:
         raise ValueError("the validation topics hold no block of >= 2 tokens; give more text")
+    if test_topics and not blocks["test"]:
+        raise ValueError("the test topics hold no block of >= 2 tokens; give more text")
     train_blocks = torch.tensor(train_stream[: n_train * max_len], dtype=torch.long).view(n_train, max_len)
     stats = {
         "topics": len(names),
         "train_topics": len(train_topics),
         "val_topics": len(val_topics),
+        "test_topics": len(test_topics),
         "train_tokens": len(train_stream),
-        "val_tokens": val_tokens,
+        "val_tokens": tokens["val"],
+        "test_tokens": tokens["test"],
         "train_blocks": n_train,
-        "val_blocks": len(val_blocks),
+        "val_blocks": len(blocks["val"]),
+        "test_blocks": len(blocks["test"]),
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "split_seed": split_seed,
     }
-    return LMData(corpus, train_topics, val_topics, train_blocks, val_blocks, max_len, stats)
+    return LMData(corpus, train_topics, val_topics, train_blocks, blocks["val"], max_len, stats, test_topics, blocks["test"])
 
 
 def train_batches(data: LMData, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

@@ -1,14 +1,19 @@
 """Every method of the comparison behind one interface, so they share one training loop.
 
-GARD variants and the non-spectral baselines (gradient norm, random) run through the GARD
-controller with a different `score`; uniform LoRA uses the same LoRA layers at fixed ranks with
-capture off (no sketching, no overhead); AdaLoRA is PEFT's implementation, its rank budget
-converted from our parameter budget.
+GARD variants run through the GARD controller, each with its GARDConfig preset (METHODS); uniform
+LoRA, GoRA and EVA use the same LoRA layers with capture off (no sketching, no overhead) at
+ranks they choose before training; AdaLoRA is PEFT's implementation, its rank budget converted
+from our parameter budget.
+
+GARD options are GARDConfig's fields everywhere: a run's config is GARDConfig's defaults,
+overridden by the method's preset, overridden by what the comparison sets for every GARD run
+(GardSettings, e.g. from the command line). The method `gard` has an empty preset, so it runs
+exactly GARDConfig's defaults.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -18,49 +23,125 @@ from ..config import GARDConfig
 from ..controller import GARD
 from ..lora.manager import LoRAManager, match_target_modules
 
-# Method name -> how it is built. "gard" entries give the controller's mode and score; an
-# optional "settings" dict overrides GardSettings fields for that method (recorded in metrics).
+# The settings of the first grids (docs/results.md) that differ from GARDConfig's defaults: the
+# paper gives no window or interval, and these were the experiments' choice for short runs.
+EARLIER_GRID = {"window": 4, "interval": 4}
+
+# Method name -> how it is built. "gard" kinds carry a GARDConfig preset (mode and score
+# included); the other kinds read the shared bounds (target_modules, r_min, r_max, scaling)
+# from the resolved GARD settings, so every method runs under the same bounds.
 METHODS: dict[str, dict[str, Any]] = {
-    "gard-dynamic": {"kind": "gard", "mode": "dynamic", "score": "spectral"},
-    "gard-static": {"kind": "gard", "mode": "static", "score": "spectral"},
+    # GARDConfig's defaults, exactly: change them there and `gard` changes with them.
+    "gard": {"kind": "gard", "config": {}},
+    # The paper's score (energy effective rank of the window's Gram), §3.4 and §3.3.
+    "gard-paper-dynamic": {"kind": "gard", "config": {"mode": "dynamic", "score": "spectral", **EARLIER_GRID}},
+    "gard-paper-static": {"kind": "gard", "config": {"mode": "static", "score": "spectral", **EARLIER_GRID}},
+    # Earlier names of the two paper methods, kept working (same presets).
+    "gard-dynamic": {"kind": "gard", "config": {"mode": "dynamic", "score": "spectral", **EARLIER_GRID}},
+    "gard-static": {"kind": "gard", "config": {"mode": "static", "score": "spectral", **EARLIER_GRID}},
     "uniform": {"kind": "uniform"},
-    "grad-norm": {"kind": "gard", "mode": "dynamic", "score": "grad_norm"},
-    "random": {"kind": "gard", "mode": "dynamic", "score": "random"},
+    "grad-norm": {"kind": "gard", "config": {"mode": "dynamic", "score": "grad_norm", **EARLIER_GRID}},
+    "random": {"kind": "gard", "config": {"mode": "dynamic", "score": "random", **EARLIER_GRID}},
     # Added after the first grid (docs/results.md): the gradient-norm score beat the spectral one,
     # and a static profile beat the dynamic warm-up at rank 0 under the paper's tight budget.
-    "grad-norm-static": {"kind": "gard", "mode": "static", "score": "grad_norm"},
+    "grad-norm-static": {"kind": "gard", "config": {"mode": "static", "score": "grad_norm", **EARLIER_GRID}},
+    # Scores from the same ring at no extra capture cost (GARDConfig.score documents each).
+    "update-rank": {"kind": "gard", "config": {"mode": "dynamic", "score": "update_rank", **EARLIER_GRID}},
+    "update-rank-static": {"kind": "gard", "config": {"mode": "static", "score": "update_rank", **EARLIER_GRID}},
+    "update-nuclear": {"kind": "gard", "config": {"mode": "dynamic", "score": "update_nuclear", **EARLIER_GRID}},
+    "update-nuclear-static": {"kind": "gard", "config": {"mode": "static", "score": "update_nuclear", **EARLIER_GRID}},
+    "energy-rank": {"kind": "gard", "config": {"mode": "dynamic", "score": "energy_rank", **EARLIER_GRID}},
+    "energy-rank-static": {"kind": "gard", "config": {"mode": "static", "score": "energy_rank", **EARLIER_GRID}},
     "adalora": {"kind": "adalora"},
+    "gora": {"kind": "gora"},
+    "eva": {"kind": "eva"},
 }
 
 # Methods whose ranks come from the effective rank of gradient spectra: the ones the α / k / M
 # ablation varies.
-SPECTRAL_METHODS = tuple(name for name, spec in METHODS.items() if spec.get("score") == "spectral")
+SPECTRAL_METHODS = tuple(
+    name for name, spec in METHODS.items()
+    if spec["kind"] == "gard" and spec["config"].get("score", GARDConfig.__dataclass_fields__["score"].default) == "spectral"
+)
+
+# Fields of GARDConfig fixed per run rather than per comparison.
+_PER_RUN_FIELDS = ("budget", "seed")
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(GARDConfig))
 
 
-@dataclass
+def config_default(name: str) -> Any:
+    """GARDConfig's default of field `name`."""
+    f = GARDConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 class GardSettings:
-    """GARD hyperparameters shared by every run of a comparison (see GARDConfig for each).
+    """GARDConfig fields a comparison sets for every GARD run (and the bounds of every method).
 
-    Paper symbols: alpha = α (energy threshold), beta = β (EMA), tau = τ (interval),
-    M = window, k = sketch size per side (k_in = k_out = k), delta_max = Δmax.
+    Unset fields come from the method's preset, else from GARDConfig's defaults. `budget` and
+    `seed` are per run and cannot be set here.
+
+    Args:
+        **overrides: GARDConfig field -> value, e.g. window=2, k_in=4, k_out=4, backend="torch".
     """
 
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    alpha: float = 0.9
-    beta: float = 0.7
-    tau: int = 4
-    M: int = 4
-    k: int = 16
-    delta_max: int = 2
-    r_min: int = 0
-    r_max: int = 8
-    warmup: Optional[int] = None
-    measure: str = "energy"
-    scaling: float = 2.0
-    backend: str = "auto"
+    def __init__(self, **overrides: Any):
+        unknown = sorted(set(overrides) - set(_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown GARD option(s) {unknown}; GARDConfig has {', '.join(_CONFIG_FIELDS)}")
+        fixed = sorted(set(overrides) & set(_PER_RUN_FIELDS))
+        if fixed:
+            raise ValueError(f"{fixed} are set per run (budget, seed), not for a whole comparison")
+        if isinstance(overrides.get("target_modules"), tuple):
+            overrides["target_modules"] = list(overrides["target_modules"])
+        self.overrides = dict(sorted(overrides.items()))
+
+    def __repr__(self) -> str:
+        return f"GardSettings({', '.join(f'{k}={v!r}' for k, v in self.overrides.items())})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GardSettings) and self.overrides == other.overrides
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(self.overrides)
+
+    def replace(self, **changes: Any) -> "GardSettings":
+        """A copy with some fields changed."""
+        return GardSettings(**{**self.overrides, **changes})
+
+    def options(self, method: str) -> dict[str, Any]:
+        """Every GARDConfig field but budget and seed, as method `method` runs them."""
+        preset = METHODS[method].get("config", {}) if method in METHODS else {}
+        merged = {name: config_default(name) for name in _CONFIG_FIELDS if name not in _PER_RUN_FIELDS}
+        merged.update(preset)
+        merged.update(self.overrides)
+        return merged
+
+    def value(self, name: str, method: str = "gard") -> Any:
+        """The resolved value of one field for method `method` (default: the `gard` method)."""
+        return self.options(method)[name]
+
+    def config(self, method: str, budget: int, seed: int = 0, steps: Optional[int] = None) -> GARDConfig:
+        """The GARDConfig of one run of GARD method `method` (validated by GARDConfig).
+
+        Dynamic runs of `steps` optimizer steps never re-allocate at the last step unless
+        freeze_after is set: nothing would train the new ranks before the final evaluation.
+        """
+        options = self.options(method)
+        if steps is not None and options.get("freeze_after") is None and options["mode"] == "dynamic":
+            options["freeze_after"] = max(0, steps - 1)
+        return GARDConfig(budget=budget, seed=seed, **options)
+
+    def validate(self, methods: Sequence[str], budgets: Sequence[int]) -> None:
+        """Build every GARD method's config once: a bad option fails here, before any model loads."""
+        for method in methods:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            for budget in budgets:
+                if METHODS[method]["kind"] == "gard":
+                    self.config(method, budget)
+        # Non-GARD methods read the shared bounds: check those too.
+        GARDConfig(budget=max(budgets) if budgets else 1, **{k: v for k, v in self.overrides.items()})
 
 
 class Method:
@@ -83,7 +164,7 @@ class Method:
         """Called once, after the optimizer is built from parameters()."""
 
     def prepare(self, batches: Sequence[torch.Tensor], loss_fn: Callable, progress: bool = False) -> None:
-        """Before the first optimizer step (static GARD profiles here)."""
+        """Before the first optimizer step (static GARD, GoRA and EVA look at data here)."""
 
     def after_optimizer_step(self, step: int) -> None:
         """After optimizer.step() of step `step` (0-based), before zero_grad()."""
@@ -94,47 +175,20 @@ class Method:
     def ranks(self) -> dict[str, int]:
         raise NotImplementedError
 
-    def step_record(self) -> dict:
-        """Method-specific entries of this step's history record (after after_optimizer_step)."""
-        return {}
+    def backprop_modules(self) -> list[str]:
+        """Adapted modules the next backward pass must reach: those with rank > 0 (GARD also
+        reaches every capturing module, whatever its rank)."""
+        return [name for name, rank in self.ranks().items() if rank > 0]
 
 
 class GardMethod(Method):
-    """GARD controller with a spectral, gradient-norm or random score.
+    """GARD controller with the method's GARDConfig (see METHODS and GardSettings.config)."""
 
-    Dynamic runs never re-allocate at the last step (freeze_after = steps - 1): nothing would
-    train the new ranks before the final evaluation.
-    """
-
-    def __init__(
-        self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, mode: str, score: str, steps: int
-    ):
+    def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, steps: int):
         self.name, self.model = name, model
-        self.config = GARDConfig(
-            budget=budget,
-            target_modules=list(settings.target_modules),
-            mode=mode,
-            score=score,
-            r_min=settings.r_min,
-            r_max=settings.r_max,
-            window=settings.M,
-            k_in=settings.k,
-            k_out=settings.k,
-            alpha=settings.alpha,
-            measure=settings.measure,
-            interval=settings.tau,
-            ema=settings.beta,
-            delta_max=settings.delta_max,
-            warmup=settings.warmup,
-            # A re-allocation after the last optimizer step could only drop what was learned.
-            freeze_after=max(0, steps - 1),
-            scaling=settings.scaling,
-            seed=seed,
-            backend=settings.backend,
-        )
+        self.config = settings.config(name, budget, seed, steps)
         self.gard = GARD(model, self.config)
         self.details = {"gard_config": self.config.to_dict()}
-        self._last_event: Optional[dict] = None
 
     def parameters(self):
         return self.gard.lora_parameters()
@@ -153,7 +207,7 @@ class GardMethod(Method):
             self.gard.profile(profiled, steps=window, loss_fn=loss_fn)
 
     def after_optimizer_step(self, step):
-        self._last_event = self.gard.step()
+        self.gard.step()
 
     def num_params(self):
         return self.gard.num_lora_params
@@ -161,28 +215,22 @@ class GardMethod(Method):
     def ranks(self):
         return self.gard.ranks
 
+    def backprop_modules(self):
+        return [layer.name for layer in self.gard.manager.layers if layer.rank > 0 or layer.capturing]
+
     @property
     def history(self) -> list[dict]:
         return self.gard.history
 
 
-class UniformMethod(Method):
-    """Standard LoRA: one rank everywhere, through GARD's LoRA layers with capture off.
-
-    The rank is the largest r with r * Σ(d_in + d_out) <= budget (capped per layer at
-    min(d_in, d_out)). When even rank 1 everywhere exceeds the budget, rank 1 goes to as many
-    modules as fit, walking from the last module (deepest layer) towards the first and skipping
-    a module whose unit no longer fits; the rest get rank 0.
-    """
+class _FixedRankMethod(Method):
+    """LoRA layers at ranks chosen before training, capture off (uniform, GoRA, EVA)."""
 
     def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int):
-        self.name, self.model = name, model
-        generator = torch.Generator().manual_seed(seed)
-        self.manager = LoRAManager(model, list(settings.target_modules), 0, settings.scaling)
-        plan, fallback = uniform_ranks(self.manager.costs, self.manager.caps, budget)
-        for layer, rank in zip(self.manager.layers, plan):
-            layer.resize(rank, generator=generator)
-        self.details = {"uniform_rank": max(plan), "last_layers_fallback": fallback, "plan": dict(zip(self.manager.names, plan))}
+        self.name, self.model, self.budget = name, model, budget
+        self.generator = torch.Generator().manual_seed(seed)
+        self.r_min, self.r_max = settings.value("r_min"), settings.value("r_max")
+        self.manager = LoRAManager(model, settings.value("target_modules"), 0, settings.value("scaling"))
 
     def parameters(self):
         return self.manager.parameters()
@@ -194,13 +242,32 @@ class UniformMethod(Method):
         return dict(zip(self.manager.names, self.manager.ranks))
 
 
-def uniform_ranks(costs: Sequence[int], caps: Sequence[int], budget: int) -> tuple[list[int], bool]:
-    """Uniform LoRA's ranks under a parameter budget (see UniformMethod).
+class UniformMethod(_FixedRankMethod):
+    """Standard LoRA: one rank everywhere, through GARD's LoRA layers with capture off.
+
+    The rank is the largest r <= r_max with r * Σ(d_in + d_out) <= budget (capped per layer at
+    min(d_in, d_out)). When even rank 1 everywhere exceeds the budget, rank 1 goes to as many
+    modules as fit, walking from the last module (deepest layer) towards the first and skipping
+    a module whose unit no longer fits; the rest get rank 0.
+    """
+
+    def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int):
+        super().__init__(name, model, budget, settings, seed)
+        plan, fallback = uniform_ranks(self.manager.costs, self.manager.caps, budget, self.r_max)
+        for layer, rank in zip(self.manager.layers, plan):
+            layer.resize(rank, generator=self.generator)
+        self.details = {"uniform_rank": max(plan), "last_layers_fallback": fallback, "plan": dict(zip(self.manager.names, plan))}
+
+
+def uniform_ranks(costs: Sequence[int], caps: Sequence[int], budget: int, r_max: Optional[int] = None) -> tuple[list[int], bool]:
+    """Uniform LoRA's ranks under a parameter budget and the rank bound r_max (see UniformMethod).
 
     Returns:
         (ranks, fallback): fallback is True when rank 1 everywhere did not fit.
     """
     rank = budget // sum(costs)
+    if r_max is not None:
+        rank = min(rank, r_max)
     if rank >= 1:
         return [min(rank, cap) for cap in caps], False
     ranks = [0] * len(costs)
@@ -210,6 +277,163 @@ def uniform_ranks(costs: Sequence[int], caps: Sequence[int], budget: int) -> tup
             ranks[i] = 1
             left -= costs[i]
     return ranks, True
+
+
+def trim_to_budget(ranks: list[int], costs: Sequence[int], budget: int, excess: Sequence[float], r_min: int = 0) -> list[int]:
+    """Lower ranks one unit at a time until Σ r c <= budget, always where `excess` (how far a
+    layer's rank is above what it deserves) is largest; ties go to the costlier layer.
+
+    Args:
+        ranks: [L] ranks (a new list is returned).
+        costs: [L] d_in + d_out.
+        excess: [L] per-layer excess of its rank over its share (recomputed as ranks fall).
+        r_min: no rank goes below it.
+    """
+    ranks = list(ranks)
+    excess = list(excess)
+    while sum(r * c for r, c in zip(ranks, costs)) > budget:
+        candidates = [i for i, r in enumerate(ranks) if r > r_min]
+        if not candidates:
+            raise ValueError(f"budget {budget} is below r_min={r_min} on every layer")
+        i = max(candidates, key=lambda j: (excess[j], costs[j], -j))
+        ranks[i] -= 1
+        excess[i] -= 1.0
+    return ranks
+
+
+def gora_ranks(importance: Sequence[float], costs: Sequence[int], caps: Sequence[int], budget: int, r_min: int, r_max: int) -> list[int]:
+    """GoRA's allocation: r_l = round(B s_l / (d_in + d_out)), s = importance / Σ importance,
+    clamped to [r_min, min(r_max, cap)], then lowered where rounding overshot until Σ r c <= B.
+
+    Args:
+        importance: [L] non-negative layer importances (GoRA: mean |W ⊙ Ḡ|).
+        costs: [L] d_in + d_out; caps: [L] min(d_in, d_out).
+    """
+    total = float(sum(importance))
+    shares = [v / total if total > 0 else 1.0 / len(costs) for v in importance]
+    exact = [budget * s / c for s, c in zip(shares, costs)]
+    ranks = [max(r_min, min(r_max, cap, round(x))) for x, cap in zip(exact, caps)]
+    return trim_to_budget(ranks, costs, budget, [r - x for r, x in zip(ranks, exact)], r_min)
+
+
+class GoraMethod(_FixedRankMethod):
+    """GoRA (He et al., NeurIPS 2025, arXiv:2502.12171): gradient-driven ranks and initialisation.
+
+    Profiling (forward / backward, no optimizer step) on the run's first `window` batches (the
+    same batches and count static GARD profiles): Ḡ_l = mean gradient of each adapted weight.
+    Importance I_l = mean |W_l ⊙ Ḡ_l|, s_l = I_l / Σ I; ranks by `gora_ranks` under the same
+    Σ r (d_in + d_out) <= B budget and [r_min, r_max] bounds as every method. Initialisation: A
+    random (PEFT's init), B from Ḡ through the pseudo-inverse of A,
+        B = -(lr / sqrt(r / d_in)) / scaling * Ḡ A^T (A A^T)^-1,
+    so scaling * B A = -lr / sqrt(r / d_in) * Ḡ P_A: one gradient-descent step of Ḡ projected on
+    A's row space, scaled up by sqrt(d_in / r) for what the projection loses (the paper's
+    learning-rate-scaled initialisation). Unlike LoRA, the adapted model differs from the base
+    model before training, as in the paper (W is not modified).
+    """
+
+    def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, lr: float):
+        super().__init__(name, model, budget, settings, seed)
+        self.window = settings.value("window")
+        self.lr = lr
+        self.details = {"profile_batches": self.window, "init_lr": lr}
+
+    def prepare(self, batches, loss_fn, progress=False):
+        from tqdm.auto import tqdm
+
+        if len(batches) < 1:
+            raise ValueError("gora needs at least one batch to profile gradients")
+        layers = self.manager.layers
+        weights = [layer.base.weight for layer in layers]
+        sums = [torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64) for layer in layers]
+        used = batches[: self.window]
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            for batch in tqdm(used, desc="gora profiling", unit="batch", disable=not progress, leave=False):
+                grads = torch.autograd.grad(loss_fn(self.model, batch), weights)
+                for total, grad, layer in zip(sums, grads, layers):
+                    # Linear weights are [d_out, d_in]; Conv1D ones [d_in, d_out].
+                    total += (grad if grad.shape == total.shape else grad.T).double()
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+        means = [total / len(used) for total in sums]
+        importance = []
+        for layer, grad in zip(layers, means):
+            w = layer.base.weight.detach().double()
+            w = w if w.shape == grad.shape else w.T
+            importance.append(float((w * grad).abs().mean()))
+        plan = gora_ranks(importance, self.manager.costs, self.manager.caps, self.budget, self.r_min, self.r_max)
+        for layer, rank, grad in zip(layers, plan, means):
+            layer.resize(rank, generator=self.generator)
+            if rank:
+                with torch.no_grad():
+                    layer.lora_B.copy_(gora_init_b(layer.lora_A.detach(), grad, self.lr, layer.scaling).to(layer.lora_B.dtype))
+        self.details.update({"importance": importance, "plan": dict(zip(self.manager.names, plan))})
+
+
+def gora_init_b(a: torch.Tensor, grad: torch.Tensor, lr: float, scaling: float) -> torch.Tensor:
+    """GoRA's B: -(lr / sqrt(r / d_in)) / scaling * Ḡ A^T (A A^T)^-1 (see GoraMethod).
+
+    Args:
+        a: [r, d_in] the layer's A. grad: [d_out, d_in] mean gradient Ḡ.
+    Returns:
+        [d_out, r] float64.
+    """
+    r, d_in = a.shape
+    a = a.double()
+    # pinv, not inv: A A^T of a random A is well conditioned, but this never divides by ~0.
+    b = grad.double() @ a.T @ torch.linalg.pinv(a @ a.T)
+    return -(lr / math.sqrt(r / d_in)) / scaling * b
+
+
+class EvaMethod(_FixedRankMethod):
+    """EVA (Paischer et al., 2024) through PEFT's `get_eva_state_dict`: A = top right-singular
+    vectors of each layer's input activations, B = 0, ranks redistributed by explained variance.
+
+    EVA budgets ranks: PEFT spreads Σ r_l units over the layers by explained variance, at most
+    rho * r_l per layer (rho = 2, PEFT's default). The starting r_l are uniform LoRA's ranks
+    under the same budget and bounds (so at tight budgets only uniform's modules take part).
+    Moving a unit between modules of different d_in + d_out changes the parameter count, so
+    units are then removed (the layer's least-variance component first, from the layer furthest
+    above its starting rank) until the count is within the budget; metrics report the real count.
+    The run's first `window` batches are cycled through the incremental SVD until PEFT's
+    convergence test passes.
+    """
+
+    RHO = 2.0
+
+    def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int):
+        super().__init__(name, model, budget, settings, seed)
+        self.window = settings.value("window")
+        self.plan, _ = uniform_ranks(self.manager.costs, self.manager.caps, budget, self.r_max)
+        self.details = {"rho": self.RHO, "start_ranks": dict(zip(self.manager.names, self.plan))}
+
+    def prepare(self, batches, loss_fn, progress=False):
+        from peft import EvaConfig, LoraConfig
+        from peft.tuners.lora.eva import get_eva_state_dict
+
+        targets = {f"{name}.base": rank for name, rank in zip(self.manager.names, self.plan) if rank > 0}
+        config = LoraConfig(
+            r=max(targets.values()),
+            target_modules=list(targets),
+            rank_pattern=dict(targets),
+            init_lora_weights="eva",
+            eva_config=EvaConfig(rho=self.RHO),
+        )
+        loader = [{"input_ids": batch} for batch in batches[: max(1, self.window)]]
+        with torch.no_grad():
+            state = get_eva_state_dict(self.model, loader, peft_config=config, show_progress_bar=progress)
+        components = [state.get(f"{name}.base") for name in self.manager.names]
+        eva = [0 if u is None else int(u.shape[0]) for u in components]
+        caps = [min(r, self.r_max, cap) for r, cap in zip(eva, self.manager.caps)]
+        final = trim_to_budget(caps, self.manager.costs, self.budget, [r - p for r, p in zip(caps, self.plan)], 0)
+        for layer, rank, u in zip(self.manager.layers, final, components):
+            layer.resize(rank, generator=self.generator)
+            if rank:
+                with torch.no_grad():
+                    layer.lora_A.copy_(u[:rank].to(layer.lora_A.dtype))
+        self.details.update({"eva_ranks": dict(zip(self.manager.names, eva)), "plan": dict(zip(self.manager.names, final))})
 
 
 class AdaLoraMethod(Method):
@@ -233,7 +457,9 @@ class AdaLoraMethod(Method):
         from peft import AdaLoraConfig, get_peft_model
 
         self.name = name
-        names = match_target_modules(model, list(settings.target_modules))
+        target_modules = settings.value("target_modules")
+        scaling = settings.value("scaling")
+        names = match_target_modules(model, target_modules)
         shapes = {}
         for full in names:
             base = model.get_submodule(full)
@@ -253,10 +479,10 @@ class AdaLoraMethod(Method):
         if tinit >= steps - tfinal:
             tinit = 0
         config = AdaLoraConfig(
-            target_modules=list(settings.target_modules),
+            target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
             init_r=init_r,
             target_r=1,
-            lora_alpha=settings.scaling * init_r,
+            lora_alpha=scaling * init_r,
             lora_dropout=0.0,
             tinit=tinit,
             tfinal=tfinal,
@@ -282,7 +508,7 @@ class AdaLoraMethod(Method):
             "deltaT": 1,
             "total_step": steps,
             "orth_reg_weight": 0.5,
-            "lora_alpha": settings.scaling * init_r,
+            "lora_alpha": scaling * init_r,
         }
 
     def parameters(self):
@@ -303,34 +529,38 @@ class AdaLoraMethod(Method):
             ranks[module] = int(sum(bool(m) for m in mask))
         return {name: ranks.get(name, self.init_r) for name in self.names}
 
+    def backprop_modules(self):
+        # Masked triplets still sit in the graph: backward reaches every adapted module.
+        return list(self.names)
+
     def num_params(self):
         return sum(rank * self._cost[name] for name, rank in self.ranks().items())
 
 
-def method_settings(name: str, settings: GardSettings) -> GardSettings:
-    """The GardSettings method `name` runs with: the shared ones plus the method's overrides."""
+def build_method(name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, steps: int, lr: float = 3e-3) -> Method:
+    """Wrap `model` (modified in place) with method `name` under `budget` LoRA parameters.
+
+    Args:
+        lr: the run's learning rate (GoRA's initialisation is one gradient step of this size).
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    overrides = METHODS[name].get("settings", {})
-    return replace(settings, **overrides) if overrides else settings
-
-
-def build_method(name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, steps: int) -> Method:
-    """Wrap `model` (modified in place) with method `name` under `budget` LoRA parameters."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    spec = METHODS[name]
-    if spec["kind"] == "gard":
-        return GardMethod(name, model, budget, settings, seed, spec["mode"], spec["score"], steps)
-    if spec["kind"] == "uniform":
+    kind = METHODS[name]["kind"]
+    if kind == "gard":
+        return GardMethod(name, model, budget, settings, seed, steps)
+    if kind == "uniform":
         return UniformMethod(name, model, budget, settings, seed)
+    if kind == "gora":
+        return GoraMethod(name, model, budget, settings, seed, lr)
+    if kind == "eva":
+        return EvaMethod(name, model, budget, settings, seed)
     return AdaLoraMethod(name, model, budget, settings, seed, steps)
 
 
 def adapted_costs(model: nn.Module, target_modules: Sequence[str]) -> list[int]:
     """d_in + d_out of every target module of an unwrapped model, in model order."""
     costs = []
-    for full in match_target_modules(model, list(target_modules)):
+    for full in match_target_modules(model, target_modules):
         weight = model.get_submodule(full).weight
         costs.append(int(weight.shape[0] + weight.shape[1]))
     return costs
@@ -339,8 +569,14 @@ def adapted_costs(model: nn.Module, target_modules: Sequence[str]) -> list[int]:
 def minimum_budget(name: str, costs: Sequence[int], settings: GardSettings) -> int:
     """Smallest budget at which method `name` adapts at least one module."""
     kind = METHODS[name]["kind"]
-    if kind == "uniform":
+    if kind in ("uniform", "gora", "eva"):
         return min(costs)
     if kind == "adalora":
         return max(costs) + 1
-    return max(min(costs), settings.r_min * sum(costs))
+    return max(min(costs), settings.value("r_min", name) * sum(costs))
+
+
+def block_index(module_name: str) -> Optional[int]:
+    """Transformer block of an adapted module: the last integer in its name (None: none)."""
+    digits = [part for part in module_name.split(".") if part.isdigit()]
+    return int(digits[-1]) if digits else None

@@ -2,6 +2,8 @@
 local Hugging Face model directory, or a local GGUF file. Nothing is ever downloaded."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import platform
@@ -95,9 +97,7 @@ def load_model(source: ModelSource, progress: bool = True, byte_tokenizer: bool 
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     hf_logging.set_verbosity_error()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    with tqdm(total=2, desc=f"loading {Path(source.label).name}", unit="part", disable=not progress) as bar:
+    with _loading_bars(progress), tqdm(total=2, desc=f"loading {Path(source.label).name}", unit="part", disable=not progress) as bar:
         bar.set_postfix_str("tokenizer")
         tokenizer = None if byte_tokenizer else AutoTokenizer.from_pretrained(str(source.directory), **kwargs)
         bar.update(1)
@@ -106,9 +106,77 @@ def load_model(source: ModelSource, progress: bool = True, byte_tokenizer: bool 
         bar.update(1)
     if byte_tokenizer:
         tokenizer = ByteTokenizer(model.config.vocab_size)
+    clear_dequantized_flags(model)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+# transformers modules that draw their own tqdm bars while loading, bypassing its progress-bar
+# switch (the GGUF de-quantisation bar).
+_BAR_MODULES = ("transformers.modeling_gguf_pytorch_utils",)
+
+
+@contextlib.contextmanager
+def _loading_bars(progress: bool):
+    """With progress False, silence every progress bar drawn while a model loads: transformers'
+    own (its switch) and those of modules that call tqdm directly (patched for the duration)."""
+    if progress:
+        yield
+        return
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    patched = []
+    for name in _BAR_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "tqdm"):
+            patched.append((module, module.tqdm))
+            module.tqdm = functools.partial(module.tqdm, disable=True)
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def clear_dequantized_flags(model) -> bool:
+    """Mark a GGUF-loaded model as not quantized when its weights were de-quantized.
+
+    transformers loads GGUF files by de-quantising every tensor to the requested float dtype,
+    yet leaves the model flagged as quantized (`is_quantized`, `hf_quantizer` =
+    GgufHfQuantizer, `config.quantization_config`), which makes e.g. `Trainer` refuse it as a
+    "purely quantized model". A de-quantized model is not quantized: the flags are removed when
+    the quantizer is GGUF's and every parameter and buffer is a float tensor. Other quantizers
+    (real quantized weights) are left alone.
+
+    Returns:
+        True when flags were cleared.
+    """
+    import torch
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return False
+    tensors = list(model.parameters()) + list(model.buffers())
+    if not all(t.is_floating_point() for t in tensors if t.numel()):
+        return False
+    for owner, attr in ((model, "hf_quantizer"), (model, "quantization_method"), (model.config, "quantization_config")):
+        if hasattr(owner, attr):
+            try:
+                delattr(owner, attr)
+            except AttributeError:
+                setattr(owner, attr, None)
+    model.is_quantized = False
+    return True
 
 
 def tokenizer_encoder(tokenizer):

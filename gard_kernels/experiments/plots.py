@@ -1,5 +1,8 @@
 """The paper's figures, drawn only from logged data (metrics.json files and base.json).
 
+Each figure is drawn by a function named after what it plots (_plot_gradient_spectrum, ...);
+the files keep the paper's figure numbers.
+
 fig1 gradient spectral energy per layer over re-allocations (heatmap) and the spectral
 statistic against the allocated rank (scatter); fig3 allocated rank per layer; fig4 histogram
 of ranks; fig5 validation PPL against LoRA parameters for every method; fig6 ablation of α, k
@@ -14,7 +17,11 @@ from typing import Optional
 
 from .stats import PAPER_RESULT, mean_ci, variant_label
 
-_METHOD_ORDER = ["gard-dynamic", "gard-static", "grad-norm", "grad-norm-static", "random", "adalora", "uniform"]
+_METHOD_ORDER = [
+    "gard", "gard-paper-dynamic", "gard-paper-static", "gard-dynamic", "gard-static", "grad-norm", "grad-norm-static",
+    "update-rank", "update-rank-static", "update-nuclear", "update-nuclear-static", "energy-rank", "energy-rank-static",
+    "random", "gora", "eva", "adalora", "uniform",
+]
 
 
 def load_runs(run_dir: Path) -> list[dict]:
@@ -38,6 +45,11 @@ def _representative(runs: list[dict]) -> Optional[dict]:
     return min(candidates, key=lambda r: (_order(r["method"]), -r["budget"], r["seed"], variant_label(r.get("variant", {}))))
 
 
+def _reported(run: dict, runs: list[dict]) -> float:
+    """Test PPL when every run of the grid has one, else validation PPL (older runs)."""
+    return run["test_ppl"] if all(r.get("test_ppl") is not None for r in runs) else run["primary_metric"]
+
+
 def _short(name: str) -> str:
     """model.layers.12.self_attn.q_proj -> 12.q_proj."""
     parts = name.split(".")
@@ -57,6 +69,18 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "figures"
     runs = load_runs(run_dir)
+    sweep = []
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        sweep = results.get("summary", {}).get("lr_sweep") or []
+        if sweep:
+            # A learning-rate sweep leaves runs at rates that were not chosen: plot the chosen ones.
+            keep = {(r["method"], r["budget"], r["seed"], variant_label(r.get("variant") or {}), r.get("lr")) for r in results["runs"]}
+            runs = [
+                r for r in runs
+                if (r["method"], r["budget"], r["seed"], variant_label(r.get("variant") or {}), r["hyperparameters"].get("lr")) in keep
+            ]
     base_path = run_dir / "base.json"
     base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
     if base is None:
@@ -75,14 +99,15 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
         rep = _representative(pool)
         tag = f"_b{budget}" if len(budgets) > 1 else ""
         figures += [
-            (f"fig1_gradient_spectrum{tag}.png", lambda p, rep=rep: _fig1(rep, p) if rep else "no GARD run with re-allocations"),
-            (f"fig3_rank_per_layer{tag}.png", lambda p, rep=rep, pool=pool: _fig3(pool, rep, p)),
-            (f"fig4_rank_histogram{tag}.png", lambda p, rep=rep, pool=pool: _fig4(pool, rep, p) if rep else "no GARD run"),
+            (f"fig1_gradient_spectrum{tag}.png", lambda p, rep=rep: _plot_gradient_spectrum(rep, p) if rep else "no GARD run with re-allocations"),
+            (f"fig3_rank_per_layer{tag}.png", lambda p, rep=rep, pool=pool: _plot_rank_per_layer(pool, rep, p)),
+            (f"fig4_rank_histogram{tag}.png", lambda p, rep=rep, pool=pool: _plot_rank_histogram(pool, rep, p) if rep else "no GARD run"),
         ]
     figures += [
-        ("fig5_ppl_vs_params.png", lambda p: _fig5(runs, base, p)),
-        ("fig6_ablation.png", lambda p: _fig6(runs, p)),
-        ("fig7_per_topic_ppl.png", lambda p: _fig7(runs, base, p)),
+        ("fig5_ppl_vs_params.png", lambda p: _plot_ppl_vs_params(runs, base, p)),
+        ("fig6_ablation.png", lambda p: _plot_ablation(runs, p)),
+        ("fig7_per_topic_ppl.png", lambda p: _plot_per_topic_ppl(runs, base, p)),
+        ("lr_sweep.png", lambda p: _plot_lr_sweep(sweep, p) if sweep else "no learning-rate sweep (gard compare --lrs)"),
     ]
     import matplotlib.pyplot as plt
 
@@ -97,7 +122,7 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
     return written, skipped
 
 
-def _fig1(run: dict, path: Path) -> Optional[str]:
+def _plot_gradient_spectrum(run: dict, path: Path) -> Optional[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -134,7 +159,7 @@ def _fig1(run: dict, path: Path) -> Optional[str]:
     return None
 
 
-def _fig3(runs: list[dict], rep: Optional[dict], path: Path) -> Optional[str]:
+def _plot_rank_per_layer(runs: list[dict], rep: Optional[dict], path: Path) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     anchor = rep or max(runs, key=lambda r: r["budget"])
@@ -158,7 +183,7 @@ def _fig3(runs: list[dict], rep: Optional[dict], path: Path) -> Optional[str]:
     return None
 
 
-def _fig4(runs: list[dict], rep: dict, path: Path) -> Optional[str]:
+def _plot_rank_histogram(runs: list[dict], rep: dict, path: Path) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     pool = [r for r in runs if r["method"] == rep["method"] and r["budget"] == rep["budget"] and not r.get("variant")]
@@ -174,7 +199,7 @@ def _fig4(runs: list[dict], rep: dict, path: Path) -> Optional[str]:
     return None
 
 
-def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
+def _plot_ppl_vs_params(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -182,6 +207,7 @@ def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
     for r in runs:
         if not r.get("variant"):
             groups.setdefault((r["method"], r["budget"]), []).append(r)
+    split = "test" if all(r.get("test_ppl") is not None for r in runs) else "validation"
     fig, ax = plt.subplots(figsize=(7, 5))
     methods = sorted({m for m, _ in groups}, key=_order)
     for i, method in enumerate(methods):
@@ -189,13 +215,14 @@ def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
         for (m, budget), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
             if m != method:
                 continue
-            mean, half = mean_ci([r["primary_metric"] for r in members])
+            mean, half = mean_ci([_reported(r, runs) for r in members])
             xs.append(sum(r["lora_params_mean"] for r in members) / len(members))
             ys.append(mean)
             es.append(0.0 if math.isnan(half) else half)
         ax.errorbar(xs, ys, yerr=es, marker="os^Dv<>p"[i % 8], capsize=3, label=method, linestyle="-", alpha=0.85)
-    if base:
-        ax.axhline(base["ppl"], color="gray", linestyle="--", label=f"base model {base['ppl']:.3f}")
+    base_ppl = None if not base else (base.get("test_ppl") if split == "test" else base["ppl"])
+    if base_ppl is not None:
+        ax.axhline(base_ppl, color="gray", linestyle="--", label=f"base model {base_ppl:.3f}")
     low, high = ax.get_ylim()
     paper = f"paper GARD {PAPER_RESULT['ppl']} at {PAPER_RESULT['params']:.0f} params (other data / length)"
     if low <= PAPER_RESULT["ppl"] <= high:
@@ -206,15 +233,15 @@ def _fig5(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("LoRA parameters (mean over training)")
-    ax.set_ylabel("validation PPL (mean ± 95% CI over seeds)")
-    ax.set_title("validation perplexity vs adapter size")
+    ax.set_ylabel(f"{split} PPL (mean ± 95% CI over seeds)")
+    ax.set_title(f"{split} perplexity vs adapter size")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return None
 
 
-def _fig6(runs: list[dict], path: Path) -> Optional[str]:
+def _plot_ablation(runs: list[dict], path: Path) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     variants = [r for r in runs if r.get("variant")]
@@ -222,7 +249,7 @@ def _fig6(runs: list[dict], path: Path) -> Optional[str]:
         return "no ablation runs (gard compare --alphas/--ks/--windows)"
     method = variants[0]["method"]
     budgets = sorted({r["budget"] for r in variants if r["method"] == method})
-    axes_spec = [("alpha", "α (energy threshold)"), ("k", "k (sketch size per side)"), ("M", "M (window)")]
+    axes_spec = [("alpha", "α (energy threshold)"), ("k_in", "k (sketch size per side)"), ("window", "M (window)")]
     fig, axes = plt.subplots(len(budgets), 3, figsize=(13, 3.6 * len(budgets) + 0.6), squeeze=False)
     seeds_used = set()
     for row, budget in zip(axes, budgets):
@@ -242,7 +269,7 @@ def _fig6(runs: list[dict], path: Path) -> Optional[str]:
                 v = r.get("variant", {})
                 if v and field not in v:
                     continue
-                value = v[field] if v else r["hyperparameters"][field if field != "k" else "k_in"]
+                value = v[field] if v else r["hyperparameters"][field]
                 points.setdefault(value, []).append(r["primary_metric"])
             if len(points) < 2:
                 ax.set_title(f"{label}: not varied")
@@ -262,7 +289,7 @@ def _fig6(runs: list[dict], path: Path) -> Optional[str]:
     return None
 
 
-def _fig7(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
+def _plot_per_topic_ppl(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -292,6 +319,31 @@ def _fig7(runs: list[dict], base: Optional[dict], path: Path) -> Optional[str]:
         ax.set_title(f"budget {budget}", fontsize=10)
         ax.legend(fontsize=7, ncol=3)
     fig.suptitle("per-topic validation perplexity (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def _plot_lr_sweep(sweep: list[dict], path: Path) -> Optional[str]:
+    """Validation PPL against learning rate, one line per method, one panel per budget."""
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({rec["budget"] for rec in sweep})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        pool = [rec for rec in sweep if rec["budget"] == budget]
+        for i, method in enumerate(sorted({rec["method"] for rec in pool}, key=_order)):
+            mine = sorted((rec for rec in pool if rec["method"] == method), key=lambda rec: rec["lr"])
+            line = ax.plot([rec["lr"] for rec in mine], [rec["val_ppl"] for rec in mine], marker="os^Dv<>p"[i % 8], label=method)
+            chosen = [rec for rec in mine if rec["chosen"]]
+            ax.scatter([rec["lr"] for rec in chosen], [rec["val_ppl"] for rec in chosen], s=120, facecolors="none",
+                       edgecolors=line[0].get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (circled: chosen on validation)")
+        ax.set_ylabel("validation PPL (sweep seed)")
+        ax.set_title(f"budget {budget}")
+        ax.legend(fontsize=7)
+    fig.suptitle("learning-rate sweep")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return None

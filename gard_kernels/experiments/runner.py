@@ -2,11 +2,12 @@
 
 Every method runs through `finetune`: the same batches in the same order for a seed, AdamW with
 the same learning rate and schedule (linear warm-up, cosine decay to 10 %), gradient clipping,
-and the same evaluation. The base model is deep-copied per run, so one loaded model serves a
-whole grid.
+the same precision mode and the same evaluation (validation for choices, test for reporting).
+The base model is deep-copied per run, so one loaded model serves a whole grid.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 
 from .data import LMData, train_batches
-from .methods import GardMethod, GardSettings, build_method, method_settings
+from .methods import GardMethod, GardSettings, block_index, build_method
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -31,7 +34,7 @@ class TrainSettings:
     Args:
         lr: AdamW learning rate (peak), the same for every method.
         batch_size: blocks per optimizer step.
-        steps: optimizer steps.
+        steps: optimizer steps (>= 100 for the study: docs/results.md).
         max_len: tokens per block.
         warmup_ratio: fraction of steps of linear warm-up (at least one step).
         weight_decay: AdamW weight decay.
@@ -40,21 +43,41 @@ class TrainSettings:
         eval_batch_size: blocks per evaluation forward pass.
         eval_every: also evaluate every this many steps (0: only at the end); the best
             evaluation is the run's primary metric.
+        test_blocks: test blocks evaluated once, on the final model (round-robin over topics);
+            None: all; 0: no test evaluation.
+        precision: the training step's precision: "fp32", or "bf16" (forward under CPU / CUDA
+            bf16 autocast, adapters and optimizer state in float32). Evaluation always runs in
+            float32, so perplexities of both modes are measured the same way.
+        compile: run the training forward through torch.compile (evaluation stays eager).
     """
 
     lr: float = 3e-3
     batch_size: int = 4
-    steps: int = 16
-    max_len: int = 64
+    steps: int = 100
+    max_len: int = 128
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_blocks: Optional[int] = 32
+    eval_blocks: Optional[int] = 64
     eval_batch_size: int = 8
     eval_every: int = 0
+    test_blocks: Optional[int] = 64
+    precision: str = "fp32"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The context a training forward runs in: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -157,7 +180,8 @@ def run_spec(method: str, budget: int, seed: int, train: TrainSettings, gard: Ga
         "budget": budget,
         "seed": seed,
         "train": train.to_dict(),
-        "gard": gard.to_dict(),
+        # Resolved options (preset and GARDConfig defaults included): a changed default is a new run.
+        "gard": gard.options(method),
         "model": context.get("model"),
         "corpus": context.get("corpus"),
         "data": context.get("data"),
@@ -184,14 +208,18 @@ def finetune(
         budget: LoRA parameter budget.
         seed: adapter init, data order and GARD's projections.
         base_model: the frozen model; not modified.
-        data: packed data (train blocks and validation blocks).
+        data: packed data (train, validation and test blocks).
         train, gard: shared settings.
         out_dir: where metrics.json goes (None: not written).
         context: run-independent facts (model label, device, versions, base PPL, ...).
         progress: tqdm bars.
         variant: ablation overrides applied to `gard` (recorded in metrics).
     Returns:
-        The metrics dict of metrics.json.
+        The metrics dict of metrics.json: best_mean_val_ppl (= primary_metric, the number choices
+        are made on), test_ppl (final model), train_seconds (profiling + optimizer steps, no
+        evaluation), tokens_per_second (training tokens / train_seconds), backprop_blocks (how
+        many transformer blocks the backward pass reaches: from the earliest adapted module with
+        rank > 0, or capturing, to the top; max and mean over steps) and everything else.
     """
     from tqdm.auto import tqdm
 
@@ -199,11 +227,10 @@ def finetune(
 
     context = dict(context or {})
     spec = run_spec(method_name, budget, seed, train, gard, context)
-    gard = method_settings(method_name, gard)
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model)
     model.requires_grad_(False)
-    method = build_method(method_name, model, budget, gard, seed, train.steps)
+    method = build_method(method_name, model, budget, gard, seed, train.steps, lr=train.lr)
     params = method.parameters()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train.steps, train.warmup_ratio))
@@ -211,20 +238,39 @@ def finetune(
     batches = train_batches(data, train.batch_size, train.steps, seed)
     eval_set = data.eval_subset(train.eval_blocks)
     names = list(method.ranks())
+    blocks = [block_index(n) for n in names]
+    known_blocks = [b for b in blocks if b is not None]
+    top_block = max(known_blocks) if known_blocks else 0
+    device = next(base_model.parameters()).device
+    precision = autocast_context(train.precision, device)
+    # Compiled for the training forward only: evaluation runs the eager model in float32.
+    train_model = torch.compile(method.model) if train.compile else method.model
 
     start = time.perf_counter()
     method.model.train()
-    method.prepare(batches, lm_loss, progress)
+
+    def prepare_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        # Forward under the run's precision; the caller's backward runs outside autocast, as in
+        # the training steps (PyTorch's recommended pattern).
+        with autocast_context(train.precision, device):
+            return lm_loss(model, batch)
+
+    method.prepare(batches, prepare_loss, progress)
     profile_seconds = time.perf_counter() - start
     history: list[dict] = []
     evals: list[dict] = []
     eval_seconds = 0.0
     params_sum = 0
+    depth = []
     bar = tqdm(batches, desc=f"{method_name} b={budget} s={seed}", unit="step", disable=not progress, leave=False)
     for step, batch in enumerate(bar):
         in_use = method.num_params()
         params_sum += in_use
-        loss = lm_loss(method.model, batch)
+        reached = [blocks[names.index(n)] for n in method.backprop_modules() if n in names]
+        reached = [b for b in reached if b is not None]
+        depth.append(top_block + 1 - min(reached) if reached else 0)
+        with precision:
+            loss = lm_loss(train_model, batch)
         loss.backward()
         if train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
@@ -241,6 +287,7 @@ def finetune(
             "params": in_use,
             "params_after": method.num_params(),
             "ranks": [ranks_now[n] for n in names],
+            "backprop_blocks": depth[-1],
             "elapsed": time.perf_counter() - start,
         }
         history.append(record)
@@ -251,10 +298,14 @@ def finetune(
             eval_seconds += time.perf_counter() - tick
             evals.append({"step": step + 1, **result})
             method.model.train()
+    train_seconds = time.perf_counter() - start - eval_seconds
     tick = time.perf_counter()
     result = evaluate(method.model, eval_set, train.eval_batch_size, progress, desc=f"val {method_name}")
-    eval_seconds += time.perf_counter() - tick
     evals.append({"step": train.steps, **result})
+    test = None
+    if train.test_blocks != 0 and data.test_blocks:
+        test = evaluate(method.model, data.eval_subset(train.test_blocks, "test"), train.eval_batch_size, progress, desc=f"test {method_name}")
+    eval_seconds += time.perf_counter() - tick
     total = time.perf_counter() - start
 
     best = min(evals, key=lambda e: e["ppl"])
@@ -266,47 +317,35 @@ def finetune(
                 event["profile"] = bool(entry.get("profile", False))
                 reallocations.append(event)
     final_ranks = method.ranks()
+    train_tokens = train.steps * train.batch_size * train.max_len
+    resolved = gard.options(method_name)
     metrics = {
         "primary_metric": best["ppl"],
         "best_mean_val_ppl": best["ppl"],
         "final_val_ppl": evals[-1]["ppl"],
+        "test_ppl": None if test is None else test["ppl"],
+        "test_tokens": None if test is None else test["tokens"],
         "best_step": best["step"],
         "lora_params_mean": params_sum / max(train.steps, 1),
         "lora_params_final": method.num_params(),
         "total_elapsed_seconds": total,
-        "train_seconds": total - eval_seconds - profile_seconds,
+        "train_seconds": train_seconds,
         "profile_seconds": profile_seconds,
         "eval_seconds": eval_seconds,
+        "train_tokens": train_tokens,
+        "tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
+        "backprop_blocks_max": max(depth) if depth else 0,
+        "backprop_blocks_mean": sum(depth) / len(depth) if depth else 0.0,
+        "blocks_total": top_block + 1,
         "method": method_name,
         "budget": budget,
         "seed": seed,
         "variant": dict(variant or {}),
         "hyperparameters": {
-            "lr": train.lr,
-            "batch_size": train.batch_size,
-            "steps": train.steps,
-            "max_len": train.max_len,
-            "warmup_ratio": train.warmup_ratio,
-            "weight_decay": train.weight_decay,
-            "grad_clip": train.grad_clip,
-            "eval_blocks": train.eval_blocks,
-            "eval_every": train.eval_every,
+            **train.to_dict(),
             "budget": budget,
-            "target_modules": list(gard.target_modules),
-            "alpha": gard.alpha,
-            "beta": gard.beta,
-            "tau": gard.tau,
-            "M": gard.M,
-            "k_in": gard.k,
-            "k_out": gard.k,
-            "delta_max": gard.delta_max,
-            "r_min": gard.r_min,
-            "r_max": gard.r_max,
-            "warmup": gard.warmup,
-            "measure": gard.measure,
-            "scaling": gard.scaling,
-            "backend": gard.backend,
             "seed": seed,
+            **{k: v for k, v in resolved.items()},
         },
         "method_details": method.details,
         "device": context.get("device"),
@@ -317,11 +356,13 @@ def finetune(
         "corpus": context.get("corpus"),
         "data": context.get("data"),
         "base_val_ppl": context.get("base_val_ppl"),
+        "base_test_ppl": context.get("base_test_ppl"),
         "adapted_modules": names,
         "final_ranks": final_ranks,
         "val_history": [{"step": e["step"], "ppl": e["ppl"], "tokens": e["tokens"]} for e in evals],
         "per_topic_val_ppl": best["per_topic"],
         "per_topic_tokens": best["per_topic_tokens"],
+        "per_topic_test_ppl": None if test is None else test["per_topic"],
         "reallocations": reallocations,
         "history": history,
         "fingerprint": fingerprint(spec),

@@ -1,4 +1,4 @@
-"""Aggregates over seeds: mean ± 95 % t-interval, and paired tests against uniform LoRA."""
+"""Aggregates over seeds: mean ± 95 % t-interval, and paired tests against uniform LoRA and GoRA."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,8 @@ from typing import Any, Optional, Sequence
 
 PAPER_RESULT = {"method": "GARD (paper, 1 run, RTX 6000 Ada)", "ppl": 17.5529, "params": 2570.0, "runtime": 16.9397}
 REFERENCE_METHOD = "uniform"
+# Paired tests are against each of these that a grid holds.
+REFERENCE_METHODS = ("uniform", "gora")
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -41,15 +43,29 @@ def variant_label(variant: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(variant.items()))
 
 
+def _metric(run: dict, name: str) -> Optional[float]:
+    return run.get("test_ppl") if name == "test" else run.get("primary_metric")
+
+
+def _mean(values: Sequence[Optional[float]]) -> float:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else math.nan
+
+
 def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, Any]:
-    """Group run metrics by (method, budget, variant) and compare each group with uniform LoRA.
+    """Group run metrics by (method, budget, variant) and compare each group with the references.
+
+    The reported metric is test PPL when every run has one (validation PPL otherwise, e.g. runs
+    made before the test split existed); validation PPL is always shown too. Paired tests are
+    against every reference method present (REFERENCE_METHODS: uniform LoRA and GoRA).
 
     Args:
         runs: metrics dicts (metrics.json contents).
-        base: the base model's evaluation ({"ppl": ...}), shown as a reference row.
+        base: the base model's evaluation ({"ppl": ..., "test_ppl": ...}), a reference row.
     Returns:
-        {"groups": [...], "paired": [...], "base": base, "paper": PAPER_RESULT}.
+        {"metric": "test" | "val", "groups": [...], "paired": [...], "base": base, "paper": PAPER_RESULT}.
     """
+    metric = "test" if runs and all(r.get("test_ppl") is not None for r in runs) else "val"
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         key = (run["method"], run["budget"], variant_label(run.get("variant", {})))
@@ -57,7 +73,8 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, An
     rows = []
     for (method, budget, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         members = sorted(members, key=lambda r: r["seed"])
-        ppl_mean, ppl_ci = mean_ci([r["primary_metric"] for r in members])
+        ppl_mean, ppl_ci = mean_ci([_metric(r, metric) for r in members])
+        val_mean, val_ci = mean_ci([r["primary_metric"] for r in members])
         time_mean, time_ci = mean_ci([r["total_elapsed_seconds"] for r in members])
         rows.append(
             {
@@ -66,30 +83,38 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, An
                 "variant": variant,
                 "n": len(members),
                 "seeds": [r["seed"] for r in members],
+                "lrs": sorted({r.get("hyperparameters", {}).get("lr") for r in members} - {None}),
                 "ppl_mean": ppl_mean,
                 "ppl_ci": ppl_ci,
-                "ppl_per_seed": [r["primary_metric"] for r in members],
+                "ppl_per_seed": [_metric(r, metric) for r in members],
+                "val_mean": val_mean,
+                "val_ci": val_ci,
                 "params_mean": sum(r["lora_params_mean"] for r in members) / len(members),
                 "params_final_mean": sum(r["lora_params_final"] for r in members) / len(members),
                 "runtime_mean": time_mean,
                 "runtime_ci": time_ci,
+                "train_seconds_mean": _mean([r.get("train_seconds") for r in members]),
+                "tokens_per_second_mean": _mean([r.get("tokens_per_second") for r in members]),
+                "backprop_blocks_max": max((r.get("backprop_blocks_max") or 0) for r in members),
+                "blocks_total": max((r.get("blocks_total") or 0) for r in members),
             }
         )
     paired = []
-    for row in rows:
-        if row["method"] == REFERENCE_METHOD and not row["variant"]:
-            continue
-        ref_key = (REFERENCE_METHOD, row["budget"], "")
-        if ref_key not in groups:
-            continue
-        ref = {r["seed"]: r["primary_metric"] for r in groups[ref_key]}
-        mine = {r["seed"]: r["primary_metric"] for r in groups[(row["method"], row["budget"], row["variant"])]}
-        seeds = sorted(set(ref) & set(mine))
-        if not seeds:
-            continue
-        test = paired_test([mine[s] for s in seeds], [ref[s] for s in seeds])
-        paired.append({"method": row["method"], "budget": row["budget"], "variant": row["variant"], "seeds": seeds, **test})
-    return {"groups": rows, "paired": paired, "base": base, "paper": PAPER_RESULT}
+    for reference in REFERENCE_METHODS:
+        for row in rows:
+            if row["method"] == reference and not row["variant"]:
+                continue
+            ref_key = (reference, row["budget"], "")
+            if ref_key not in groups:
+                continue
+            ref = {r["seed"]: _metric(r, metric) for r in groups[ref_key]}
+            mine = {r["seed"]: _metric(r, metric) for r in groups[(row["method"], row["budget"], row["variant"])]}
+            seeds = sorted(set(ref) & set(mine))
+            if not seeds:
+                continue
+            test = paired_test([mine[s] for s in seeds], [ref[s] for s in seeds])
+            paired.append({"reference": reference, "method": row["method"], "budget": row["budget"], "variant": row["variant"], "seeds": seeds, **test})
+    return {"metric": metric, "groups": rows, "paired": paired, "base": base, "paper": PAPER_RESULT}
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -100,40 +125,74 @@ def _fmt_p(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
+def _ci(mean: float, half: float) -> str:
+    return _fmt(mean) + ("" if half is None or math.isnan(half) else f" ± {half:.4f}")
+
+
 def results_markdown(summary: dict, title: str = "Results") -> str:
-    """The results tables as Markdown (mean ± 95 % CI over seeds, paired differences vs uniform)."""
+    """The results tables as Markdown: mean ± 95 % CI over seeds of the reported PPL (test, or
+    validation for older runs) beside validation PPL, real parameter counts, cost (train
+    seconds, tokens/s, transformer blocks the backward pass reaches), then paired differences
+    against uniform LoRA and GoRA."""
+    metric = summary.get("metric", "val")
+    label = "test PPL" if metric == "test" else "val PPL"
     lines = [f"# {title}", ""]
     base = summary.get("base")
     lines += [
-        "| method | budget | variant | seeds | val PPL (mean ± 95% CI) | LoRA params (mean) | LoRA params (final) | runtime s (mean) |",
-        "|---|---:|---|---:|---|---:|---:|---:|",
+        f"| method | budget | variant | seeds | lr | {label} (mean ± 95% CI) | val PPL (mean) | LoRA params (final) | "
+        "LoRA params (mean) | train s | tokens/s | backprop blocks |",
+        "|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     if base:
-        lines.append(f"| base model (no adaptation) | 0 |  | 1 | {_fmt(base['ppl'])} | 0 | 0 | {_fmt(base.get('seconds', math.nan), 1)} |")
+        shown = base.get("test_ppl") if metric == "test" else base["ppl"]
+        lines.append(f"| base model (no adaptation) | 0 |  | 1 |  | {_fmt(shown)} | {_fmt(base['ppl'])} | 0 | 0 |  |  | 0 |")
     paper = summary.get("paper")
     if paper:
         lines.append(
-            f"| {paper['method']} | {paper['params']:.0f} |  | 1 | {paper['ppl']:.4f} (other data) | {paper['params']:.1f} | n/a | {paper['runtime']:.1f} |"
+            f"| {paper['method']} | {paper['params']:.0f} |  | 1 |  | {paper['ppl']:.4f} (val, other data) |  | n/a | {paper['params']:.0f} | "
+            f"{paper['runtime']:.1f} (total) |  |  |"
         )
     for row in summary["groups"]:
-        ci = "" if math.isnan(row["ppl_ci"]) else f" ± {row['ppl_ci']:.4f}"
+        lrs = ", ".join(f"{lr:g}" for lr in row.get("lrs", []))
+        depth = f"{row['backprop_blocks_max']}/{row['blocks_total']}" if row.get("blocks_total") else ""
         lines.append(
-            f"| {row['method']} | {row['budget']} | {row['variant']} | {row['n']} | {row['ppl_mean']:.4f}{ci} | "
-            f"{row['params_mean']:.1f} | {row['params_final_mean']:.1f} | {row['runtime_mean']:.1f} |"
+            f"| {row['method']} | {row['budget']} | {row['variant']} | {row['n']} | {lrs} | {_ci(row['ppl_mean'], row['ppl_ci'])} | "
+            f"{_fmt(row['val_mean'])} | {row['params_final_mean']:.0f} | {row['params_mean']:.0f} | "
+            f"{_fmt(row.get('train_seconds_mean', math.nan), 1)} | {_fmt(row.get('tokens_per_second_mean', math.nan), 0)} | {depth} |"
         )
-    if summary["paired"]:
+    lines += [
+        "",
+        "backprop blocks: how many transformer blocks the backward pass reaches at its deepest (from the earliest "
+        "adapted module with rank > 0, or sketching, to the top) / blocks in the model.",
+    ]
+    for reference in REFERENCE_METHODS:
+        rows = [r for r in summary["paired"] if r.get("reference", REFERENCE_METHOD) == reference]
+        if not rows:
+            continue
         lines += [
             "",
-            f"Paired differences against {REFERENCE_METHOD} LoRA on matching seeds (negative = lower PPL than uniform); "
+            f"Paired differences of {label} against {reference} on matching seeds (negative = lower PPL than {reference}); "
             "p from a two-sided paired t-test.",
             "",
-            "| method | budget | variant | pairs | ΔPPL (mean ± 95% CI) | p-value | seeds better than uniform |",
+            f"| method | budget | variant | pairs | ΔPPL (mean ± 95% CI) | p-value | seeds better than {reference} |",
             "|---|---:|---|---:|---|---:|---:|",
         ]
-        for row in summary["paired"]:
+        for row in rows:
             ci = "" if math.isnan(row["diff_ci"]) else f" ± {row['diff_ci']:.4f}"
             lines.append(
                 f"| {row['method']} | {row['budget']} | {row['variant']} | {row['n']} | {row['diff_mean']:+.4f}{ci} | "
                 f"{_fmt_p(row['p_value'])} | {row['wins']}/{row['n']} |"
             )
+    sweep = summary.get("lr_sweep")
+    if sweep:
+        lines += [
+            "",
+            "Learning-rate sweep (validation PPL, sweep seed; the chosen rate in bold; test PPL plays no part):",
+            "",
+            "| method | budget | lr | val PPL |",
+            "|---|---:|---:|---:|",
+        ]
+        for rec in sweep:
+            value = _fmt(rec["val_ppl"])
+            lines.append(f"| {rec['method']} | {rec['budget']} | {rec['lr']:g} | {f'**{value}**' if rec['chosen'] else value} |")
     return "\n".join(lines) + "\n"
