@@ -96,14 +96,19 @@ def churn(gard):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["noise", "low"])
-def test_churn_on_noise_like_gradients_is_small(one_thread, seed, kind):
-    model, gard = make_run(seed=seed)
-    source = Source(len(model.layers), seed)
-    source.kind = [kind] * len(model.layers)
+@pytest.mark.parametrize(
+    "kind, layers, units",
+    # The last is the demo's shape: a few units among many alike layers (before hysteresis,
+    # churn 0.6-0.9 there, and 0.11-0.18 in the first case).
+    [("noise", 6, 10), ("low", 6, 10), ("noise", 12, 3)],
+)
+def test_churn_on_noise_like_gradients_is_small(one_thread, seed, kind, layers, units):
+    model, gard = make_run(layers=layers, units=units, seed=seed)
+    source = Source(layers, seed)
+    source.kind = [kind] * layers
     train(model, gard, source, 8 * 10)
     assert len(events(gard)) == 10
-    assert sum(gard.manager.ranks) == 10  # the budget is spent: every layer is alike
+    assert sum(gard.manager.ranks) == units  # the budget is spent: every layer is alike
     assert churn(gard) <= 0.1, [e["ranks"] for e in events(gard)]
 
 
@@ -116,6 +121,7 @@ def test_churn_without_the_dead_band_is_large(one_thread):
     assert churn(gard) > 0.1
 
 
+@pytest.mark.parametrize("band", [0.25, 10.0])
 @pytest.mark.parametrize(
     "score, plant",
     [
@@ -123,9 +129,9 @@ def test_churn_without_the_dead_band_is_large(one_thread):
         ("grad_norm", lambda source, l: source.scale.__setitem__(l, 10.0)),  # 10x larger
     ],
 )
-def test_planted_change_moves_rank_within_two_reallocations(one_thread, score, plant):
+def test_planted_change_moves_rank_within_two_reallocations(one_thread, score, plant, band):
     layers = 6
-    model, gard = make_run(layers=layers, units=8, score=score)
+    model, gard = make_run(layers=layers, units=8, score=score, dead_band=band)
     source = Source(layers, 0)
     source.kind = ["low"] * layers if score == "spectral" else ["noise"] * layers
     train(model, gard, source, 8 * 4)
@@ -135,7 +141,12 @@ def test_planted_change_moves_rank_within_two_reallocations(one_thread, score, p
     planted = max(range(layers), key=lambda l: (-before[l], l))
     plant(source, planted)
     train(model, gard, source, 8 * 2)
-    assert gard.manager.ranks[planted] > before[planted], (before, gard.manager.ranks)
+    if band == 0.25:  # the default
+        assert gard.manager.ranks[planted] > before[planted], (before, gard.manager.ranks)
+    else:
+        # The change (a factor ~3.5-5 in score) is inside a band of 10: nothing moves, which shows
+        # the check above can fail.
+        assert gard.manager.ranks == before
 
 
 def test_dead_layer_stays_at_r_min_in_a_run(one_thread):
