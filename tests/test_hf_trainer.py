@@ -1,4 +1,5 @@
-"""GARDCallback in transformers.Trainer: gradient accumulation, logs, checkpoints, exact resume."""
+"""GARDCallback in transformers.Trainer: gradient accumulation, logs, checkpoints, exact resume,
+models flagged as quantized."""
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from .models import VOCAB, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from gard_kernels.integrations import GARDCallback  # noqa: E402
+from gard_kernels.lora.layer import LoRALayer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUDGET = 1_500
@@ -38,14 +40,15 @@ def _config() -> gk.GARDConfig:
     )
 
 
-def _trainer(output_dir, callback):
+def _trainer(output_dir, callback, model=None, max_steps=MAX_STEPS):
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=MAX_STEPS, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
+        max_steps=max_steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
         logging_steps=1, save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=3,
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    return transformers.Trainer(model=tiny_llama(), args=args, train_dataset=_Tokens(), callbacks=[callback])
+    model = tiny_llama() if model is None else model
+    return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
 
 
 def _train_logs(trainer):
@@ -82,7 +85,6 @@ def test_trainer_runs_gard_once_per_optimizer_step(full_run):
     assert [r["step"] for r in logs] == list(range(1, MAX_STEPS + 1))
     for record, history in zip(logs, gard.history):
         assert record["lora_params"] == history["params"] <= BUDGET
-        assert record["lora_ranks"] == ",".join(map(str, history["ranks"]))
     # The linear schedule keeps driving the optimizer through every resize.
     linear = [LR * (MAX_STEPS - s) / MAX_STEPS for s in range(MAX_STEPS)]
     assert [r["learning_rate"] for r in logs] == pytest.approx(linear)
@@ -92,6 +94,28 @@ def test_trainer_runs_gard_once_per_optimizer_step(full_run):
             assert not torch.is_tensor(value) or value.dim() == 0 or value.shape == param.shape
     for step in (4, 8, 12):
         assert (out / f"checkpoint-{step}" / "gard_state.pt").is_file()
+
+
+def test_logs_summarise_ranks_and_the_saved_state_lists_them(full_run):
+    out, trainer, callback = full_run
+    gard = callback.gard
+    logs = _train_logs(trainer)
+    summaries = []
+    for record, history in zip(logs, gard.history):
+        ranks = history["ranks"]
+        assert record["lora_rank_min"] == min(ranks) and record["lora_rank_max"] == max(ranks)
+        assert record["lora_rank_mean"] == pytest.approx(sum(ranks) / len(ranks), abs=1e-3)
+        assert record["lora_rank0_layers"] == ranks.count(0)
+        # A handful of numbers, not one entry per layer.
+        assert not any(isinstance(value, (str, list)) for value in record.values())
+        summaries.append((record["lora_rank_min"], record["lora_rank_max"], record["lora_rank0_layers"]))
+    # The run moves ranks and drops layers to 0, so a summary frozen at the start would fail.
+    assert len(set(summaries)) > 1 and any(count > 0 for _, _, count in summaries)
+    for step in (4, 8, 12):
+        saved = torch.load(out / f"checkpoint-{step}" / "gard_state.pt", weights_only=True)["gard"]
+        assert saved["names"] == gard.names and len(saved["ranks"]) == len(gard.names)
+        assert saved["ranks"] == gard.history[step - 1]["ranks"]
+        assert [r["ranks"] for r in saved["history"]] == [r["ranks"] for r in gard.history[:step]]
 
 
 def _assert_same_continuation(resumed, full, start):
@@ -137,3 +161,77 @@ def test_checkpoint_weights_load_at_their_ranks(full_run):
     assert callback.gard.manager.ranks == full_callback.gard.manager.ranks
     for mine, theirs in zip(callback.gard.lora_parameters(), full_callback.gard.lora_parameters()):
         torch.testing.assert_close(mine, theirs.detach())
+
+
+class _TrainableQuantizer(transformers.quantizers.HfQuantizer):
+    """Stands for a quantization method transformers trains adapters on (bitsandbytes-like)."""
+
+    requires_calibration = False
+
+    def __init__(self):
+        super().__init__(transformers.utils.quantization_config.QuantizationConfigMixin("trainable-test"))
+
+    @property
+    def is_trainable(self):
+        return True
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+
+def _flag_quantized(model, quantizer):
+    """The attributes transformers' quantizers set on a model they load (preprocess_model)."""
+    model.is_quantized = True
+    model.quantization_method = quantizer.quantization_config.quant_method
+    model.hf_quantizer = quantizer
+    return model
+
+
+def _quantized_config() -> gk.GARDConfig:
+    return gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, window=2, interval=2, score="random", ema=0.0, seed=1)
+
+
+def test_quantized_model_trains_when_wrapped_before_the_trainer(tmp_path, one_thread):
+    # Wrapped only at on_init_end, the model meets transformers' check without adapters.
+    with pytest.raises(ValueError, match="purely quantized"):
+        _trainer(tmp_path / "late", GARDCallback(_quantized_config()), _flag_quantized(tiny_llama(), _TrainableQuantizer()))
+
+    model = _flag_quantized(tiny_llama(), _TrainableQuantizer())
+    callback = GARDCallback(_quantized_config())
+    callback.prepare(model)
+    assert model._hf_peft_config_loaded is True
+    trainer = _trainer(tmp_path / "run", callback, model, max_steps=4)
+    # After the check the flag is transformers' default again, so checkpoints hold the whole model.
+    assert "_hf_peft_config_loaded" not in vars(model) and model._hf_peft_config_loaded is False
+    trainer.train()
+    assert callback.gard.step_count == 4 and any("reallocation" in r for r in callback.gard.history)
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    weights = load_file(checkpoint / "model.safetensors")
+    assert "model.embed_tokens.weight" in weights
+    assert {k for k in weights if k.endswith("lora_A")} == {f"{n}.lora_A" for n in callback.gard.names}
+
+    # The checkpoint resumes into another flagged model, adapters at their saved ranks.
+    resumed = GARDCallback(_quantized_config())
+    other = resumed.prepare(_flag_quantized(tiny_llama(), _TrainableQuantizer()))
+    result = other.load_state_dict(weights, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert resumed.gard.manager.ranks == callback.gard.manager.ranks
+
+
+def test_quantization_that_cannot_train_is_refused_before_wrapping(tmp_path, one_thread):
+    # GGUF's quantizer cannot train. transformers refuses a PeftModel on it, and the adapters
+    # flag must not sneak a GARD model past that: prepare refuses it, with what to do.
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = _flag_quantized(tiny_llama(), GgufHfQuantizer(GgufConfig(dequantize=True)))
+    callback = GARDCallback(_quantized_config())
+    with pytest.raises(ValueError, match="'gguf'.*cannot train.*is_quantized = False"):
+        callback.prepare(model)
+    assert callback.gard is None and not model._hf_peft_config_loaded
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+
+
+def test_prepare_leaves_models_that_are_not_quantized_alone(one_thread):
+    model = GARDCallback(_quantized_config()).prepare(tiny_llama())
+    assert "_hf_peft_config_loaded" not in vars(model) and not model._hf_peft_config_loaded

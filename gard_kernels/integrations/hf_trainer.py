@@ -2,10 +2,13 @@
 
 Where each part happens, in the order `Trainer` runs:
 
-1. Wrap: in `on_init_end` (the end of `Trainer.__init__`), or earlier through `prepare(model)`.
-   Either way before `train()` builds its optimizer, so the Trainer's own optimizer holds every
-   LoRA factor (rank-0 ones are zero-size parameters that require grad). Every other parameter
-   is frozen, as PEFT does.
+1. Wrap: through `prepare(model)` before `Trainer(...)`, or else in `on_init_end` (the end of
+   `Trainer.__init__`). Either way before `train()` builds its optimizer, so the Trainer's own
+   optimizer holds every LoRA factor (rank-0 ones are zero-size parameters that require grad).
+   Every other parameter is frozen, as PEFT does. A model transformers flags as quantized must
+   be wrapped before: `Trainer.__init__` refuses a quantized model without adapters, and
+   `prepare` marks the adapters the way transformers' own adapter loading does (see
+   `_mark_adapters`), until `on_init_end` has passed the check.
 2. Resume, shapes: `train(resume_from_checkpoint=...)` loads the checkpoint's model weights before
    any callback event and before it builds and loads the optimizer. A load_state_dict pre-hook on
    each adapter resizes it to the saved factor's rank, so the weights load and the optimizer
@@ -19,8 +22,11 @@ Where each part happens, in the order `Trainer` runs:
    The LR scheduler keeps driving the same optimizer: a resize changes parameter shapes and
    state, never the parameter objects or param groups.
 5. Save: `on_save` writes `gard_state.pt` into the checkpoint directory the Trainer just wrote.
-6. Log: `on_log` adds `lora_params` and `lora_ranks` (ranks in `gard.names` order, one string)
-   to the Trainer's log record and to the logs passed on to the callbacks after this one.
+6. Log: `on_log` adds `lora_params` and a summary of the ranks (`lora_rank_min`,
+   `lora_rank_mean`, `lora_rank_max`, `lora_rank0_layers`: how many layers have rank 0) to the
+   Trainer's log record and to the logs passed on to the callbacks after this one. The rank of
+   every layer is in `gard.ranks` and, per step, in the saved state (`gard_state.pt`: `ranks`,
+   `names` and `history`).
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ from ..controller import GARD
 __all__ = ["GARDCallback", "GARD_STATE_NAME"]
 
 GARD_STATE_NAME = "gard_state.pt"
+# The attribute by which transformers knows that adapters sit on a (quantized) base model: its
+# own add_adapter / load_adapter set it, and Trainer.__init__ accepts a quantized model with it.
+_ADAPTERS_FLAG = "_hf_peft_config_loaded"
+_UNSET = object()
 
 
 class GARDCallback(TrainerCallback):
@@ -56,20 +66,31 @@ class GARDCallback(TrainerCallback):
         self.config = config
         self.gard: Optional[GARD] = None
         self._scratch = torch.Generator().manual_seed(0)
+        # Whether prepare() set the model's adapters flag, and the model's own value before it.
+        self._marked = False
+        self._flag_before = _UNSET
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap `model` now (the Trainer does it otherwise): GARD adapters, everything else frozen.
 
-        Needed only to build an optimizer yourself (`Trainer(optimizers=...)`) or to inspect the
-        adapters before the Trainer exists. Calling it again with the same model does nothing.
+        Needed for a model that transformers flags as quantized (`Trainer(...)` refuses it
+        without adapters), to build an optimizer yourself (`Trainer(optimizers=...)`), or to
+        inspect the adapters before the Trainer exists. Calling it again with the same model
+        wraps nothing more.
 
         Returns:
             The same model, wrapped in place.
+        Raises:
+            ValueError: the model is flagged as quantized with a method transformers cannot
+                train (it refuses a PeftModel on it too).
         """
         if self.gard is not None:
             if self.gard.model is model:
+                # Again before another Trainer(...): its check must see the adapters too.
+                self._mark_adapters(model)
                 return model
             raise ValueError("this GARDCallback already wraps another model; use one callback per model")
+        _check_quantization_trains(model)
         gard = GARD(model, self.config)
         owned = {id(p) for p in gard.lora_parameters()}
         for param in model.parameters():
@@ -78,6 +99,7 @@ class GARDCallback(TrainerCallback):
         for layer in gard.manager.layers:
             layer.register_load_state_dict_pre_hook(self._resize_before_load)
         self.gard = gard
+        self._mark_adapters(model)
         return model
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
@@ -104,6 +126,7 @@ class GARDCallback(TrainerCallback):
                 "model_init is not supported"
             )
         self.prepare(model)
+        self._unmark_adapters(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         gard = self._require_gard("training")
@@ -136,9 +159,14 @@ class GARDCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.gard is None or logs is None:
             return
+        # A summary, not one entry per layer: the full list is in the saved state.
+        ranks = self.gard.manager.ranks
         extra = {
             "lora_params": self.gard.num_lora_params,
-            "lora_ranks": ",".join(str(r) for r in self.gard.manager.ranks),
+            "lora_rank_min": min(ranks),
+            "lora_rank_mean": round(sum(ranks) / len(ranks), 3),
+            "lora_rank_max": max(ranks),
+            "lora_rank0_layers": sum(rank == 0 for rank in ranks),
         }
         logs.update(extra)
         # The Trainer stored a copy of `logs` in log_history just before this event.
@@ -168,6 +196,32 @@ class GARDCallback(TrainerCallback):
             )
         return self.gard
 
+    def _mark_adapters(self, model: nn.Module) -> None:
+        """Let `Trainer.__init__` see the adapters on a model transformers flags as quantized.
+
+        transformers refuses to fine-tune a quantized model unless it is a PeftModel or carries
+        its adapters flag (prepare() has already refused methods that cannot train, as
+        transformers does for a PeftModel). The flag is set only while needed: it also makes
+        `model.save_pretrained` write a PEFT adapter instead of the model, and Trainer
+        checkpoints must hold the GARD factors for resuming.
+        """
+        if not getattr(model, "is_quantized", False) or getattr(model, _ADAPTERS_FLAG, False):
+            return
+        self._flag_before = model.__dict__.get(_ADAPTERS_FLAG, _UNSET)
+        setattr(model, _ADAPTERS_FLAG, True)
+        self._marked = True
+
+    def _unmark_adapters(self, model: nn.Module) -> None:
+        """Undo `_mark_adapters` once Trainer.__init__ has checked the model."""
+        if not self._marked:
+            return
+        if self._flag_before is _UNSET:
+            # The class attribute (transformers' default, False) shows through again.
+            delattr(model, _ADAPTERS_FLAG)
+        else:
+            setattr(model, _ADAPTERS_FLAG, self._flag_before)
+        self._marked = False
+
     def _resize_before_load(self, layer, state_dict, prefix, *args) -> None:
         """load_state_dict pre-hook of each adapter: take the rank of the incoming factors."""
         incoming = state_dict.get(prefix + "lora_A")
@@ -177,6 +231,23 @@ class GARDCallback(TrainerCallback):
         if rank != layer.rank:
             # The loaded values replace the grown rows, so they come from a scratch generator.
             layer.resize(rank, optimizer=self.gard.optimizer, generator=self._scratch)
+
+
+def _check_quantization_trains(model: nn.Module) -> None:
+    """Refuse a model flagged as quantized by a method that cannot train, as transformers does."""
+    if not getattr(model, "is_quantized", False) or getattr(model, _ADAPTERS_FLAG, False):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and quantizer.is_trainable:
+        return
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    method = getattr(method, "value", method)
+    raise ValueError(
+        f"the model is flagged as quantized (method {method!r}) and transformers cannot train that "
+        "quantization, with or without adapters. If its weights are in fact floats (GGUF files load "
+        "de-quantized), the flags are stale: load it without them (gard_kernels.experiments.models."
+        "load_model clears them) or set model.is_quantized = False and model.hf_quantizer = None"
+    )
 
 
 def _unwrap_optimizer(optimizer):
