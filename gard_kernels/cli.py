@@ -124,6 +124,8 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--text-file", default=None, help="any UTF-8 text instead of --corpus (split train / validation / test by paragraph chunks)")
     g.add_argument("--tokenizer", default="model", choices=("model", "bytes"), help="the model's own tokenizer, or UTF-8 bytes modulo the vocabulary (for models saved without a tokenizer)")
     g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help="tokens per block")
+    g.add_argument("--test-fraction", type=float, default=0.2,
+                   help="fraction of topics held out for test (validation: 0.2); 0 reproduces the earlier train / validation split")
     g = p.add_argument_group("training (shared by every method)")
     g.add_argument("--lr", type=float, default=train.lr)
     g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size))
@@ -157,6 +159,8 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.eval_blocks < 0:
         raise UsageError(f"--eval-blocks must be >= 0, got {args.eval_blocks}")
+    if not 0.0 <= args.test_fraction < 0.8:
+        raise UsageError(f"--test-fraction must be in [0, 0.8), got {args.test_fraction}")
     if args.test_blocks < -1:
         raise UsageError(f"--test-blocks must be >= -1, got {args.test_blocks}")
     train = TrainSettings(
@@ -208,7 +212,7 @@ def _workspace(args, progress: bool):
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"--text-file {args.text_file!r} does not exist")
     source = resolve_model(args.model)
-    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes")
+    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction)
 
 
 def _setup_threads(args) -> None:

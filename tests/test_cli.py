@@ -164,3 +164,14 @@ def test_no_progress_silences_the_model_loading_bars(model_dir, monkeypatch, cap
     models.load_model(models.resolve_model(model_dir), progress=True, byte_tokenizer=True)
     _, err = capfd.readouterr()
     assert "GGUF" in err  # the same bar shows with progress on
+
+
+def test_test_fraction_zero_reproduces_the_two_way_split(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["finetune", "--method", "uniform", "--budget", "400", "--model", model_dir, "--out", out,
+                                 *FAST, "--test-fraction", "0"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_ppl"] is None and metrics["data"]["test_topics"] == 0 and "test PPL" not in stdout
+    code, _, err = run_cli(["finetune", "--method", "uniform", "--test-fraction", "0.9"], capsys)
+    assert code == 2 and "--test-fraction must be in" in err

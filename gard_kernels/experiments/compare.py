@@ -69,10 +69,11 @@ def load_workspace(
     text_file: Optional[str] = None,
     progress: bool = True,
     byte_tokenizer: bool = False,
+    test_fraction: float = 0.2,
 ) -> Workspace:
-    """Load the model (tqdm) and build the workspace."""
+    """Load the model (tqdm) and build the workspace (test_fraction 0: the earlier two-way split)."""
     model, tokenizer = load_model(source, progress=progress, byte_tokenizer=byte_tokenizer)
-    return make_workspace(model, tokenizer, source.label, corpus, max_len, text_file, progress=progress)
+    return make_workspace(model, tokenizer, source.label, corpus, max_len, text_file, progress=progress, test_fraction=test_fraction)
 
 
 def base_evaluation(ws: Workspace, train: TrainSettings, out_dir: Optional[Path], progress: bool = True) -> dict:
