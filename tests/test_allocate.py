@@ -111,6 +111,27 @@ def test_allocate_with_hysteresis_properties(problem, current, band):
     assert allocate_ranks(scores, costs, budget, r_min=r_min, r_max=r_max, caps=caps, current=ranks, dead_band=band) == ranks
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    problem=allocation_problems(),
+    old=st.lists(st.integers(0, 14), min_size=12, max_size=12),
+    band=st.sampled_from([0.0, 0.25, 1.0]),
+    delta=st.integers(0, 3),
+)
+def test_allocate_hysteresis_completes_a_clipped_move(problem, old, band, delta):
+    # Re-allocation t moves toward target T but Δmax clips the move; with the same scores,
+    # re-allocation t + 1 (current = the clipped ranks) aims at the same T, so the move completes
+    # instead of being frozen half-way by the dead-band.
+    scores, costs, budget, r_min, r_max, caps, lo, hi = problem
+    old = [min(max(o, a), h) for o, a, h in zip(old, lo, hi)]
+    if parameter_count(old, costs) > budget:
+        old = list(lo)
+    kwargs = dict(r_min=r_min, r_max=r_max, caps=caps, dead_band=band)
+    target = allocate_ranks(scores, costs, budget, current=old, **kwargs)
+    clipped = clip_rank_change(old, target, costs, budget, delta)
+    assert allocate_ranks(scores, costs, budget, current=clipped, **kwargs) == target
+
+
 def test_allocate_hysteresis_ties_keep_the_current_ranks():
     # Equal scores and costs: without current ranks the lower index wins; with them, the holder.
     assert allocate_ranks([1.0, 1.0, 1.0], [10] * 3, 10) == [1, 0, 0]
