@@ -82,7 +82,9 @@ class GARD:
                 sketch = GradientSketch(
                     layer.d_in, layer.d_out, config.k_in, config.k_out, seed=layer_seed(config.seed, index)
                 )
-                handle = CaptureHandle(sketch=sketch, out=None, backend=config.backend)
+                # The ring's open slot never moves: the handle sees it once, for the whole run.
+                out = self.ring.current(index).view(config.k_out, config.k_in)
+                handle = CaptureHandle(sketch=sketch, out=out, backend=config.backend)
                 layer.capture = handle
                 self.handles.append(handle)
             for layer in self.manager.layers:
@@ -226,7 +228,7 @@ class GARD:
         return any(self._reallocation_due(s) for s in range(t + 1, t + 1 + self.config.window))
 
     def _set_capture(self, on: bool, arm: Optional[bool] = None) -> None:
-        """Point the capture handles at the ring's open slot (or switch capture off).
+        """Switch capture on or off for the step that runs next.
 
         arm: whether the range finder accumulates this step (grow_init="gradient"); default: only
         on the last step before a re-allocation.
@@ -235,9 +237,8 @@ class GARD:
         # state_dict() saves the state from before them, so a resumed run re-arms identically.
         self._generator_state = self._generator.get_state()
         self._capturing = on
-        shape = (self.config.k_out, self.config.k_in)
-        for index, handle in enumerate(self.handles):
-            handle.out = self.ring.current(index).view(shape) if on else None
+        for handle in self.handles:
+            handle.enabled = on
         if self.config.grow_init == "gradient":
             if arm is None:
                 arm = on and self._reallocation_due(self.step_count + 1)
@@ -275,7 +276,7 @@ class GARD:
         sketches, valid = self.ring.window_sketches()
         # Under torch.distributed: the window of the global gradient (a no-op on one process).
         sketches, valid = distributed.reduce_window(sketches, valid)
-        distributed.reduce_range_finders(self.handles, self.ring.device)
+        distributed.reduce_range_finders([h.range_finder for h in self.handles], self.ring.device)
         found = valid.sum(dim=1).cpu()
         # Every layer is scored on the same number of sketches: effective ranks are bounded by it.
         valid = equalize_valid_slots(valid)

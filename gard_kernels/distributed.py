@@ -61,7 +61,7 @@ def reduce_window(
     return torch.where(valid[..., None], mean, 0.0), valid
 
 
-def reduce_range_finders(handles: Sequence[Any], device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+def reduce_range_finders(finders: Sequence[Any], device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
     """Average the armed range finders (grow_init="gradient") over the processes, in place.
 
     Z = Gᵀ Ω_out and Y = G Ω_in are linear in G and every process drew the same Ω (same seed),
@@ -69,15 +69,14 @@ def reduce_range_finders(handles: Sequence[Any], device: torch.device, group: Op
     new directions. Token counts are summed. A no-op when not distributed or nothing is armed.
 
     Args:
-        handles: the controller's CaptureHandles; only armed ones take part (the same on every process).
+        finders: RangeFinders (lora/range_finder.py); only armed ones take part (the same on every process).
         device: where the collective runs (the ring's device: CUDA for NCCL).
         group: process group; default None.
     """
-    armed = [h for h in handles if h.armed]
+    armed = [f for f in finders if f.armed]
     if not armed or not is_distributed(group):
         return
-    # The finder's buffers are private to CaptureHandle; this module is their only other writer.
-    buffers = [t for h in armed for t in (h._z, h._y)]
+    buffers = [t for f in armed for t in f.sums]
     flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in buffers])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= dist.get_world_size(group)
@@ -85,10 +84,10 @@ def reduce_range_finders(handles: Sequence[Any], device: torch.device, group: Op
     for t in buffers:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
-    tokens = torch.tensor([h.range_tokens for h in armed], dtype=torch.int64, device=device)
+    tokens = torch.tensor([f.tokens for f in armed], dtype=torch.int64, device=device)
     dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
-    for h, count in zip(armed, tokens.tolist()):
-        h.range_tokens = count
+    for f, count in zip(armed, tokens.tolist()):
+        f.tokens = count
 
 
 def reject_wrapped(model: nn.Module) -> None:

@@ -1,8 +1,9 @@
 """SketchRing: the last M gradient sketches of every adapted layer, kept on the device.
 
 One slot per optimizer step. Fused kernels and `add` accumulate micro-batch sketches into the
-current (open) slot; `advance` closes the step. The buffer holds M + 1 slots so that the window
-always has M closed steps besides the one being written. Nothing here synchronises with the GPU on the hot path:
+open slot, `open` [L, k], whose memory never moves: capture handles take a view of it once.
+`advance` closes the step by copying it into the history and zeroing it. The history holds
+M + 1 slots so that the window always has M closed steps besides the one being written. Nothing here synchronises with the GPU on the hot path:
 the slot index and step count live on the host (they are known without looking at the data), the
 validity mask and invalid counters live on the device and are read only when asked for.
 """
@@ -34,15 +35,28 @@ class SketchRing:
         self.num_layers, self.window, self.k = num_layers, window, k
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.slots = window + 1
-        self.buffer = torch.zeros(num_layers, self.slots, k, dtype=torch.float32, device=self.device)  # [L, M+1, k]
+        self._history = torch.zeros(num_layers, self.slots, k, dtype=torch.float32, device=self.device)  # [L, M+1, k]
+        self.open = torch.zeros(num_layers, k, dtype=torch.float32, device=self.device)  # [L, k]
         self.valid = torch.zeros(num_layers, self.slots, dtype=torch.bool, device=self.device)  # [L, M+1]
         self._invalid_per_layer = torch.zeros(num_layers, dtype=torch.int64, device=self.device)  # [L]
         self.slot = 0
         self.steps = 0
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """[L, M+1, k] every slot, the open one (at index `slot`) included.
+
+        The open step lives in `open`; reading `buffer` copies it into its slot first.
+        """
+        self._history[:, self.slot].copy_(self.open)
+        return self._history
+
     def current(self, layer: int) -> torch.Tensor:
-        """[k] float32 view of the open slot of `layer`; writing into it accumulates in place."""
-        return self.buffer[self._check_layer(layer), self.slot]
+        """[k] float32 view of the open slot of `layer`; writing into it accumulates in place.
+
+        The view stays valid for the ring's lifetime: `advance` never moves the open slot's memory.
+        """
+        return self.open[self._check_layer(layer)]
 
     def add(self, layer: int, sketch: torch.Tensor) -> None:
         """Accumulate a sketch into the open slot of `layer` (micro-batches of one step sum).
@@ -62,13 +76,15 @@ class SketchRing:
         Layers whose closed sketch holds NaN/Inf get the slot marked invalid, counted, and zeroed,
         so a consumer that ignores `valid` still never sees non-finite values.
         """
-        closed = self.buffer[:, self.slot]  # [L, k]
+        closed = self._history[:, self.slot]  # [L, k]
+        closed.copy_(self.open)
         finite = torch.isfinite(closed).all(dim=-1)  # [L]
         self.valid[:, self.slot] = finite
         self._invalid_per_layer += (~finite).to(torch.int64)
         closed.masked_fill_(~finite[:, None], 0.0)
         self.slot = (self.slot + 1) % self.slots
-        self.buffer[:, self.slot].zero_()
+        self.open.zero_()
+        self._history[:, self.slot].zero_()
         self.valid[:, self.slot] = False
         self.steps += 1
 
@@ -82,14 +98,15 @@ class SketchRing:
         order = torch.tensor(
             [(self.slot + 1 + i) % self.slots for i in range(self.window)], device=self.device
         )
-        return self.buffer.index_select(1, order), self.valid.index_select(1, order)
+        return self._history.index_select(1, order), self.valid.index_select(1, order)
 
     def reset(self) -> None:
         """Forget the window, including the open slot (e.g. for a fresh window after reallocation).
 
         `steps` and the invalid counters are lifetime statistics and are kept.
         """
-        self.buffer.zero_()
+        self._history.zero_()
+        self.open.zero_()
         self.valid.zero_()
         self.slot = 0
 
@@ -140,7 +157,8 @@ class SketchRing:
             raise ValueError(f"SketchRing state slot {slot} outside [0, {self.slots})")
         if steps < 0:
             raise ValueError(f"SketchRing state steps must be >= 0, got {steps}")
-        self.buffer.copy_(state["buffer"])
+        self._history.copy_(state["buffer"])
+        self.open.copy_(self._history[:, slot])
         self.valid.copy_(state["valid"])
         self._invalid_per_layer.copy_(state["invalid_per_layer"])
         self.slot, self.steps = slot, steps

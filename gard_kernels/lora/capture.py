@@ -3,8 +3,8 @@
 The LoRA branch of a layer is added to the base output, so the gradient arriving at the branch
 is dY of the whole layer. `LoRACaptureFunction` computes the branch, and in backward feeds the
 input it saved for dA anyway, together with that dY, to the layer's `CaptureHandle`: the
-GradientSketch (into the ring slot `handle.out`) and, when armed, a randomized range finder
-whose output seeds new LoRA directions on a gradient-initialised grow.
+GradientSketch (into the ring's open slot `handle.out`) and, when armed, the RangeFinder
+(range_finder.py) whose output seeds new LoRA directions on a gradient-initialised grow.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..sketch import GradientSketch
+from .range_finder import RangeFinder
 
 __all__ = ["CaptureHandle", "LoRACaptureFunction", "lora_capture"]
 
@@ -21,63 +22,71 @@ class CaptureHandle:
 
     Args:
         sketch: GradientSketch of the layer (d_in, d_out of the layer).
-        out: [k_out, k_in] float32 view into the ring buffer's current slot, or None (capture off).
-            Set by the controller each step; read at backward time.
+        out: [k_out, k_in] float32 buffer the sketch accumulates into, e.g. a view of the ring's
+            open slot (set once: the ring keeps that memory fixed), or None (capture off).
         backend: sketch backend, see GradientSketch.__call__.
+
+    Attributes:
+        buffer: the `out` given (or assigned later).
+        enabled: capture on/off switch (the controller's schedule).
+        range_finder: RangeFinder fed by the same backward passes while armed.
     """
 
     def __init__(self, sketch: GradientSketch, out: torch.Tensor | None = None, backend: str = "auto"):
         self.sketch = sketch
-        self.out = out
+        self.buffer = out
         self.backend = backend
-        # Range finder: test matrices Omega_in [d_in, p], Omega_out [d_out, p] and the running
-        # Z = G^T Omega_out [d_in, p], Y = G Omega_in [d_out, p]; None while disarmed.
-        self._omega_in: torch.Tensor | None = None
-        self._omega_out: torch.Tensor | None = None
-        self._z: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
-        self.range_tokens = 0
+        self.enabled = True
+        self.range_finder = RangeFinder(sketch.d_in, sketch.d_out)
 
     def __repr__(self) -> str:
         return (
-            f"CaptureHandle({self.sketch!r}, capturing={self.out is not None}, backend={self.backend!r}, "
-            f"range_finder={'off' if self._z is None else self._z.shape[1]})"
+            f"CaptureHandle({self.sketch!r}, capturing={self.capturing}, backend={self.backend!r}, "
+            f"{self.range_finder!r})"
         )
 
     @property
+    def out(self) -> torch.Tensor | None:
+        """Where backward passes write sketches now: `buffer` while enabled, else None."""
+        return self.buffer if self.enabled else None
+
+    @out.setter
+    def out(self, value: torch.Tensor | None) -> None:
+        self.buffer = value
+
+    @property
+    def capturing(self) -> bool:
+        """Whether backward passes write sketches now."""
+        return self.out is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether backward passes have anything to record (a sketch or the range finder)."""
+        return self.capturing or self.range_finder.armed
+
+    # The range finder's verbs, where the layer and its tests reach them.
+    @property
     def armed(self) -> bool:
-        """Whether backward passes also feed the range finder."""
-        return self._z is not None
+        return self.range_finder.armed
+
+    @property
+    def range_tokens(self) -> int:
+        return self.range_finder.tokens
 
     def arm_range_finder(self, p: int, generator: torch.Generator | None = None) -> None:
-        """Accumulate Z = G^T Omega_out and Y = G Omega_in over the next backward passes.
-
-        G = dY^T X summed over every backward pass until `disarm()`; G itself is never formed.
-        Re-arming discards what was accumulated.
-
-        Args:
-            p: sketch width; `top_input_directions(r)` needs r <= p (a few extra columns of
-                oversampling, p = r + 5 or more, make the estimate accurate).
-            generator: torch.Generator for the Gaussian test matrices (on its own device; they
-                move to the activations' device on the first backward pass).
-        """
-        if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
-            raise ValueError(f"arm_range_finder: p must be a positive int, got {p!r}")
-        device = generator.device if generator is not None else torch.device("cpu")
-        d_in, d_out = self.sketch.d_in, self.sketch.d_out
-        self._omega_in = torch.randn(d_in, p, generator=generator, device=device)
-        self._omega_out = torch.randn(d_out, p, generator=generator, device=device)
-        self._z = torch.zeros(d_in, p, device=device)
-        self._y = torch.zeros(d_out, p, device=device)
-        self.range_tokens = 0
+        """RangeFinder.arm: accumulate G's range over the next backward passes."""
+        self.range_finder.arm(p, generator)
 
     def disarm(self) -> None:
-        """Stop and free the range finder."""
-        self._omega_in = self._omega_out = self._z = self._y = None
-        self.range_tokens = 0
+        """RangeFinder.disarm."""
+        self.range_finder.disarm()
+
+    def top_input_directions(self, r: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """RangeFinder.top_input_directions."""
+        return self.range_finder.top_input_directions(r, exclude)
 
     def record(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        """Backward-time hook: sketch (when `out` is set) and range finder (when armed).
+        """Backward-time hook: sketch (while capturing) and range finder (while armed).
 
         Args:
             x: [..., d_in] the layer input as the branch used it.
@@ -86,77 +95,10 @@ class CaptureHandle:
         if x.dtype == torch.float64:
             # The sketch kernels take float32 and lower; their output is float32 anyway.
             x, dy = x.float(), dy.float()
-        if self.out is not None:
+        if self.capturing:
             self.sketch(x, dy, out=self.out, backend=self.backend)
-        if self._z is not None:
-            self._accumulate_range(x, dy)
-
-    def _accumulate_range(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        if self._z.device != x.device:
-            self._omega_in, self._omega_out, self._z, self._y = (
-                t.to(x.device) for t in (self._omega_in, self._omega_out, self._z, self._y)
-            )
-        x2 = x.reshape(-1, self.sketch.d_in).float()  # [N, d_in]
-        dy2 = dy.reshape(-1, self.sketch.d_out).float()  # [N, d_out]
-        # Z += X^T (dY Omega_out), Y += dY^T (X Omega_in): O(N d p), G never formed.
-        self._z.addmm_(x2.T, dy2 @ self._omega_out)
-        self._y.addmm_(dy2.T, x2 @ self._omega_in)
-        self.range_tokens += x2.shape[0]
-
-    def top_input_directions(self, r: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Estimated top right singular vectors of G (or of G (I - P_exclude)).
-
-        Single-pass randomized SVD (Halko, Martinsson, Tropp 2011, sec. 5.5): Q = orth(Z) spans
-        the row space of G; G Q ~ Y (Q^T Omega_in)^+; the SVD of that, rotated back by Q, gives
-        the directions. With `exclude`, G is first restricted to the orthogonal complement of the
-        rows of `exclude` (the layer's existing A rows), so new directions are complementary.
-
-        Args:
-            r: number of directions, 0 <= r <= p.
-            exclude: optional [m, d_in] rows whose span the directions must avoid.
-        Returns:
-            [r', d_in] float32 orthonormal rows on the activations' device, strongest first;
-            r' = r unless the complement of `exclude` inside span(Q) has fewer dimensions
-            (r' = 0 when a backward pass since arming had non-finite gradients).
-        """
-        if self._z is None:
-            raise RuntimeError(
-                "top_input_directions: the range finder is not armed; call arm_range_finder(p) and "
-                "run backward passes with capture on before a gradient-initialised grow"
-            )
-        p = self._z.shape[1]
-        if not 0 <= r <= p:
-            raise ValueError(f"top_input_directions: r={r} must lie in [0, p={p}]; arm with a larger p")
-        if self.range_tokens == 0:
-            raise RuntimeError(
-                "top_input_directions: no backward pass reached this layer since arm_range_finder; "
-                "the gradient is unknown"
-            )
-        if not (torch.isfinite(self._z).all() and torch.isfinite(self._y).all()):
-            # An overflowing or NaN backward pass poisoned the estimate: no direction is known.
-            return torch.zeros(0, self.sketch.d_in, device=self._z.device)
-        z, y = self._z.double(), self._y.double()
-        omega_in = self._omega_in.double()
-        q, _ = torch.linalg.qr(z)  # [d_in, p]
-        # G Q ~ Y (Q^T Omega_in)^+  (exact when span(Q) holds the row space of G).
-        g_q = y @ torch.linalg.pinv(q.T @ omega_in)  # [d_out, p]
-        basis = q
-        if exclude is not None and exclude.shape[0] > 0:
-            e = _orthonormal_rows(exclude.detach().to(device=q.device, dtype=torch.float64))  # [m', d_in]
-            # G (I - P) ~ (G Q) ((I - P) Q)^T; write (I - P) Q = U_c S_c V_c^T and keep S_c > 0.
-            u_c, s_c, vh_c = torch.linalg.svd(q - e.T @ (e @ q), full_matrices=False)
-            keep = s_c > 1e-6
-            basis = u_c[:, keep]  # [d_in, k], orthogonal to exclude
-            g_q = g_q @ (vh_c[keep].T * s_c[keep])  # [d_out, k]
-        _, _, vh = torch.linalg.svd(g_q, full_matrices=False)
-        directions = vh[:r] @ basis.T  # [r', d_in]
-        return directions.to(torch.float32)
-
-
-def _orthonormal_rows(m: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis [k, d] of the row space of m [n, d] (rank-revealing, via SVD)."""
-    _, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return vh[s > s.max() * max(m.shape) * torch.finfo(m.dtype).eps]
+        if self.range_finder.armed:
+            self.range_finder.accumulate(x, dy)
 
 
 def _compute_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:

@@ -112,7 +112,7 @@ class LoRALayer(nn.Module):
     @property
     def capturing(self) -> bool:
         """Whether the next forward (with grad enabled) goes through the capture Function."""
-        return self.capture is not None and self.capture.out is not None
+        return self.capture is not None and self.capture.capturing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + scaling * (x A^T) B^T.
