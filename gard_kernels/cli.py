@@ -308,6 +308,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_speed(args) -> int:
+    from .experiments.compare import base_evaluation
+    from .experiments.runner import write_json
+    from .experiments.speed import measure_modes, speed_markdown
+
+    train, gard = _settings(args, [args.method], [args.budget])
+    progress = not args.no_progress
+    _setup_threads(args)
+    ws = _workspace(args, progress)
+    base_evaluation(ws, train, None, progress)
+    records = measure_modes(ws, args.modes, args.method, args.budget, args.seed, train, gard, progress=progress)
+    print(speed_markdown(records))
+    if args.out:
+        write_json(Path(args.out), {"records": records, "train": train.to_dict(), "method": args.method,
+                                    "budget": args.budget, "device": ws.context["device"], "command": "gard " + " ".join(args.argv)})
+        print(f"written: {args.out}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .experiments.plots import plot_all
 
@@ -379,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare")
     _add_common(p, {})
     p.set_defaults(func=cmd_compare)
+
+    from .experiments.speed import MODES
+
+    p = sub.add_parser("speed", help="tokens/s of the training step in each precision mode, with a PPL check (same run per mode)")
+    p.add_argument("--method", default="uniform", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--budget", type=int, default=RANK1_BUDGET, help="LoRA parameter budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--out", default=None, help="JSON file for the records")
+    _add_common(p, {})
+    p.set_defaults(func=cmd_speed)
 
     p = sub.add_parser("plot", help="PNG figures from a run or compare directory")
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -175,3 +175,22 @@ def test_test_fraction_zero_reproduces_the_two_way_split(model_dir, tmp_path, ca
     assert metrics["test_ppl"] is None and metrics["data"]["test_topics"] == 0 and "test PPL" not in stdout
     code, _, err = run_cli(["finetune", "--method", "uniform", "--test-fraction", "0.9"], capsys)
     assert code == 2 and "--test-fraction must be in" in err
+
+
+def test_speed_command_measures_every_mode_on_the_same_run(model_dir, tmp_path, capsys, monkeypatch):
+    import torch as _torch
+
+    # torch.compile itself is exercised by the real benchmark (docs/results.md); here it is a spy.
+    compiled = []
+    monkeypatch.setattr(_torch, "compile", lambda model: compiled.append(model) or model)
+    out = tmp_path / "speed.json"
+    code, stdout, err = run_cli(["speed", "--method", "uniform", "--budget", "400", "--model", model_dir, "--out", out,
+                                 *FAST, "--modes", "fp32", "bf16", "fp32+compile"], capsys)
+    assert code == 0, err
+    records = json.loads(out.read_text())["records"]
+    assert [r["mode"] for r in records] == ["fp32", "bf16", "fp32+compile"] and len(compiled) == 1
+    assert all(r["tokens_per_second_steady"] > 0 for r in records)
+    assert records[0]["delta_val_ppl_vs_first"] == 0.0
+    # The compile spy returns the eager model: same run, same PPL as fp32.
+    assert records[2]["val_ppl"] == pytest.approx(records[0]["val_ppl"], rel=1e-6)
+    assert "tokens/s (steady)" in stdout
