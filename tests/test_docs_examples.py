@@ -277,6 +277,13 @@ def _check_loop(ns: dict) -> None:
     assert gard.step_count == 24 and any("reallocation" in record for record in gard.history)
 
 
+def _check_sketch(ns: dict) -> None:
+    # The comments: a [16, 16] float32 sketch, and out= adds into it.
+    S, fresh = ns["S"], ns["sk"](ns["x"], ns["dy"])
+    assert S.shape == (16, 16) and S.dtype == torch.float32
+    torch.testing.assert_close(S, 2 * fresh)
+
+
 def _check_peft_outputs(ns: dict) -> None:
     ids = batches(1, seed=5)[0]["input_ids"]
     with torch.no_grad():
@@ -296,6 +303,7 @@ def _check_own_checkpoint(ns: dict) -> None:
 HOOKS = [
     Hook("README.md", "for batch in loader", after=_check_loop),
     Hook("usage.md", "for batch in loader", after=_check_loop),
+    Hook("README.md", "gk.GradientSketch", after=_check_sketch),
     Hook("integrations.md", "trainer.train()", substitute=("save_steps=500", "save_steps=2"), after=_check_trainer,
          why="the tiny run takes 3 optimizer steps; save a checkpoint for the resume example"),
     Hook("integrations.md", "/elsewhere/checkpoint-800",
@@ -461,3 +469,24 @@ def test_all_ranks_at_zero_paragraph(mode):
             loss.backward()
             opt.step(), gard.step(), opt.zero_grad()
         assert (gard.num_lora_params > 0) == grows
+
+
+def test_history_keys_are_documented():
+    """Every key of a `gard.history` record appears in usage.md's "Reading `history`"."""
+    text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    section = text.split("## Reading `history`", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(\w+)`", section))
+    config = dict(budget=57_600, target_modules=["q_proj", "v_proj"], window=2, interval=2, backend="torch")
+    model = tiny_llama()
+    gard = gk.GARD(model, gk.GARDConfig(**config))
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-3))
+    for batch in batches(2, seed=7):
+        model(**batch).loss.backward()
+        gard.optimizer.step(), gard.step(), gard.optimizer.zero_grad()
+    static = gk.GARD(tiny_llama(), gk.GARDConfig(mode="static", **config))
+    static.profile(batches(2, seed=8))
+    records = gard.history + static.history
+    keys = {key for record in records for key in record}
+    keys |= {key for record in records if "reallocation" in record for key in record["reallocation"]}
+    assert any("reallocation" in record for record in gard.history)
+    assert keys <= documented, f"history keys missing from docs/usage.md: {sorted(keys - documented)}"
