@@ -5,9 +5,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from .spectra import MEASURES
+
 MODES = ("static", "dynamic")
 SCORES = ("spectral", "grad_norm", "uniform", "random", "update_rank", "update_nuclear", "energy_rank")
-MEASURES = ("energy", "entropy", "stable", "participation")
 GROW_INITS = ("zero", "gradient")
 SHRINKS = ("norm", "svd")
 

@@ -422,12 +422,8 @@ class GARD:
                     f"state_dict was saved for a model whose module {name!r} has (d_in, d_out) = "
                     f"{tuple(shape)}, here it has {(layer.d_in, layer.d_out)}"
                 )
-        for layer, rank, adapter in zip(self.manager.layers, state["ranks"], state["adapters"]):
-            # Grown rows are overwritten below and the generator's state is restored afterwards.
-            layer.resize(rank, generator=self._generator)
-            with torch.no_grad():
-                layer.lora_A.copy_(adapter["lora_A"])
-                layer.lora_B.copy_(adapter["lora_B"])
+        for layer, adapter in zip(self.manager.layers, state["adapters"]):
+            layer.load_factors(adapter["lora_A"], adapter["lora_B"])
         self.ring.load_state_dict(state["ring"])
         self.ema_statistic = state["ema_statistic"]
         self.step_count = state["step_count"]
