@@ -5,6 +5,11 @@
 //       when built WITH_CUDA. Its fake (meta) kernel is registered from Python in native.py.
 //   projection(key, d, k) -> Tensor
 //       P [d, k] float32 = +-1/sqrt(k), materialised on the CPU for hash-equality tests.
+//   cpu_bf16_dot_supported() -> bool
+//       Whether bfloat16 inputs on the CPU take the AVX-512 BF16 (vdpbf16ps) path here.
+//   set_cpu_bf16_dot(enabled) -> bool
+//       Allows or forbids that path (process-wide; returns the previous setting), so tests and
+//       benchmarks can run the float fallback on a CPU that has the instructions.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,6 +28,8 @@ namespace gard_kernels {
 void sketch_cpu(const at::Tensor& x, const at::Tensor& dy, uint32_t key_in, uint32_t key_out, int64_t k_in,
                 int64_t k_out, double scale, const at::Tensor& out, bool accumulate);
 at::Tensor projection_cpu(uint32_t key, int64_t d, int64_t k);
+bool cpu_bf16_dot_supported();
+bool set_cpu_bf16_dot(bool enabled);
 
 namespace {
 
@@ -123,6 +130,8 @@ TORCH_LIBRARY(gard_kernels, m) {
       "bool accumulate) -> ()");
   // No tensor arguments, so a catch-all kernel: it always runs on the CPU.
   m.def("projection(int key, int d, int k) -> Tensor", &gard_kernels::projection_op);
+  m.def("cpu_bf16_dot_supported() -> bool", &gard_kernels::cpu_bf16_dot_supported);
+  m.def("set_cpu_bf16_dot(bool enabled) -> bool", &gard_kernels::set_cpu_bf16_dot);
 }
 
 TORCH_LIBRARY_IMPL(gard_kernels, CPU, m) { m.impl("sketch", &gard_kernels::sketch_cpu_op); }

@@ -307,3 +307,89 @@ def test_warning_names_build_error(fresh_build_state, monkeypatch):
     message = _unavailable_warning()
     assert "the build failed" in message and "gard_test_broken_source" in message
     assert "compiler output" in message
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# bf16 inputs are exact in float32 and the signs are +-1, so both CPU paths (vdpbf16ps, and
+# conversion to float32) form every product exactly and only round float32 sums: float32's bound.
+BF16_EXACT_PRODUCTS_TOLERANCE = 1e-5
+BF16_PATHS = [pytest.param(True, id="avx512bf16"), pytest.param(False, id="float-fallback")]
+
+
+def test_bf16_dot_detected_as_the_cpu_reports():
+    assert native.cpu_bf16_dot_supported() == ("avx512_bf16" in _cpu_flags())
+
+
+def _bf16_path(use_dot: bool):
+    if use_dot:
+        # Runs (not skips) wherever the CPU has the instructions; elsewhere the test above pins
+        # that the fallback is chosen, and the float-fallback cases below cover it.
+        if not native.cpu_bf16_dot_supported():
+            pytest.skip("this CPU has no AVX-512 BF16")
+    return native.cpu_bf16_dot(use_dot)
+
+
+def _check_bf16(sk, x, dy, start=None):
+    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    out = poisoned((sk.k_out, sk.k_in)) if start is None else start.clone()
+    if start is not None:
+        expected = expected + start.double()
+    native.sketch_native(x, dy, sk.key_in, sk.key_out, sk.k_in, sk.k_out, sk.scale, out, start is not None)
+    assert rel_error(out, expected) < BF16_EXACT_PRODUCTS_TOLERANCE
+    return out
+
+
+@pytest.mark.parametrize("use_dot", BF16_PATHS)
+@pytest.mark.parametrize(
+    "shape",
+    SHAPES + [(301, 4097, 129, 128, 100), (1000, 31, 2049, 48, 16)],  # odd d across chunks, k > 2 panels
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_bf16_paths_match_reference(shape, use_dot):
+    n, d_in, d_out, k_in, k_out = shape
+    sk = gard_kernels.GradientSketch(d_in, d_out, k_in, k_out, seed=7)
+    with _bf16_path(use_dot):
+        _check_bf16(sk, *_inputs(n, d_in, d_out, torch.bfloat16))
+        _check_bf16(sk, *_inputs(n, d_in, d_out, torch.bfloat16), start=torch.randn(k_out, k_in))
+
+
+@pytest.mark.parametrize("use_dot", BF16_PATHS)
+@pytest.mark.parametrize("n", [123, 1000])
+def test_bf16_paths_non_contiguous(n, use_dot):
+    sk = gard_kernels.GradientSketch(77, 45, 16, 5, seed=3)
+    with _bf16_path(use_dot):
+        for _, x, dy in _strided_views(n, 77, 45, torch.bfloat16):
+            _check_bf16(sk, x, dy)
+
+
+@pytest.mark.parametrize("use_dot", BF16_PATHS)
+def test_bf16_odd_feature_count_ignores_the_next_column(use_dot):
+    # Rows of odd length inside wider rows whose next column is NaN: the odd tail feature must
+    # pair with zero, not with its neighbour in memory.
+    sk = gard_kernels.GradientSketch(77, 45, 16, 16, seed=4)
+    x_wide, dy_wide = torch.randn(130, 78).bfloat16(), torch.randn(130, 46).bfloat16()
+    x_wide[:, 77], dy_wide[:, 45] = float("nan"), float("nan")
+    with _bf16_path(use_dot):
+        _check_bf16(sk, x_wide[:, :77], dy_wide[:, :45])
+
+
+def test_bf16_dot_path_is_the_one_that_runs():
+    if not native.cpu_bf16_dot_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    sk = gard_kernels.GradientSketch(640, 320, 16, 16, seed=8)
+    x, dy = _inputs(5003, 640, 320, torch.bfloat16)
+    results = {}
+    for use_dot in (True, False):
+        with native.cpu_bf16_dot(use_dot):
+            results[use_dot] = _check_bf16(sk, x, dy)
+    # Pairwise products summed in another order: the switch must change the last bits.
+    assert not torch.equal(results[True], results[False])
+    # The switch is restored on exit.
+    assert torch.ops.gard_kernels.set_cpu_bf16_dot(True) is True

@@ -13,6 +13,7 @@ C++ compiler, no ninja, or the build itself failed (with the compiler's message)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -343,3 +344,24 @@ def projection_native(key: int, d: int, k: int, device: torch.device | str = "cp
     if not is_available("cpu"):
         raise RuntimeError(f"the native extension is unavailable: {_State.reasons.get('cpu', 'unknown reason')}")
     return torch.ops.gard_kernels.projection(int(key), int(d), int(k)).to(device)
+
+
+def cpu_bf16_dot_supported() -> bool:
+    """Whether bfloat16 inputs on this CPU take the AVX-512 BF16 (vdpbf16ps) path of the C++ kernel."""
+    return is_available("cpu") and bool(torch.ops.gard_kernels.cpu_bf16_dot_supported())
+
+
+@contextlib.contextmanager
+def cpu_bf16_dot(enabled: bool):
+    """Allow (True) or forbid (False) the AVX-512 BF16 path inside the block, process-wide.
+
+    Forbidding it runs bfloat16 inputs through the float32 fallback, so tests and benchmarks cover
+    both paths on a CPU that has the instructions. Allowing it on a CPU without them changes nothing.
+    """
+    if not is_available("cpu"):
+        raise RuntimeError(f"the native extension is unavailable: {_State.reasons.get('cpu', 'unknown reason')}")
+    previous = bool(torch.ops.gard_kernels.set_cpu_bf16_dot(bool(enabled)))
+    try:
+        yield
+    finally:
+        torch.ops.gard_kernels.set_cpu_bf16_dot(previous)
