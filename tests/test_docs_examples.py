@@ -301,8 +301,8 @@ def _check_own_checkpoint(ns: dict) -> None:
 
 
 HOOKS = [
-    Hook("README.md", "for batch in loader", after=_check_loop),
-    Hook("usage.md", "for batch in loader", after=_check_loop),
+    Hook("README.md", "print(gard.ranks, gard.num_lora_params", after=_check_loop),
+    Hook("usage.md", "several backward passes per step are fine", after=_check_loop),
     Hook("README.md", "gk.GradientSketch", after=_check_sketch),
     Hook("integrations.md", "trainer.train()", substitute=("save_steps=500", "save_steps=2"), after=_check_trainer,
          why="the tiny run takes 3 optimizer steps; save a checkpoint for the resume example"),
