@@ -3,6 +3,12 @@
 Usage: python benchmarks/gpu/measure.py RESULTS_DIR [--dry-run]
 --dry-run runs the same code paths on the CPU with tiny shapes (Triton under its interpreter),
 so the script is known to work before scarce GPU time is spent on it.
+
+Each sketch row carries its roofline (benchmarks/gpu/roofline.py): `bound_us` is the lower-bound
+time at the GPU's datasheet bandwidth and peaks, `x_bound` = measured / bound (1.0 is the limit),
+and `of_copy_bw` the fraction of the copy bandwidth measured in the same run (goal >= 0.70 for
+bf16 at N8192-d4096). A GPU without a datasheet entry is bounded by the measured copy bandwidth;
+the dry run uses the H200's numbers so the code path runs.
 """
 from __future__ import annotations
 
@@ -11,18 +17,19 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import gard_kernels as gk
 
-FULL_SKETCH_SHAPES = {
-    "N8192-d4096": (8192, 4096, 4096),
-    "smollm2-q_proj": (4096, 576, 576),
-    "smollm2-v_proj": (4096, 576, 192),
-    "smollm2-down_proj": (4096, 1536, 576),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import GPUS, ROOFLINE_SHAPES, GPU, bound_seconds, match_gpu, sketch_cost  # noqa: E402
+
+# The roofline's shapes (benchmarks/shapes.py plus N8192-d4096), so docs and GPU rows agree.
+FULL_SKETCH_SHAPES = {name: (s["n"], s["d_in"], s["d_out"]) for name, s in ROOFLINE_SHAPES.items()}
 DRY_SKETCH_SHAPES = {"dry-N64-d48": (64, 48, 40)}
+TRITON_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def time_call(fn, device: torch.device, reps: int = 20) -> float:
@@ -48,7 +55,15 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / seconds
 
 
-def sketch_rows(device, dtype, shapes, bandwidth):
+def roofline_gpu(device: torch.device, copy_bw: float, dry_run: bool) -> GPU:
+    """Datasheet entry of this GPU; else one bounded by the copy bandwidth measured here."""
+    if dry_run:
+        return GPUS["H200"]
+    name = torch.cuda.get_device_name(device)
+    return match_gpu(name) or GPU(f"{name} (copy bw)", copy_bw, float("inf"), float("inf"), "measured copy bandwidth")
+
+
+def sketch_rows(device, dtype, shapes, bandwidth, gpu: GPU):
     rows = []
     for name, (n, d_in, d_out) in shapes.items():
         x = torch.randn(n, d_in, device=device, dtype=dtype)
@@ -58,6 +73,7 @@ def sketch_rows(device, dtype, shapes, bandwidth):
         p_in_t, p_out_t = p_in.to(dtype), p_out.to(dtype)
         torch_seconds = time_call(lambda: (dy @ p_out_t).float().T @ (x @ p_in_t).float(), device)
         moved = (x.numel() + dy.numel()) * x.element_size()
+        bound = bound_seconds(sketch_cost(n, d_in, d_out, 16, 16, TRITON_NAMES[dtype]), gpu, TRITON_NAMES[dtype])
         for backend in ("triton", "cuda"):
             if backend not in gk.available_backends(device):
                 rows.append({"op": f"sketch {name} {backend}", "status": "unavailable"})
@@ -67,7 +83,9 @@ def sketch_rows(device, dtype, shapes, bandwidth):
             rows.append({
                 "op": f"sketch {name} {backend}",
                 "ms": seconds * 1e3,
-                "fraction_of_copy_bw": moved / seconds / bandwidth,
+                "bound_us": bound["bound"] * 1e6,
+                "x_bound": seconds / bound["bound"],
+                "of_copy_bw": moved / seconds / bandwidth,
                 "speedup_vs_torch": torch_seconds / seconds,
             })
     return rows
@@ -136,8 +154,10 @@ def main() -> None:
         sys.exit("no CUDA device: run with --dry-run on a CPU machine")
     dtype = torch.float16 if args.dry_run else torch.bfloat16  # the interpreter has no bf16
     bandwidth = copy_bandwidth(device, 1 << 20 if args.dry_run else 1 << 30)
-    rows = [{"op": "device copy bandwidth", "GB/s": bandwidth / 1e9}]
-    rows += sketch_rows(device, dtype, DRY_SKETCH_SHAPES if args.dry_run else FULL_SKETCH_SHAPES, bandwidth)
+    gpu = roofline_gpu(device, bandwidth, args.dry_run)
+    rows = [{"op": "device copy bandwidth", "GB/s": bandwidth / 1e9, "roofline": gpu.name,
+             "of_datasheet_bw": bandwidth / gpu.bandwidth}]
+    rows += sketch_rows(device, dtype, DRY_SKETCH_SHAPES if args.dry_run else FULL_SKETCH_SHAPES, bandwidth, gpu)
     rows.append(spectra_row(device, (6, 8, 16) if args.dry_run else (210, 32, 256)))
     rows.append(train_step_row(device, args.dry_run))
     with open(os.path.join(args.results_dir, "measurements.json"), "w") as f:

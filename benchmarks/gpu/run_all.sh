@@ -43,6 +43,9 @@ else
   status "test suite" "FAILED: $(tail -n 1 "$results/tests.log")"
 fi
 
+# Each sketch row: ms, bound_us (roofline at the datasheet peaks), x_bound = measured / bound,
+# of_copy_bw (goal >= 0.70 for bf16 at N8192-d4096). roofline.md holds the bounds for both GPUs.
+python benchmarks/gpu/roofline.py > "$results/roofline.md" 2>&1
 timeout 240 python benchmarks/gpu/measure.py "$results" $dry > "$results/measure.log" 2>&1
 status "measurements" "exit $? (measure.log, measurements.json)"
 
@@ -55,4 +58,4 @@ else
   status "paper-style run" "FAILED (paper-run.log)"
 fi
 
-echo; echo "== summary =="; cat "$results/summary.txt"; cat "$results/measure.log" | tail -n 12
+echo; echo "== summary =="; cat "$results/summary.txt"; grep -E "^op=" "$results/measure.log" || tail -n 20 "$results/measure.log"
