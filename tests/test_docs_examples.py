@@ -490,3 +490,54 @@ def test_history_keys_are_documented():
     keys |= {key for record in records if "reallocation" in record for key in record["reallocation"]}
     assert any("reallocation" in record for record in gard.history)
     assert keys <= documented, f"history keys missing from docs/usage.md: {sorted(keys - documented)}"
+
+
+SHELL_LANGS = {"bash", "sh", "shell", "console"}
+
+
+def shell_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """(where, argv) of each command in the file's shell blocks and 4-space indented code."""
+    import shlex
+
+    commands, lang, pending, start = [], None, "", 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fence = _FENCE.match(line)
+        if fence:
+            lang = None if lang is not None else fence.group(2).strip().lower()
+            continue
+        in_shell = lang in SHELL_LANGS
+        indented = lang is None and line.startswith("    ") and line.strip().split(" ", 1)[0] in {"make", "gard"}
+        if not (in_shell or indented or pending):
+            continue
+        start = start if pending else number
+        pending += line.strip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        argv = shlex.split(pending, comments=True)
+        if argv:
+            commands.append((f"{_shown(path)}:{start}", argv))
+        pending = ""
+    return commands
+
+
+def test_documented_commands_exist():
+    """Every `make` target and `gard` command line in the docs parses, with known method names."""
+    from gard_kernels.cli import build_parser
+    from gard_kernels.experiments.methods import METHODS
+
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M))
+    checked = 0
+    for path in DOC_FILES:
+        for where, argv in shell_commands(path):
+            if argv[0] == "make":
+                assert set(argv[1:]) <= targets, f"{where}: no Makefile target {argv[1:]}"
+            elif argv[0] == "gard":
+                args = build_parser().parse_args(argv[1:])
+                methods = [getattr(args, "method", None), *(getattr(args, "methods", None) or [])]
+                unknown = {m for m in methods if m} - set(METHODS)
+                assert not unknown, f"{where}: unknown methods {sorted(unknown)}"
+            else:
+                continue
+            checked += 1
+    assert checked >= 6, checked
