@@ -197,7 +197,7 @@ def _samples(count: int) -> list[dict]:
 
 
 def _training_run(ns: dict) -> dict:
-    """A GARD run three optimizer steps in, one re-allocation done (window 2, interval 2)."""
+    """A GARD run three optimizer steps in (with the stand-in cfg: one re-allocation done)."""
     model, cfg = need(ns, "model"), need(ns, "cfg")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-3)
@@ -205,7 +205,6 @@ def _training_run(ns: dict) -> dict:
     for batch in batches(3, seed=3):
         model(**batch).loss.backward()
         opt.step(), gard.step(), opt.zero_grad()
-    assert any("reallocation" in record for record in gard.history)
     return {"gard": gard, "opt": opt}
 
 
