@@ -454,6 +454,13 @@ def _check_budget_feasible(cfg: GARDConfig, names: list[str], costs: list[int], 
             f"r_min={r_min} exceeds min(d_in, d_out) of {len(small)} adapted layer(s), e.g. {small[0][0]!r} "
             f"({small[0][1]}); lower r_min to {min(cap for _, cap in small)} or leave those modules out of target_modules"
         )
+    cheapest = min(range(len(costs)), key=costs.__getitem__)
+    if costs[cheapest] > cfg.budget:
+        raise ValueError(
+            f"budget {cfg.budget} is below the cost of rank 1 on the cheapest adapted layer, {names[cheapest]!r} "
+            f"(d_in + d_out = {costs[cheapest]}): no layer could ever train; raise the budget to at least "
+            f"{costs[cheapest]}"
+        )
     floor = r_min * sum(costs)
     if floor > cfg.budget:
         raise ValueError(
