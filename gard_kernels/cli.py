@@ -108,6 +108,10 @@ def _add_gard_options(p: argparse.ArgumentParser) -> None:
         symbol, aliases = PAPER_SYMBOLS.get(f.name, (None, []))
         text = helps.get(f.name, "")
         if symbol:
+            # GARDConfig's text may already name the symbol in ASCII ("tau, steps ..."): show it once.
+            ascii_name = {"β": "beta", "τ": "tau", "M": "M"}.get(symbol)
+            if ascii_name and text.startswith(ascii_name + ","):
+                text = text[len(ascii_name) + 1 :].lstrip()
             text = f"{symbol}: {text}"
         g.add_argument(f"--{f.name.replace('_', '-')}", *aliases, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
     g.add_argument("--k", dest="k", type=int, default=argparse.SUPPRESS, help="k: sets k_in = k_out (sketch size per side)")
