@@ -30,7 +30,8 @@ def runs(draw):
     r_max = draw(st.integers(1, 6))
     r_min = draw(st.integers(0, min(r_max, 2, *(min(s) for s in shapes))))
     floor = r_min * sum(costs)
-    budget = draw(st.integers(max(floor, 1), floor + 6 * sum(costs)))
+    # At least one layer can reach rank 1: GARD refuses budgets where no layer could ever train.
+    budget = draw(st.integers(max(floor, min(costs)), floor + 6 * sum(costs)))
     # budget >= r_min * Σ cost, so [r_min, hi] is never empty.
     r_init = draw(st.one_of(st.none(), st.integers(r_min, min(r_max, budget // sum(costs)))))
     config = dict(
