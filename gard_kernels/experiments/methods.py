@@ -397,15 +397,14 @@ class EvaMethod(_FixedRankMethod):
     Moving a unit between modules of different d_in + d_out changes the parameter count, so
     units are then removed (the layer's least-variance component first, from the layer furthest
     above its starting rank) until the count is within the budget; metrics report the real count.
-    The run's first `window` batches are cycled through the incremental SVD until PEFT's
-    convergence test passes.
+    The run's batches, in order, feed PEFT's incremental SVD until its convergence test passes
+    (cycled if it needs more); it reads activations only (forward passes, no gradients).
     """
 
     RHO = 2.0
 
     def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int):
         super().__init__(name, model, budget, settings, seed)
-        self.window = settings.value("window")
         self.plan, _ = uniform_ranks(self.manager.costs, self.manager.caps, budget, self.r_max)
         self.details = {"rho": self.RHO, "start_ranks": dict(zip(self.manager.names, self.plan))}
 
@@ -421,7 +420,9 @@ class EvaMethod(_FixedRankMethod):
             init_lora_weights="eva",
             eva_config=EvaConfig(rho=self.RHO),
         )
-        loader = [{"input_ids": batch} for batch in batches[: max(1, self.window)]]
+        # The run's batches in order: PEFT's incremental SVD stops at convergence, and fresh
+        # batches (rather than the first M cycled) let it converge on the data, not on repeats.
+        loader = [{"input_ids": batch} for batch in batches]
         with torch.no_grad():
             state = get_eva_state_dict(self.model, loader, peft_config=config, show_progress_bar=progress)
         components = [state.get(f"{name}.base") for name in self.manager.names]
