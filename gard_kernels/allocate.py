@@ -46,8 +46,9 @@ def allocate_ranks(
     Hysteresis (dynamic re-allocation): units a layer holds now (j < current_l - r_min_l) count
     as if its score were s_l · (1 + dead_band). A unit therefore leaves a layer for another one
     only when the receiver's score per unit exceeds the holder's by more than that factor, and
-    exact ties go to the holder; with current = the result of a call without `current`, the same
-    ranks come back for any dead_band >= 0.
+    exact ties go to the holder. Stable: with the same scores and dead_band, passing as `current`
+    a call's result, or any ranks between that call's `current` and its result (a move that
+    clip_rank_change cut short), returns that result again.
 
     Layers with score 0 stay at r_min_l when any score is positive (their gradient carries
     nothing to adapt); the budget they leave may stay unspent. All-zero scores are uniform.
