@@ -313,7 +313,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_speed(args) -> int:
-    from .experiments.compare import base_evaluation
     from .experiments.runner import write_json
     from .experiments.speed import measure_modes, speed_markdown
 
@@ -321,7 +320,6 @@ def cmd_speed(args) -> int:
     progress = not args.no_progress
     _setup_threads(args)
     ws = _workspace(args, progress)
-    base_evaluation(ws, train, None, progress)
     records = measure_modes(ws, args.modes, args.method, args.budget, args.seed, train, gard, progress=progress)
     print(speed_markdown(records))
     if args.out:
