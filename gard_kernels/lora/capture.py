@@ -155,11 +155,12 @@ class LoRACaptureFunction(torch.autograd.Function):
         if r == 0:
             # A rank-0 branch is constant zero: no gradient flows (None reads as zero).
             return dx, d_a, d_b, None, None
-        g = dy.reshape(-1, dy.shape[-1]) * scaling  # [N, d_out]
+        # The scaling goes onto the small products, never onto a full [N, d_out] copy of dY.
+        g = dy.reshape(-1, dy.shape[-1])  # [N, d_out]
         if ctx.needs_input_grad[2]:
-            d_b = (g.T @ h.reshape(-1, r)).to(b_dtype)  # [d_out, r]
+            d_b = (g.T @ h.reshape(-1, r)).mul_(scaling).to(b_dtype)  # [d_out, r]
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dh = g @ b_c  # [N, r]
+            dh = (g @ b_c).mul_(scaling)  # [N, r]
             if ctx.needs_input_grad[1]:
                 d_a = (dh.T @ x_c.reshape(-1, x_c.shape[-1])).to(a_dtype)  # [r, d_in]
             if ctx.needs_input_grad[0]:
