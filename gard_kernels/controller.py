@@ -97,7 +97,6 @@ class GARD:
                 param.requires_grad_(flag)
             raise
 
-    # ----------------------------------------------------------------------------------- public API
     @property
     def names(self) -> list[str]:
         return self.manager.names
@@ -206,7 +205,6 @@ class GARD:
     def _grows_from_gradient(self) -> bool:
         return self.config.mode == "dynamic" and self.config.grow_init == "gradient"
 
-    # ------------------------------------------------------------------------------------ schedule
     def _reallocation_due(self, t: int) -> bool:
         """Whether ranks are re-allocated when the optimizer step count reaches t."""
         cfg = self.config
@@ -248,7 +246,6 @@ class GARD:
                 else:
                     handle.disarm()
 
-    # ----------------------------------------------------------------------------------- allocation
     def _statistic(self, eigs: torch.Tensor, valid: torch.Tensor, sketches: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-layer importance statistic before smoothing and normalisation."""
         cfg = self.config
@@ -374,7 +371,6 @@ class GARD:
             raise
         return discarded
 
-    # ---------------------------------------------------------------------------------- checkpoint
     def save_pretrained(self, path, **kwargs) -> None:
         """Write a standard PEFT LoRA adapter; see gard_kernels.integrations.peft_export.save_pretrained."""
         from .integrations.peft_export import save_pretrained

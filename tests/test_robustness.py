@@ -82,7 +82,6 @@ def _assert_healthy(gard):
         assert torch.isfinite(param).all()
 
 
-# ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -139,7 +138,6 @@ def test_step_before_optimizer_when_a_resize_is_due():
         gard.attach_optimizer(torch.optim.SGD(list(gard.lora_parameters())[:2], lr=0.1))
 
 
-# ------------------------------------------------------------------------------ non-finite input
 def test_nan_batch_is_discarded_counted_and_warned_once():
     model = Net()
     gard = _gard(model)
@@ -187,7 +185,6 @@ def test_non_finite_step_armed_for_gradient_initialised_growth():
     _assert_healthy(gard)
 
 
-# --------------------------------------------------------------------------------- unused layers
 @pytest.mark.parametrize("score", ["spectral", "grad_norm"])
 @pytest.mark.parametrize("r_min", [0, 1])
 def test_layer_with_zero_gradient_gets_rank_zero_statistic_and_r_min(score, r_min):
@@ -211,7 +208,6 @@ def test_unused_layer_grows_with_gradient_init_without_a_gradient():
     _assert_healthy(gard)
 
 
-# ---------------------------------------------------------------------------- eigensolver faults
 def _run_with(monkeypatch, fail):
     """A dynamic run whose eigvalsh fails where `fail(matrices)` says so."""
     real = torch.linalg.eigvalsh
