@@ -182,7 +182,6 @@ def free_names(code: str) -> list[str]:
     return free
 
 
-# ------------------------------------------------------------------------------------ stand-ins
 # What a reader brings to an example. Each builder takes the namespace (to reuse or supply what
 # it depends on, through `need`) and returns the names it defines.
 def _fresh_model():
@@ -241,7 +240,6 @@ def need(ns: dict, name: str):
     return ns[name]
 
 
-# ---------------------------------------------------------------------------- per-example hooks
 # Keyed by (file name, a string the block contains); every hook must match a block, so a hook
 # whose example changed fails instead of going stale.
 @dataclass(frozen=True)
