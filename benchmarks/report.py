@@ -10,6 +10,25 @@ import sys
 from collections import defaultdict
 
 
+def rate_rows(group: str, benches: list[dict], baseline: dict) -> list[str]:
+    """Rows of a compute-rate group: GFLOP/s of each benchmark and its fraction of the baseline's."""
+    base_rate = baseline["extra_info"]["flops"] / baseline["stats"]["median"]
+    lines = [f"### {group}", "", "| benchmark | median (ms) | IQR (ms) | GFLOP/s | rate vs baseline | target |",
+             "|---|---|---|---|---|---|"]
+    for b in sorted(benches, key=lambda b: b["extra_info"].get("role") != "baseline"):
+        stats, info = b["stats"], b["extra_info"]
+        name = b["name"].split("::")[-1] + (f" [{info['backend']}]" if info.get("backend") else "")
+        rate = info["flops"] / stats["median"]
+        target = info.get("target_rate")
+        verdict = f">= {target}: {'met' if rate / base_rate >= target else 'MISSED'}" if target is not None else ""
+        relative = "baseline" if b is baseline else f"{rate / base_rate:.2f}"
+        lines.append(
+            f"| {name} | {stats['median'] * 1e3:.3f} | {stats['iqr'] * 1e3:.3f} | {rate / 1e9:.1f} | {relative} | {verdict} |"
+        )
+    lines.append("")
+    return lines
+
+
 def render(results: dict) -> str:
     machine = results.get("machine_info", {})
     commit = results.get("commit_info", {})
@@ -25,6 +44,9 @@ def render(results: dict) -> str:
     for group, benches in sorted(groups.items()):
         baselines = [b for b in benches if b["extra_info"].get("role") == "baseline"]
         base = baselines[0]["stats"]["median"] if baselines else None
+        if baselines and "flops" in baselines[0]["extra_info"]:
+            lines += rate_rows(group, benches, baselines[0])
+            continue
         lines += [f"### {group}", "", "| benchmark | median (ms) | IQR (ms) | speedup vs baseline | target |", "|---|---|---|---|---|"]
         for b in sorted(benches, key=lambda b: b["extra_info"].get("role") != "baseline"):
             stats, info = b["stats"], b["extra_info"]

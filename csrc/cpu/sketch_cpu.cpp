@@ -37,6 +37,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -168,6 +169,9 @@ struct Side {
   int64_t d, k, kp;  // features, sketch width, width padded to kLanes
   uint32_t key;
   int64_t chunk;  // projection rows per sign chunk
+  // bf16 path: the register block's rows fall into few L1 sets (row strides near a multiple of
+  // 4 KiB), so they are copied to a buffer with a padded stride first.
+  bool rows_alias;
   // Tokens closer in memory than features (e.g. a transposed view): packed a block at a time.
   bool token_major;
 };
@@ -191,12 +195,12 @@ inline void convert_row<c10::Half>(const c10::Half* src, int64_t len, float* dst
 }
 #endif
 
-// Copy of a[rows, len] into dst [R, len] (rows <= R; zero rows after them), as float (D = float)
-// or unchanged (D = T, for the bf16 dot-product path).
+// Copy of a[rows, len] into dst [R, len] with rows ldd apart (rows <= R; zero rows after them), as
+// float (D = float) or unchanged (D = T, for the bf16 dot-product path).
 template <typename T, int R, typename D = float>
-void pack_rows(const T* a, int64_t stride_row, int64_t stride_col, int64_t rows, int64_t len, D* dst) {
+void pack_rows(const T* a, int64_t stride_row, int64_t stride_col, int64_t rows, int64_t len, D* dst, int64_t ldd) {
   for (int r = 0; r < R; ++r) {
-    D* d_row = dst + r * len;
+    D* d_row = dst + r * ldd;
     if (r >= rows) {
       std::fill(d_row, d_row + len, D(0.0f));
       continue;
@@ -256,7 +260,7 @@ void project_block(const Side& s, int64_t t0, int64_t rows, float* proj, uint32_
       if (direct && r0 + R <= rows) {
         panel_kernel<R>(reinterpret_cast<const float*>(a), s.stride_row, len, sgn, s.kp, proj + r0 * s.kp);
       } else {
-        pack_rows<T, R>(a, s.stride_row, s.stride_col, std::min<int64_t>(R, rows - r0), len, pack);
+        pack_rows<T, R>(a, s.stride_row, s.stride_col, std::min<int64_t>(R, rows - r0), len, pack, len);
         panel_kernel<R>(pack, len, len, sgn, s.kp, proj + r0 * s.kp);
       }
     }
@@ -299,6 +303,26 @@ void make_signs_bf16(uint32_t key, int64_t row0, int64_t len, int64_t k, int64_t
     }
     for (int64_t col = k; col < kp; ++col) dst[col] = 0u;
   }
+}
+
+// Whether kRowsBf16 rows stride_bytes apart crowd one L1 set (64 sets of 64-byte lines, 4 KiB
+// per way): more than 4 of them in a set leaves too few of its 8 ways for the sign rows. Rows
+// 4 KiB apart all land in one set and evict each other every step: measured 2.8x slower at
+// d = 2048 than the same rows with a padded stride.
+inline bool rows_alias_in_l1(int64_t stride_bytes) {
+  int count[64] = {0};
+  for (int64_t r = 0; r < kRowsBf16; ++r) {
+    if (++count[((r * stride_bytes) / 64) % 64] > 4) return true;
+  }
+  return false;
+}
+
+// Row stride (elements) of a packed [kRowsBf16, len] bf16 block: whole 64-byte lines, padded
+// until the rows spread over the L1 sets (at most 64 elements past len; Scratch leaves room).
+inline int64_t pack_stride_bf16(int64_t len) {
+  int64_t ld = round_up(len, 32) + 32;
+  if (rows_alias_in_l1(ld * 2)) ld += 32;
+  return ld;
 }
 
 inline uint32_t load_u32(const uint16_t* p) {
@@ -380,12 +404,13 @@ void project_block_bf16(const Side& s, int64_t t0, int64_t rows, float* proj, ui
     }
     for (int64_t r0 = 0; r0 < rows; r0 += kRowsBf16) {
       const c10::BFloat16* a = base + (t0 + r0) * s.stride_row + c0 * s.stride_col;
-      if (s.stride_col == 1 && r0 + kRowsBf16 <= rows) {
+      if (s.stride_col == 1 && !s.rows_alias && r0 + kRowsBf16 <= rows) {
         panel_kernel_bf16(reinterpret_cast<const uint16_t*>(a), s.stride_row, len, sgn, s.kp, proj + r0 * s.kp);
       } else {
+        const int64_t ld = pack_stride_bf16(len);
         pack_rows<c10::BFloat16, kRowsBf16, c10::BFloat16>(a, s.stride_row, s.stride_col,
-                                                           std::min<int64_t>(kRowsBf16, rows - r0), len, pack);
-        panel_kernel_bf16(pack_bits, len, len, sgn, s.kp, proj + r0 * s.kp);
+                                                           std::min<int64_t>(kRowsBf16, rows - r0), len, pack, ld);
+        panel_kernel_bf16(pack_bits, ld, len, sgn, s.kp, proj + r0 * s.kp);
       }
     }
   }
@@ -428,6 +453,7 @@ Side make_side(const at::Tensor& t, uint32_t key, int64_t k, bool bf16_dot) {
   s.kp = round_up(k, kLanes);
   s.key = key;
   s.token_major = s.stride_row < s.stride_col;
+  s.rows_alias = false;
   s.chunk = std::min(s.d, s.token_major ? kTokenMajorChunk : std::max<int64_t>(16, kSignChunkFloats / s.kp));
 #if GARD_BF16_DOT
   if (bf16_dot) {
@@ -436,6 +462,7 @@ Side make_side(const at::Tensor& t, uint32_t key, int64_t k, bool bf16_dot) {
     // less than the float path's chunk * kp floats it is sized for.
     const int64_t chunk = s.token_major ? kTokenMajorChunk : std::max<int64_t>(32, kSignChunkBf16 / s.kp / 2 * 2);
     s.chunk = std::min(s.d, chunk);
+    s.rows_alias = rows_alias_in_l1(std::abs(s.stride_row) * static_cast<int64_t>(sizeof(c10::BFloat16)));
   }
 #else
   (void)bf16_dot;
@@ -448,8 +475,9 @@ struct Scratch {
   int64_t xp, dp, sgn, pack, total;
   Scratch(int64_t tb, const Side& in, const Side& out) {
     const auto line = [](int64_t f) { return round_up(f, 16); };
+    // + kRowMultiple * 64: the bf16 path pads each packed row by up to 64 elements.
     const auto pack_floats = [tb](const Side& s) {
-      return s.token_major ? (tb + kRowMultiple) * s.chunk : kRowMultiple * s.chunk;
+      return s.token_major ? (tb + kRowMultiple) * s.chunk : kRowMultiple * (s.chunk + 64);
     };
     xp = line((tb + kRowMultiple) * in.kp);
     dp = line((tb + kRowMultiple) * out.kp);
