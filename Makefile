@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch is on disk here; installing it first keeps pip from pulling a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test check-cuda check-wheel bench demo
+.PHONY: install test check-cuda check-kernels check-wheel bench demo
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIN)
@@ -14,11 +14,17 @@ install:
 check-cuda:
 	bash csrc/check_cuda_compiles.sh
 
+# Every Triton kernel variant the launchers produce, compiled for sm_80/89/90, and the CUDA kernel
+# for sm_89/90 with nvcc (skipped without nvcc): fails on compile errors, spills, shared memory
+# over the per-block limit. No GPU needed (ptxas ships in the triton wheel). --all: every mixed tile.
+check-kernels:
+	env -u TRITON_INTERPRET $(PYTHON) benchmarks/check_kernels.py
+
 # A wheel installed into a fresh virtualenv outside the checkout builds and runs the C++ backend.
 check-wheel:
 	PYTHON=$(PYTHON) bash .ci/check_wheel.sh
 
-test: install check-cuda check-wheel
+test: install check-cuda check-kernels check-wheel
 	$(PYTHON) -m pytest -q tests
 
 bench: install
