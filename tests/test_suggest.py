@@ -232,3 +232,26 @@ def test_buffers_updated_in_training_mode_are_restored():
     )
     _assert_unchanged(model, before)
     assert sum(config.rank_pattern[n] * c for n, c in (("0", 11), ("2", 8)) if n in config.rank_pattern) <= 30
+
+
+def test_nested_names_get_keys_that_reach_only_their_module(one_thread):
+    # "1.0" ends with "0": PEFT's pattern rule would give it the rank of key "0", so the keys are
+    # anchored (the export's rule) and each module gets its own rank.
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Sequential(torch.nn.Linear(10, 10)), torch.nn.Linear(10, 4))
+
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randn(5, 12, generator=generator) for _ in range(WINDOW)]
+    config = gk.suggest_lora_config(
+        make(), data, budget=80, target_modules=["0"], window=WINDOW, r_max=4, score="random", seed=0,
+        loss_fn=lambda model, x: model(x).square().mean(),
+    )
+    assert set(config.rank_pattern) == {"^0", r"^1\.0"}
+    outer, nested = config.rank_pattern["^0"], config.rank_pattern[r"^1\.0"]
+    assert outer != nested, "the seed must give the two modules different ranks; pick another"
+    peft_model = peft.get_peft_model(make(), config)
+    inner = peft_model.base_model.model
+    assert inner[0].lora_A["default"].weight.shape == (outer, 12)
+    assert inner[1][0].lora_A["default"].weight.shape == (nested, 10)
+    assert _trainable(peft_model) == outer * (12 + 10) + nested * (10 + 10) <= 80
