@@ -52,10 +52,13 @@ def suggest_lora_config(
             k_in, k_out, alpha, measure, score, scaling, seed, backend.
     Returns:
         peft.LoraConfig with target_modules, rank_pattern and alpha_pattern keyed by full module
-        names (rank-0 modules left out), fan_in_fan_out for Conv1D models, lora_dropout 0.
+        names (anchored patterns where one name would reach another module; rank-0 modules left
+        out), fan_in_fan_out for Conv1D models, lora_dropout 0.
     Raises:
-        ValueError: a dynamic-mode option, fewer than `window` batches, a batch without a loss,
-            or a budget under which every module gets rank 0.
+        ValueError: an invalid or dynamic-mode option, fewer than `window` batches, a batch
+            without a loss, or a budget under which every module gets rank 0.
+        TypeError: an option that is not a GARDConfig field, or batches that are not dicts
+            without a loss_fn.
     """
     from peft import LoraConfig
 
