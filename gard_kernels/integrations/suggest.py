@@ -83,7 +83,9 @@ def suggest_lora_config(
     # The exported adapter is for inference; this config is for training from scratch.
     peft_fields.update(inference_mode=False)
     del peft_fields["peft_type"]
-    return LoraConfig(**peft_fields)
+    # Unset fields an older PEFT does not have yet (exclude_modules) are left to its defaults.
+    known = set(LoraConfig.__dataclass_fields__)
+    return LoraConfig(**{k: v for k, v in peft_fields.items() if k in known or v is not None})
 
 
 def _static_config(budget, target_modules, options: dict[str, Any]) -> GARDConfig:
