@@ -226,10 +226,18 @@ def test_quantization_that_cannot_train_is_refused_before_wrapping(tmp_path, one
 
     model = _flag_quantized(tiny_llama(), GgufHfQuantizer(GgufConfig(dequantize=True)))
     callback = GARDCallback(_quantized_config())
-    with pytest.raises(ValueError, match="'gguf'.*cannot train.*is_quantized = False"):
+    with pytest.raises(ValueError, match="'gguf'.*cannot train.*clear_dequantized_flags"):
         callback.prepare(model)
     assert callback.gard is None and not model._hf_peft_config_loaded
     assert not any(isinstance(m, LoRALayer) for m in model.modules())
+
+    # The fix the message names: the de-quantized model then trains like any other.
+    from gard_kernels.experiments.models import clear_dequantized_flags
+
+    assert clear_dequantized_flags(model)
+    callback.prepare(model)
+    _trainer(tmp_path, callback, model, max_steps=2).train()
+    assert callback.gard.step_count == 2
 
 
 def test_prepare_leaves_models_that_are_not_quantized_alone(one_thread):

@@ -245,8 +245,8 @@ def _check_quantization_trains(model: nn.Module) -> None:
     raise ValueError(
         f"the model is flagged as quantized (method {method!r}) and transformers cannot train that "
         "quantization, with or without adapters. If its weights are in fact floats (GGUF files load "
-        "de-quantized), the flags are stale: load it without them (gard_kernels.experiments.models."
-        "load_model clears them) or set model.is_quantized = False and model.hf_quantizer = None"
+        "de-quantized), the flags are stale: clear them first with "
+        "gard_kernels.experiments.models.clear_dequantized_flags(model)"
     )
 
 
