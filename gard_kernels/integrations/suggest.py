@@ -55,8 +55,8 @@ def suggest_lora_config(
         names (anchored patterns where one name would reach another module; rank-0 modules left
         out), fan_in_fan_out for Conv1D models, lora_dropout 0.
     Raises:
-        ValueError: an invalid or dynamic-mode option, fewer than `window` batches, a batch
-            without a loss, or a budget under which every module gets rank 0.
+        ValueError: an invalid or dynamic-mode option (a budget below the cheapest module's
+            rank-1 cost included), fewer than `window` batches, or a batch without a loss.
         TypeError: an option that is not a GARDConfig field, or batches that are not dicts
             without a loss_fn.
     """
@@ -71,12 +71,6 @@ def suggest_lora_config(
         model.train()
         with torch.enable_grad():
             gard.profile(batches, steps=config.window, loss_fn=_checked_loss(loss_fn))
-        if gard.num_lora_params == 0:
-            smallest = min(gard.manager.costs)
-            raise ValueError(
-                f"budget {budget} gives every module rank 0 (the smallest adapted module costs {smallest} "
-                f"parameters per rank); raise the budget to at least {smallest}"
-            )
         peft_fields = adapter_config(gard, task_type)
     finally:
         snapshot.restore()
