@@ -3,11 +3,13 @@ from . import reference
 from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
 from .controller import GARD
-from .integrations.peft_export import load_adapter
 from .integrations.suggest import suggest_lora_config
 from .ring import SketchRing
 from .sketch import GradientSketch, available_backends
 from .spectra import effective_rank, gram_eigenvalues, spectral_scores
+
+# Reading a PEFT LoRA adapter into a new GARD run, under its earlier name.
+load_adapter = GARD.from_pretrained
 
 __version__ = "0.1.0"
 

@@ -6,6 +6,7 @@ scores, integer ranks under the budget, and resizes of the adapters and the opti
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
@@ -15,6 +16,7 @@ from torch import nn
 from . import distributed
 from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
+from .lora import peft_format
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
@@ -371,11 +373,62 @@ class GARD:
             raise
         return discarded
 
-    def save_pretrained(self, path, **kwargs) -> None:
-        """Write a standard PEFT LoRA adapter; see gard_kernels.integrations.peft_export.save_pretrained."""
-        from .integrations.peft_export import save_pretrained
+    def save_pretrained(self, path, task_type: Optional[str] = None) -> dict[str, Any]:
+        """Write the adapters as a standard PEFT LoRA adapter directory (lora/peft_format.py).
 
-        save_pretrained(self, path, **kwargs)
+        `peft.PeftModel.from_pretrained(base_model, path)` then computes what this model computes.
+
+        Args:
+            path: output directory; gets adapter_config.json and adapter_model.safetensors.
+            task_type: PEFT task type written to the config (e.g. "CAUSAL_LM"), or None.
+        Returns:
+            The adapter config that was written, as a dict.
+        Raises:
+            ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
+        """
+        return peft_format.write_adapter(self.manager.layers, self.model, path, task_type)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path, config: Optional[GARDConfig] = None) -> "GARD":
+        """Wrap `model` with the adapters of a PEFT LoRA adapter directory, to continue training.
+
+        Each adapted layer gets the saved rank and factors; adapted layers absent from the adapter
+        (rank 0 at export) start at rank 0. The adapter's per-layer lora_alpha / r is folded into
+        B when it differs from the config's `scaling`, so the model computes what PEFT would.
+        Attach an optimizer afterwards, as after `GARD(model, config)`.
+
+        Args:
+            model: the base model, not yet wrapped.
+            path: directory with adapter_config.json and adapter_model.safetensors (GARD's export
+                or any plain PEFT LoRA adapter on Linear / Conv1D modules).
+            config: GARDConfig of the continued run; its target_modules must cover the adapter's
+                modules and its budget the adapter's parameters. None: the adapter's modules only,
+                budget = the adapter's parameter count, scaling = lora_alpha / r of its first layer.
+        Raises:
+            ValueError: not a LoRA adapter GARD can represent (DoRA, biases, modules_to_save,
+                other weight names), or it does not fit `config` (modules, shapes, ranks, budget);
+                checked before the model is touched.
+        """
+        adapter = peft_format.read_adapter(path)
+        if config is None:
+            names = list(adapter.factors)
+            config = GARDConfig(
+                budget=adapter.num_params,
+                target_modules="|".join(re.escape(n) for n in names),
+                r_init=0,
+                r_max=max(GARDConfig.r_max, adapter.max_rank),
+                scaling=adapter.scalings[names[0]],
+            )
+        adapter.check_fits(model, config.target_modules, config.r_max, config.budget)
+        gard = cls(model, config)
+        for name, layer in zip(gard.names, gard.manager.layers):
+            a, b = adapter.factors.get(name, (None, None))
+            if a is None:
+                a, b = layer.lora_A.new_zeros(0, layer.d_in), layer.lora_B.new_zeros(layer.d_out, 0)
+            else:
+                b = b * (adapter.scalings[name] / layer.scaling)
+            layer.load_factors(a, b)
+        return gard
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run: config, ranks, adapters, ring, EMA, counters, history."""

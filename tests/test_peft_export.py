@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import gard_kernels as gk
-from gard_kernels.integrations.peft_export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from gard_kernels.lora.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from gard_kernels.lora.layer import LoRALayer
 
 from .models import batches, tiny_gpt2, tiny_llama

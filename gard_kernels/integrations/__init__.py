@@ -1,10 +1,11 @@
-"""Integrations: Hugging Face Trainer callback, PEFT-format export and import.
+"""Integrations above the controller: the Hugging Face Trainer callback and PEFT rank suggestions.
 
 `GARDCallback` is imported on first use, so `gard_kernels` never imports transformers itself.
+The PEFT adapter format itself is lora/peft_format.py (GARD.save_pretrained / from_pretrained).
 """
-from .peft_export import load_adapter, save_pretrained
+from .suggest import suggest_lora_config
 
-__all__ = ["GARDCallback", "load_adapter", "save_pretrained"]
+__all__ = ["GARDCallback", "suggest_lora_config"]
 
 
 def __getattr__(name):

@@ -65,7 +65,6 @@ class GARDCallback(TrainerCallback):
             raise TypeError(f"config must be a GARDConfig, got {type(config).__name__}")
         self.config = config
         self.gard: Optional[GARD] = None
-        self._scratch = torch.Generator().manual_seed(0)
         # Whether prepare() set the model's adapters flag, and the model's own value before it.
         self._marked = False
         self._flag_before = _UNSET
@@ -224,13 +223,15 @@ class GARDCallback(TrainerCallback):
 
     def _resize_before_load(self, layer, state_dict, prefix, *args) -> None:
         """load_state_dict pre-hook of each adapter: take the rank of the incoming factors."""
-        incoming = state_dict.get(prefix + "lora_A")
-        if incoming is None or incoming.dim() != 2 or incoming.shape[1] != layer.d_in:
+        incoming_a, incoming_b = state_dict.get(prefix + "lora_A"), state_dict.get(prefix + "lora_B")
+        if incoming_a is None or incoming_b is None or incoming_a.dim() != 2 or incoming_a.shape[1] != layer.d_in:
             return
-        rank = int(incoming.shape[0])
-        if rank != layer.rank:
-            # The loaded values replace the grown rows, so they come from a scratch generator.
-            layer.resize(rank, optimizer=self.gard.optimizer, generator=self._scratch)
+        if incoming_a.shape[0] != layer.rank:
+            # The optimizer's state of the old shape would not fit; the checkpoint's replaces it.
+            for param in (layer.lora_A, layer.lora_B):
+                if self.gard.optimizer is not None:
+                    self.gard.optimizer.state.pop(param, None)
+            layer.load_factors(incoming_a, incoming_b)
 
 
 def _check_quantization_trains(model: nn.Module) -> None:

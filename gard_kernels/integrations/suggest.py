@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import GARDConfig
 from ..controller import GARD
-from .peft_export import adapter_config
+from ..lora.peft_format import adapter_config
 
 __all__ = ["suggest_lora_config"]
 
@@ -71,7 +71,7 @@ def suggest_lora_config(
         model.train()
         with torch.enable_grad():
             gard.profile(batches, steps=config.window, loss_fn=_checked_loss(loss_fn))
-        peft_fields = adapter_config(gard, task_type)
+        peft_fields = adapter_config(gard.manager.layers, gard.model, task_type)
     finally:
         snapshot.restore()
     # The exported adapter is for inference; this config is for training from scratch.

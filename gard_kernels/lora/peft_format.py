@@ -1,9 +1,11 @@
-"""GARD adapters as standard PEFT LoRA adapters: export for PEFT / merging, and import to continue.
+"""The PEFT LoRA adapter format of LoRA layers: write factors + config, read them back.
 
-A GARD layer computes y = W x + scaling * B A x with one constant `scaling`; PEFT computes
-y = W x + (lora_alpha / r) * B A x. Export writes, per layer, r = its rank and lora_alpha =
-scaling * r (rank_pattern / alpha_pattern), so PEFT reproduces GARD's outputs. Rank-0 layers
-are left out: PEFT has no rank-0 adapters and they add nothing.
+A LoRALayer computes y = W x + scaling * B A x with one constant `scaling`; PEFT computes
+y = W x + (lora_alpha / r) * B A x. The adapter written here has, per layer, r = its rank and
+lora_alpha = scaling * r (rank_pattern / alpha_pattern), so PEFT reproduces the layers' outputs.
+Rank-0 layers are left out: PEFT has no rank-0 adapters and they add nothing. This module knows
+LoRA layers and the model they sit in, nothing of the GARD controller (GARD.save_pretrained and
+GARD.from_pretrained call it).
 
 Names: PEFT selects modules with `target_modules` (a list matches a module whose name equals an
 entry or ends with "." + entry) and looks up per-module ranks with the first `rank_pattern` key
@@ -18,16 +20,16 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..config import GARDConfig
-from ..lora.layer import LoRALayer
-from ..lora.manager import match_target_modules
+from .layer import LoRALayer, adapter_shape
+from .manager import match_target_modules
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "adapter_config", "load_adapter", "save_pretrained"]
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterFile", "adapter_config", "read_adapter", "write_adapter"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,27 +38,30 @@ _KEY_PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_B")
 
 
-def save_pretrained(gard, path: str | os.PathLike, task_type: Optional[str] = None) -> dict[str, Any]:
-    """Write `gard`'s adapters as a PEFT LoRA adapter directory.
+def write_adapter(
+    layers: list[LoRALayer], model: nn.Module, path: str | os.PathLike, task_type: Optional[str] = None
+) -> dict[str, Any]:
+    """Write `layers` as a PEFT LoRA adapter directory of `model`.
 
-    `peft.PeftModel.from_pretrained(base_model, path)` then computes what the GARD-wrapped model
+    `peft.PeftModel.from_pretrained(base_model, path)` then computes what the wrapped model
     computes, and `.merge_and_unload()` gives a plain model with the updates merged.
 
     Args:
-        gard: a GARD controller.
+        layers: the model's LoRALayers.
+        model: the model they sit in (for module names and its config's name).
         path: output directory (created if missing); gets adapter_config.json and
             adapter_model.safetensors.
         task_type: PEFT task type written to the config (e.g. "CAUSAL_LM"), or None.
     Returns:
         The adapter config that was written, as a dict.
     Raises:
-        ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
+        ValueError: every layer has rank 0 (PEFT cannot express an empty adapter).
     """
     from safetensors.torch import save_file
 
-    config = adapter_config(gard, task_type)
+    config = adapter_config(layers, model, task_type)
     tensors = {}
-    for layer in gard.manager.layers:
+    for layer in layers:
         if layer.rank == 0:
             continue
         for factor in _FACTORS:
@@ -70,19 +75,20 @@ def save_pretrained(gard, path: str | os.PathLike, task_type: Optional[str] = No
     return config
 
 
-def adapter_config(gard, task_type: Optional[str] = None) -> dict[str, Any]:
-    """The PEFT LoRA adapter config of `gard`'s adapters at their current ranks, as a dict.
+def adapter_config(layers: list[LoRALayer], model: nn.Module, task_type: Optional[str] = None) -> dict[str, Any]:
+    """The PEFT LoRA adapter config of `layers` at their current ranks, as a dict.
 
-    What save_pretrained writes to adapter_config.json, and what suggest_lora_config turns into a
+    What write_adapter writes to adapter_config.json, and what suggest_lora_config turns into a
     peft.LoraConfig: rank-0 layers left out, per-layer r and lora_alpha = scaling * r.
 
     Args:
-        gard: a GARD controller.
+        layers: the model's LoRALayers.
+        model: the model they sit in.
         task_type: PEFT task type (e.g. "CAUSAL_LM"), or None.
     Raises:
-        ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
+        ValueError: every layer has rank 0 (PEFT cannot express an empty adapter).
     """
-    layers = [layer for layer in gard.manager.layers if layer.rank > 0]
+    layers = [layer for layer in layers if layer.rank > 0]
     if not layers:
         raise ValueError("every GARD adapter has rank 0: there is nothing to export")
     names = [layer.name for layer in layers]
@@ -90,7 +96,7 @@ def adapter_config(gard, task_type: Optional[str] = None) -> dict[str, Any]:
     alphas = {layer.name: _plain_number(layer.scaling * layer.rank) for layer in layers}
     r_default = max(ranks.values())
 
-    base_names = _unwrapped_module_names(gard.model)
+    base_names = _unwrapped_module_names(model)
     # PEFT's list semantics would also pick up a module whose name ends with "." + a target.
     if any(_peft_list_hit(names, n) for n in base_names if n not in ranks):
         target_modules: list[str] | str = "|".join(re.escape(n) for n in names)
@@ -102,7 +108,7 @@ def adapter_config(gard, task_type: Optional[str] = None) -> dict[str, Any]:
     else:
         keys = {name: name for name in names}
 
-    model_config = getattr(gard.model, "config", None)
+    model_config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -127,30 +133,65 @@ def adapter_config(gard, task_type: Optional[str] = None) -> dict[str, Any]:
     }
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, config: Optional[GARDConfig] = None):
-    """Wrap `model` in GARD with the adapters of a PEFT LoRA adapter directory, to continue training.
+@dataclass(frozen=True)
+class AdapterFile:
+    """A PEFT LoRA adapter as read from disk.
 
-    Each adapter's layer gets the saved rank and factors; adapted layers absent from the adapter
-    (rank 0 at export) start at rank 0. The adapter's per-layer lora_alpha / r is folded into B
-    when it differs from the config's `scaling`, so the model computes what PEFT would.
-    Attach an optimizer afterwards, as after `GARD(model, config)`.
+    Attributes:
+        config: adapter_config.json as a dict.
+        factors: {module name: (A [r, d_in], B [d_out, r])}.
+        scalings: {module name: PEFT's lora_alpha / r (or / sqrt(r) with rsLoRA) of that module}.
+    """
 
-    Args:
-        model: the base model, not yet wrapped.
-        path: directory with adapter_config.json and adapter_model.safetensors (GARD's export or
-            any plain PEFT LoRA adapter on Linear / Conv1D modules).
-        config: GARDConfig of the continued run; its target_modules must cover the adapter's
-            modules and its budget the adapter's parameters. None: the adapter's modules only,
-            budget = the adapter's parameter count, scaling = lora_alpha / r of its first layer.
-    Returns:
-        The GARD controller.
+    config: dict[str, Any]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scalings: dict[str, float]
+
+    @property
+    def num_params(self) -> int:
+        return sum(a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in self.factors.values())
+
+    @property
+    def max_rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.factors.values())
+
+    def check_fits(self, model: nn.Module, target_modules, r_max: int, budget: int) -> None:
+        """Raise before anything is wrapped if the adapter does not fit the model and the bounds.
+
+        Args:
+            model: the unwrapped base model.
+            target_modules: suffix list or regex (GARDConfig's) that must select every adapter module.
+            r_max: largest rank allowed.
+            budget: parameter budget the adapter must fit.
+        """
+        targeted = set(match_target_modules(model, target_modules))
+        missing = [name for name in self.factors if name not in targeted]
+        if missing:
+            raise ValueError(
+                f"adapter modules {missing[:3]}{'...' if len(missing) > 3 else ''} are not among GARD's adapted "
+                f"modules for target_modules={target_modules!r}"
+            )
+        for name, (a, b) in self.factors.items():
+            expected = adapter_shape(model.get_submodule(name))
+            rank, d_in, d_out = a.shape[0], a.shape[1], b.shape[0]
+            if (d_in, d_out) != expected:
+                raise ValueError(
+                    f"adapter module {name!r} has (d_in, d_out) = {(d_in, d_out)}, the model's layer {expected}"
+                )
+            if rank > min(r_max, d_in, d_out):
+                raise ValueError(f"adapter module {name!r} has rank {rank}, above r_max={r_max} (or the layer's size)")
+        if self.num_params > budget:
+            raise ValueError(f"the adapter has {self.num_params} LoRA parameters, over the config's budget {budget}")
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read a PEFT LoRA adapter directory (GARD's export or any plain PEFT LoRA adapter).
+
     Raises:
         ValueError: not a LoRA adapter GARD can represent (DoRA, biases, modules_to_save, other
-            weight names), or the adapter does not fit `config` (modules, shapes, ranks, budget).
+            weight names).
     """
     from safetensors.torch import load_file
-
-    from ..controller import GARD
 
     with open(os.path.join(path, ADAPTER_CONFIG_NAME)) as handle:
         peft_config = json.load(handle)
@@ -165,31 +206,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, config: Optional[GAR
                 alpha = value
                 break
         scalings[name] = alpha / (math.sqrt(rank) if peft_config.get("use_rslora") else rank)
-
-    if config is None:
-        names = list(factors)
-        max_rank = max(a.shape[0] for a, _ in factors.values())
-        config = GARDConfig(
-            budget=sum(a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in factors.values()),
-            target_modules="|".join(re.escape(n) for n in names),
-            r_init=0,
-            r_max=max(GARDConfig.r_max, max_rank),
-            scaling=scalings[names[0]],
-        )
-    _check_fits(factors, model, config)
-    gard = GARD(model, config)
-    layers = dict(zip(gard.names, gard.manager.layers))
-
-    # Grown rows are overwritten at once: draw them from a throwaway generator, not the run's.
-    scratch = torch.Generator().manual_seed(0)
-    for name, layer in layers.items():
-        a, b = factors.get(name, (None, None))
-        layer.resize(0 if a is None else a.shape[0], generator=scratch)
-        if a is not None:
-            with torch.no_grad():
-                layer.lora_A.copy_(a)
-                layer.lora_B.copy_(b * (scalings[name] / layer.scaling))
-    return gard
+    return AdapterFile(peft_config, factors, scalings)
 
 
 def _check_supported(peft_config: dict[str, Any]) -> None:
@@ -233,34 +250,6 @@ def _read_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Ten
     if not factors:
         raise ValueError("the adapter holds no LoRA weights")
     return factors
-
-
-def _check_fits(factors, model: nn.Module, config: GARDConfig) -> None:
-    """Raise before anything is wrapped if the adapter does not fit the model and config."""
-    targeted = set(match_target_modules(model, config.target_modules))
-    missing = [name for name in factors if name not in targeted]
-    if missing:
-        raise ValueError(
-            f"adapter modules {missing[:3]}{'...' if len(missing) > 3 else ''} are not among GARD's adapted "
-            f"modules for target_modules={config.target_modules!r}"
-        )
-    params = 0
-    for name, (a, b) in factors.items():
-        module = model.get_submodule(name)
-        # nn.Linear stores [d_out, d_in]; transformers' Conv1D [d_in, d_out].
-        expected = tuple(module.weight.shape[::-1] if isinstance(module, nn.Linear) else module.weight.shape)
-        rank, d_in, d_out = a.shape[0], a.shape[1], b.shape[0]
-        if (d_in, d_out) != expected:
-            raise ValueError(
-                f"adapter module {name!r} has (d_in, d_out) = {(d_in, d_out)}, the model's layer {expected}"
-            )
-        if rank > min(config.r_max, d_in, d_out):
-            raise ValueError(
-                f"adapter module {name!r} has rank {rank}, above r_max={config.r_max} (or the layer's size)"
-            )
-        params += rank * (d_in + d_out)
-    if params > config.budget:
-        raise ValueError(f"the adapter has {params} LoRA parameters, over the config's budget {config.budget}")
 
 
 def _unwrapped_module_names(model: nn.Module) -> list[str]:
