@@ -117,7 +117,6 @@ class GARDCallback(TrainerCallback):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.gard.load_state_dict(saved["gard"])
 
-    # ---------------------------------------------------------------------------- Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError(
@@ -186,7 +185,6 @@ class GARDCallback(TrainerCallback):
             return
         torch.save({"gard": self.gard.state_dict()}, os.path.join(checkpoint_dir, GARD_STATE_NAME))
 
-    # --------------------------------------------------------------------------------- internals
     def _require_gard(self, what: str) -> GARD:
         if self.gard is None:
             raise RuntimeError(
