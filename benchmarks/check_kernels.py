@@ -140,7 +140,8 @@ def small_kernel_variants(ti) -> list[Variant]:
         consts = dict(stride_pk=1, stride_ok=1, BLOCK_M=bm, BLOCK_K=bk, ACCUMULATE=accumulate)
         variants.append(Variant("_sketch_reduce_kernel", arch, f"BM={bm} BK={bk} accumulate={accumulate}",
                                 tuple(types.items()), tuple(consts.items()), ("part", "o"), 4))
-    for arch, bk in itertools.product(ARCHS, sorted({min(b, 64) for b in block_ks})):
+    # projection_triton: 64-row tiles, at most 32 columns.
+    for arch, bk in itertools.product(ARCHS, sorted({min(b, 32) for b in block_ks})):
         types = dict(p="*fp32", key="i32", scale="fp32", D="i32", K="i32", stride_d="i32")
         consts = dict(stride_k=1, BLOCK_D=64, BLOCK_K=bk)
         variants.append(Variant("_projection_kernel", arch, f"BD=64 BK={bk}", tuple(types.items()),

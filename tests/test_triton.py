@@ -31,6 +31,8 @@ SHAPES = [  # (N, d_in, d_out, k_in, k_out)
     (123, 77, 45, 16, 16),
     (1, 77, 45, 5, 24),
     (70, 20, 33, 24, 5),
+    # k above the widest sign tile (64): the launcher splits the columns over grid tiles
+    (40, 19, 21, 100, 65),
 ]
 
 

@@ -31,7 +31,9 @@ except Exception:  # ImportError, or a Triton build that cannot load on this mac
 
 _ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widest sign tile one program holds; larger k is split over grid axes 1 and 2 (re-reading X or dY).
-_MAX_BLOCK_K = 128
+# 128 spills registers: its [128, 128] float32 accumulator plus the epilogue's pointers exceed 255
+# per thread at 8 warps on sm_80/89/90, and 16 warps spill on sm_80 (benchmarks/check_kernels.py).
+_MAX_BLOCK_K = 64
 
 
 def _jit(fn=None, **options):
@@ -247,16 +249,23 @@ def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.devic
     Heuristic rather than autotune: the choice must be cheap on the first call and keep
     interpreter runs quick. BLOCK_N = 64 amortises the per-chunk hash over 64 tokens; it shrinks
     when there are too few token blocks to give every SM work. Wide sign tiles get more warps.
+    float32 inputs take the FMA dot (input_precision="ieee"), which holds each thread's operand
+    rows and columns in registers: 16-feature chunks, 8 warps and 32 tokens at 64 sign columns
+    keep it from spilling on sm_80/89/90 (checked for every variant by benchmarks/check_kernels.py).
     """
-    block_d = 64 if dtype != torch.float32 else 32
-    num_warps = 4 if block_k <= 32 else 8
-    block_n = 64
+    if dtype == torch.float32:
+        block_d, num_warps, block_n = 16, 8, (64 if block_k <= 32 else 32)
+    else:
+        block_d, num_warps, block_n = 64, (4 if block_k <= 32 else 8), 64
     if device.type != "cuda":
         # The interpreter runs programs one after another: few programs, still several blocks each.
         return block_n, block_d, min(triton.cdiv(n, block_n), 4), num_warps
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     while block_n > 16 and triton.cdiv(n, block_n) < sms:
         block_n //= 2
+    if dtype != torch.float32 and block_k >= 64 and block_n == 32:
+        # ptxas caps this shape at 128 registers and spills 8 bytes with 64-feature chunks.
+        block_d = 32
     # Several programs per SM hide load latency; fewer when each holds a wide accumulator.
     per_sm = 4 if block_k <= 32 else 2
     return block_n, block_d, min(triton.cdiv(n, block_n), per_sm * sms), num_warps
@@ -410,7 +419,8 @@ def projection_triton(key: int, d: int, k: int, device: torch.device | str = "cu
     device = torch.device(device)
     _check_device(device)
     p = torch.empty(d, k, dtype=torch.float32, device=device)
-    bd, bk = 64, min(_block_k(k), 64)
+    # 32 columns: a [64, 64] float32 tile spills 8 bytes on sm_80.
+    bd, bk = 64, min(_block_k(k), 32)
     # Rounded from float64 once, as projection_matrix rounds +-1/sqrt(k): the products match exactly.
     scale = 1.0 / math.sqrt(k)
     with _device_guard(device):
