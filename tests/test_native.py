@@ -349,7 +349,8 @@ def _check_bf16(sk, x, dy, start=None):
 @pytest.mark.parametrize("use_dot", BF16_PATHS)
 @pytest.mark.parametrize(
     "shape",
-    SHAPES + [(301, 4097, 129, 128, 100), (1000, 31, 2049, 48, 16)],  # odd d across chunks, k > 2 panels
+    # odd d across chunks and k > 2 panels; rows 4 KiB apart (d = 2048), which take 6-row blocks
+    SHAPES + [(301, 4097, 129, 128, 100), (1000, 31, 2049, 48, 16), (1001, 2048, 64, 16, 32)],
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_bf16_paths_match_reference(shape, use_dot):
