@@ -379,11 +379,77 @@ GARD_BF16_TARGET void micro_kernel_bf16(const uint16_t* a, int64_t lda, int64_t 
   }
 }
 
+// micro_kernel_bf16 for rows that alias in L1: the feature pairs are walked as two halves at
+// once, each with its own accumulators. The two halves' loads fall in two different L1 sets, and
+// the 2*R accumulator chains give the dot-product units the independent work that R = 6 rows
+// alone do not (measured ~1.3x over the plain R = 6 kernel at d = 2048).
+template <int R, int V>
+GARD_BF16_TARGET void micro_kernel_bf16_halves(const uint16_t* a, int64_t lda, int64_t len, const uint32_t* b,
+                                               int64_t ldb, float* c, int64_t ldc) {
+  __m512 acc[2][R][V];
+  GARD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) {
+      acc[0][r][v] = _mm512_loadu_ps(c + r * ldc + v * kLanesBf16);
+      acc[1][r][v] = _mm512_setzero_ps();
+    }
+  }
+  const int64_t pairs = len / 2;
+  const int64_t half = pairs / 2;
+  for (int64_t p = 0; p < half; ++p) {
+    __m512bh b_lo[V], b_hi[V];
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) {
+      b_lo[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + v * kLanesBf16);
+      b_hi[v] = (__m512bh)_mm512_loadu_si512(b + (p + half) * ldb + v * kLanesBf16);
+    }
+    GARD_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a_lo = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(a + r * lda + 2 * p)));
+      const __m512bh a_hi = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(a + r * lda + 2 * (p + half))));
+      GARD_UNROLL
+      for (int v = 0; v < V; ++v) {
+        acc[0][r][v] = _mm512_dpbf16_ps(acc[0][r][v], a_lo, b_lo[v]);
+        acc[1][r][v] = _mm512_dpbf16_ps(acc[1][r][v], a_hi, b_hi[v]);
+      }
+    }
+  }
+  // The pair left over when `pairs` is odd, then the odd feature (paired with zero, as in
+  // micro_kernel_bf16: never with the next element in memory).
+  for (int64_t p = 2 * half; p < (len + 1) / 2; ++p) {
+    __m512bh b_row[V];
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) b_row[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + v * kLanesBf16);
+    GARD_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const uint32_t bits = 2 * p + 1 < len ? load_u32(a + r * lda + 2 * p) : a[r * lda + 2 * p];
+      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+      GARD_UNROLL
+      for (int v = 0; v < V; ++v) acc[0][r][v] = _mm512_dpbf16_ps(acc[0][r][v], a_rp, b_row[v]);
+    }
+  }
+  GARD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) {
+      _mm512_storeu_ps(c + r * ldc + v * kLanesBf16, _mm512_add_ps(acc[0][r][v], acc[1][r][v]));
+    }
+  }
+}
+
 // c[R, kp] += a[R, len] @ b[len, kp], in column panels of two vectors.
 template <int R>
 GARD_BF16_TARGET void panel_kernel_bf16(const uint16_t* a, int64_t lda, int64_t len, const uint32_t* b, int64_t kp,
                                         float* c) {
   int64_t col = 0;
+  if constexpr (R == kRowsBf16Aliased) {
+    for (; col + 2 * kLanesBf16 <= kp; col += 2 * kLanesBf16) {
+      micro_kernel_bf16_halves<R, 2>(a, lda, len, b + col, kp, c + col, kp);
+    }
+    if (col < kp) micro_kernel_bf16_halves<R, 1>(a, lda, len, b + col, kp, c + col, kp);
+    return;
+  }
   for (; col + 2 * kLanesBf16 <= kp; col += 2 * kLanesBf16) {
     micro_kernel_bf16<R, 2>(a, lda, len, b + col, kp, c + col, kp);
   }
