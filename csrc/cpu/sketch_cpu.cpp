@@ -383,8 +383,8 @@ GARD_BF16_TARGET void micro_kernel_bf16(const uint16_t* a, int64_t lda, int64_t 
 // starts its walk over the feature pairs kSkewPairs later (wrapping around at the end), so at
 // every step the two halves' loads fall in two different L1 sets, and each row is still read
 // front to back (one stream per page for the hardware prefetcher). Each half has its own sign
-// row per step. Measured at N = 4096, d = 2048 (rows 4 KiB apart), 1 thread: 290 GFLOP/s,
-// against 200 for 6-row blocks and 70 for the plain 12-row kernel.
+// row per step. Measured at N = 4096, d = 2048 (rows 4 KiB apart), 1 thread: ~230 GFLOP/s,
+// against ~200 walking two halves of the pairs with 6 rows, ~75 for the plain 12-row kernel.
 template <int R, int V>
 GARD_BF16_TARGET void micro_kernel_bf16_skewed(const uint16_t* a, int64_t lda, int64_t len, const uint32_t* b,
                                                int64_t ldb, float* c, int64_t ldc) {
