@@ -5,11 +5,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from .lora.layer import GROW_INITS
 from .spectra import MEASURES
 
 MODES = ("static", "dynamic")
 SCORES = ("spectral", "grad_norm", "uniform", "random", "update_rank", "update_nuclear", "energy_rank")
-GROW_INITS = ("zero", "gradient")
 SHRINKS = ("norm", "svd")
 
 
@@ -52,7 +52,9 @@ class GARDConfig:
         warmup: steps before the first dynamic re-allocation; None uses `window`.
         freeze_after: dynamic mode stops re-allocating after this step ("early-dynamic"); None never.
         grow_init: new directions start with B = 0 and A random ("zero") or A along the top
-            singular directions of the current weight gradient ("gradient").
+            singular directions of the current weight gradient ("gradient"), or with those A rows
+            and B taking one gradient step of the optimizer's lr along them ("gora": GoRA's
+            initialisation, He et al. 2025, for grown directions; this changes the output).
         shrink: which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the
             best rank-r approximation of the current update ("svd").
         scaling: constant factor of the LoRA branch, y = W x + scaling * B A x. It does not depend

@@ -28,7 +28,7 @@ from .spectra import effective_rank, equalize_valid_slots, gram_eigenvalues, spe
 
 # Sentinel of an exhausted batch iterator in profile().
 _EXHAUSTED = object()
-# Extra random directions of the range finder beyond the largest growth (grow_init="gradient").
+# Extra random directions of the range finder beyond the largest growth (grow_init "gradient", "gora").
 _RANGE_OVERSAMPLE = 8
 
 
@@ -205,7 +205,7 @@ class GARD:
         return event
 
     def _grows_from_gradient(self) -> bool:
-        return self.config.mode == "dynamic" and self.config.grow_init == "gradient"
+        return self.config.mode == "dynamic" and self.config.grow_init in ("gradient", "gora")
 
     def _reallocation_due(self, t: int) -> bool:
         """Whether ranks are re-allocated when the optimizer step count reaches t."""
@@ -239,7 +239,7 @@ class GARD:
         self._capturing = on
         for handle in self.handles:
             handle.enabled = on
-        if self.config.grow_init == "gradient":
+        if self.config.grow_init in ("gradient", "gora"):
             if arm is None:
                 arm = on and self._reallocation_due(self.step_count + 1)
             for handle in self.handles:
@@ -344,13 +344,19 @@ class GARD:
         layers = [self.manager.layers[i] for i in changed]
         for layer in layers:
             check_remappable(self.optimizer, (layer.lora_A, layer.lora_B))
-        if cfg.mode == "dynamic" and cfg.grow_init == "gradient":
+        if cfg.mode == "dynamic" and cfg.grow_init in ("gradient", "gora"):
             for i, layer in zip(changed, layers):
                 if new[i] > layer.rank and not layer.capture.armed:
                     raise RuntimeError(
-                        f"grow_init='gradient' must grow {layer.name!r} but its range finder was not armed "
+                        f"grow_init={cfg.grow_init!r} must grow {layer.name!r} but its range finder was not armed "
                         "by the capture before this re-allocation"
                     )
+        grows = any(new[i] > layer.rank for i, layer in zip(changed, layers))
+        if cfg.mode == "dynamic" and cfg.grow_init == "gora" and grows and self.optimizer is None:
+            raise RuntimeError(
+                "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
+                "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
+            )
         snapshots = [layer.snapshot(self.optimizer) for layer in layers]
         generator_state = self._generator.get_state()
         discarded = 0.0

@@ -16,7 +16,9 @@ from .optim_state import (
     reset_optimizer_state,
 )
 
-__all__ = ["LoRALayer", "ResizeRecord", "adapter_shape"]
+__all__ = ["GROW_INITS", "LoRALayer", "ResizeRecord", "adapter_shape"]
+
+GROW_INITS = ("zero", "gradient", "gora")
 
 # Expected norm of a row of the PEFT init: uniform(-b, b) over d_in entries, b = 1/sqrt(d_in),
 # has E||a||^2 = d_in b^2 / 3 = 1/3 whatever d_in; gradient-initialised rows get the same norm.
@@ -49,7 +51,7 @@ class ResizeRecord:
         old_rank, new_rank: ranks before and after.
         kept: old directions kept, in their new positions (all of them on a grow), or "svd" when
             the update was re-factored.
-        init: "zero" / "gradient" on a grow, None otherwise.
+        init: "zero" / "gradient" / "gora" on a grow, None otherwise.
         discarded_norm: ||Delta W_old - Delta W_new||_F (0 on a grow: the output is unchanged).
     """
 
@@ -193,26 +195,30 @@ class LoRALayer(nn.Module):
     ) -> ResizeRecord:
         """Change the rank in place; lora_A / lora_B keep their identity (only `.data` changes).
 
-        Grow: r_new - r directions are appended with B columns zero, so the output is unchanged.
-        Their A rows are PEFT-style random (grow_init="zero") or (grow_init="gradient") the top
-        right singular vectors of the weight gradient G = dY^T X restricted to the complement of
-        the current A rows, from the capture handle's armed range finder, each with the norm a
-        random row has on average.
+        Grow: r_new - r directions are appended. Their A rows are PEFT-style random
+        (grow_init="zero") or (grow_init="gradient" / "gora") the top right singular vectors of
+        the weight gradient G = dY^T X restricted to the complement of the current A rows, from
+        the capture handle's armed range finder, each with the norm a random row has on average.
+        Their B columns are zero, so the output is unchanged ("zero", "gradient"), or (GoRA's
+        initialisation, He et al. 2025, for the new directions only) B_new = -(xi / scaling)
+        G A_new^T (A_new A_new^T)^-1 with xi = lr sqrt(d_in / r_new), so that the new product
+        scaling B_new A_new is one gradient step of G projected onto the new rows; lr is the
+        optimizer's learning rate for lora_B.
         Shrink: "norm" keeps the r_new directions with the largest ||a_i|| ||b_i||, unchanged and
         in their old order; "svd" re-factors Delta W into its best rank-r_new approximation,
         B' = Q_b U S^1/2, A' = S^1/2 V^T Q_a^T from B = Q_b R_b, A^T = Q_a R_a and the SVD
         R_b R_a^T = U S V^T.
 
         Optimizer state follows (optim_state.py): sliced / zero-padded along the rank dimension,
-        with grown elements seeded at their first gradient so that their first update is a fresh
-        Adam's (never ~3x lr); dropped for both factors after an "svd" shrink and at rank 0 (so
+        with grown elements run as a fresh Adam of their own (their first update is never ~3x lr);
+        dropped for both factors after an "svd" shrink and at rank 0 (so
         resize(0) then resize(r) starts the optimizer afresh). An existing .grad is sliced / padded the
         same way (dropped after "svd"); resize between steps, after zero_grad, to avoid both.
 
         Args:
             new_rank: target rank >= 0.
-            grow_init: "zero" or "gradient" (needs `capture` armed with p >= new_rank - rank and at
-                least one backward pass since).
+            grow_init: "zero", "gradient" or "gora" (both need `capture` armed with p >=
+                new_rank - rank and at least one backward pass since; "gora" an optimizer).
             shrink: "norm" or "svd".
             optimizer: optimizer holding lora_A / lora_B, or None.
             generator: torch.Generator for random A rows (on the generator's device).
@@ -222,8 +228,10 @@ class LoRALayer(nn.Module):
             TypeError: optimizer state that cannot follow (checked before anything changes).
         """
         _check_rank(new_rank)
-        if grow_init not in ("zero", "gradient"):
-            raise ValueError(f"grow_init must be 'zero' or 'gradient', got {grow_init!r}")
+        if grow_init not in GROW_INITS:
+            raise ValueError(f"grow_init must be one of {GROW_INITS}, got {grow_init!r}")
+        if grow_init == "gora" and new_rank > self.rank and optimizer is None:
+            raise ValueError("grow_init='gora' takes one gradient step of the optimizer's lr: pass the optimizer")
         if shrink not in ("norm", "svd"):
             raise ValueError(f"shrink must be 'norm' or 'svd', got {shrink!r}")
         old_rank = self.rank
@@ -240,14 +248,24 @@ class LoRALayer(nn.Module):
         a, b = self.lora_A, self.lora_B
         old_rank = self.rank
         n_new = new_rank - old_rank
-        if grow_init == "gradient":
+        cols = b.new_zeros(self.d_out, n_new)
+        if grow_init in ("gradient", "gora"):
             if self.capture is None:
-                raise RuntimeError(f"{self.name or 'layer'}: grow_init='gradient' needs a capture handle")
+                raise RuntimeError(f"{self.name or 'layer'}: grow_init={grow_init!r} needs a capture handle")
             if self.capture.armed and self.capture.range_tokens == 0:
                 # No gradient reached the layer (unused in forward): nothing to align with.
-                rows = a.data.new_zeros(0, self.d_in)
+                directions = a.data.new_zeros(0, self.d_in)
+                g_dirs = b.data.new_zeros(self.d_out, 0)
             else:
-                rows = self.capture.top_input_directions(n_new, exclude=a.data) * _INIT_ROW_NORM
+                directions, g_dirs = self.capture.range_finder.top_input_directions(
+                    n_new, exclude=a.data, with_gradient=True
+                )
+            rows = directions * _INIT_ROW_NORM
+            if grow_init == "gora" and directions.shape[0]:
+                # A_new = c V (orthonormal V): (A A^T)^-1 = I / c^2 and G A^T = c G V^T.
+                xi = _learning_rate(optimizer, b) * math.sqrt(self.d_in / new_rank)
+                gora = -(xi / (self.scaling * _INIT_ROW_NORM)) * g_dirs
+                cols[:, : gora.shape[1]] = gora.to(device=cols.device, dtype=cols.dtype)
             if rows.shape[0] < n_new:
                 # The complement of the kept rows inside the captured subspace ran out.
                 fresh = _init_rows(n_new - rows.shape[0], self.d_in, generator, a.device, a.dtype)
@@ -256,7 +274,7 @@ class LoRALayer(nn.Module):
             rows = _init_rows(n_new, self.d_in, generator, a.device, a.dtype)
         self._assign(
             torch.cat([a.data, rows.to(device=a.device, dtype=a.dtype)]),
-            torch.cat([b.data, b.new_zeros(self.d_out, n_new)], dim=1),
+            torch.cat([b.data, cols], dim=1),
             optimizer,
             torch.arange(old_rank, device=a.device),
         )
@@ -312,6 +330,14 @@ class LoRALayer(nn.Module):
             if index is not None and new_rank > index.numel():
                 mark_new_directions(optimizer, param, index.numel(), dim)
         self.rank = new_rank
+
+
+def _learning_rate(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+    """The learning rate of the param group that holds `param`."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return float(group["lr"])
+    raise ValueError("grow_init='gora': the optimizer does not hold this layer's lora_B")
 
 
 def _check_rank(rank) -> None:

@@ -87,7 +87,9 @@ class RangeFinder:
         self._y.addmm_(dy2.T, x2 @ self._omega_in)
         self.tokens += x2.shape[0]
 
-    def top_input_directions(self, r: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def top_input_directions(
+        self, r: int, exclude: torch.Tensor | None = None, with_gradient: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Estimated top right singular vectors of G (or of G (I - P_exclude)).
 
         Q = orth(Z) spans the row space of G; G Q ~ Y (Q^T Omega_in)^+; the SVD of that, rotated
@@ -98,10 +100,12 @@ class RangeFinder:
         Args:
             r: number of directions, 0 <= r <= p.
             exclude: optional [m, d_in] rows whose span the directions must avoid.
+            with_gradient: also return G V^T [d_out, r'], the gradient along the directions V.
         Returns:
-            [r', d_in] float32 orthonormal rows on the activations' device, strongest first;
+            [r', d_in] float32 orthonormal rows V on the activations' device, strongest first;
             r' = r unless the complement of `exclude` inside span(Q) has fewer dimensions
-            (r' = 0 when a backward pass since arming had non-finite gradients).
+            (r' = 0 when a backward pass since arming had non-finite gradients). With
+            `with_gradient`, the pair (V, G V^T).
         """
         if self._z is None:
             raise RuntimeError(
@@ -118,7 +122,8 @@ class RangeFinder:
             )
         if not (torch.isfinite(self._z).all() and torch.isfinite(self._y).all()):
             # An overflowing or NaN backward pass poisoned the estimate: no direction is known.
-            return torch.zeros(0, self.d_in, device=self._z.device)
+            none = torch.zeros(0, self.d_in, device=self._z.device)
+            return (none, torch.zeros(self.d_out, 0, device=self._z.device)) if with_gradient else none
         z, y = self._z.double(), self._y.double()
         omega_in = self._omega_in.double()
         q, _ = torch.linalg.qr(z)  # [d_in, p]
@@ -134,6 +139,9 @@ class RangeFinder:
             g_q = g_q @ (vh_c[keep].T * s_c[keep])  # [d_out, k]
         _, _, vh = torch.linalg.svd(g_q, full_matrices=False)
         directions = vh[:r] @ basis.T  # [r', d_in]
+        if with_gradient:
+            # G V^T = (G basis) (vh[:r])^T, with G basis ~ g_q.
+            return directions.to(torch.float32), (g_q @ vh[:r].T).to(torch.float32)
         return directions.to(torch.float32)
 
 
