@@ -9,7 +9,8 @@ never runs code compiled for another CPU. The CUDA kernel is added only when tor
 CUDA toolchain exists; if that build fails, a CPU-only build is tried. Any failure warns once (with
 the reason and a fix) and makes `is_available` return False: the torch backend takes over. The
 reason names the real cause, checked in this order: the sources are not in the installation, no
-C++ compiler, no ninja, or the build itself failed (with the compiler's message).
+C++ compiler, no ninja, or the build itself failed (with the compiler's message). The toolchain
+is checked only after a failed attempt, so a finished build in the cache loads without it.
 """
 from __future__ import annotations
 
@@ -235,10 +236,6 @@ def _load_locked() -> None:
                 "the sources as gard_kernels/_csrc",
             )
             return
-        problem = _toolchain_problem()
-        if problem is not None:
-            _fail(("cpu", "cuda"), *problem)
-            return
         cuda_missing = _cuda_toolchain_missing()
         attempts = [True, False] if cuda_missing is None else [False]
         errors = []
@@ -256,6 +253,11 @@ def _load_locked() -> None:
             "the compiler output above says what failed; the build needs a C++17 compiler that accepts "
             "torch's headers (TORCH_EXTENSIONS_DIR holds the build directory)"
         )
+        # Diagnosed after the attempt, not before: a finished build in the cache loads without
+        # a compiler or ninja.
+        problem = None if _State.loaded else _toolchain_problem()
+        if problem is not None:
+            _fail(("cpu", "cuda"), *problem)
         if not _State.loaded:
             _fail(("cpu",), "the build failed: " + "\n".join(errors), build_fix)
         if not _State.with_cuda:
