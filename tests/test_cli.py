@@ -194,3 +194,19 @@ def test_speed_command_measures_every_mode_on_the_same_run(model_dir, tmp_path, 
     # The compile spy returns the eager model: same run, same PPL as fp32.
     assert records[2]["val_ppl"] == pytest.approx(records[0]["val_ppl"], rel=1e-6)
     assert "tokens/s (steady)" in stdout
+
+
+def test_compare_with_a_learning_rate_sweep(model_dir, tmp_path, capsys):
+    args = ["compare", "--methods", "uniform", "gora", "--budgets", "300", "--seeds", "0", "1", "--lrs", "1e-3", "1e-2",
+            "--model", model_dir, "--out", tmp_path, *FAST]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    sweep = results["summary"]["lr_sweep"]
+    assert len(sweep) == 4 and sum(r["chosen"] for r in sweep) == 2
+    chosen = {r["method"]: r["lr"] for r in sweep if r["chosen"]}
+    assert sorted((r["method"], r["seed"]) for r in results["runs"]) == [("gora", 0), ("gora", 1), ("uniform", 0), ("uniform", 1)]
+    assert all(r["lr"] == chosen[r["method"]] for r in results["runs"])
+    assert results["settings"]["lrs"] == [1e-3, 1e-2] and "chosen learning rates" in stdout
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0 and "4 of 4 runs already finished" in stdout
