@@ -52,6 +52,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "update-nuclear-static": {"kind": "gard", "config": {"mode": "static", "score": "update_nuclear", **EARLIER_GRID}},
     "energy-rank": {"kind": "gard", "config": {"mode": "dynamic", "score": "energy_rank", **EARLIER_GRID}},
     "energy-rank-static": {"kind": "gard", "config": {"mode": "static", "score": "energy_rank", **EARLIER_GRID}},
+    # GoRA's initialisation for the directions dynamic GARD grows (GARDConfig.grow_init).
+    "gard-gora-init": {"kind": "gard", "config": {"mode": "dynamic", "grow_init": "gora"}},
+    "grad-norm-gora-init": {"kind": "gard", "config": {"mode": "dynamic", "score": "grad_norm", "grow_init": "gora", **EARLIER_GRID}},
     "adalora": {"kind": "adalora"},
     "gora": {"kind": "gora"},
     "eva": {"kind": "eva"},

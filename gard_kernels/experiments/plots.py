@@ -20,7 +20,7 @@ from .stats import PAPER_RESULT, mean_ci, variant_label
 _METHOD_ORDER = [
     "gard", "gard-paper-dynamic", "gard-paper-static", "gard-dynamic", "gard-static", "grad-norm", "grad-norm-static",
     "update-rank", "update-rank-static", "update-nuclear", "update-nuclear-static", "energy-rank", "energy-rank-static",
-    "random", "gora", "eva", "adalora", "uniform",
+    "gard-gora-init", "grad-norm-gora-init", "random", "gora", "eva", "adalora", "uniform",
 ]
 
 
