@@ -20,6 +20,7 @@ trap 'rm -rf "$work"' EXIT
 # the checkout can supply gard_kernels: the check asserts the import comes from the venv.
 cd "$work"
 TORCH_EXTENSIONS_DIR="$work/torch_extensions" "$work/venv/bin/python" - "$work/venv" <<'PY'
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -56,5 +57,8 @@ for dtype, (n, d_in, d_out, k_in, k_out) in [
     error = ((out.double() - expected).norm() / expected.norm()).item()
     assert error < tolerance[dtype], f"{dtype} {n}x{d_in}x{d_out}: relative error {error:.2e}"
     print(f"check_wheel: {dtype} [{n}, {d_in}] x [{n}, {d_out}] -> [{k_out}, {k_in}]: rel. error {error:.1e}")
-print(f"check_wheel: the C++ backend builds from {csrc} and matches the float64 reference")
+# The extension was compiled here, from the wheel's sources, not found in a cache.
+built = sorted(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob("*.so"))
+assert built, f"no extension library under {os.environ['TORCH_EXTENSIONS_DIR']}"
+print(f"check_wheel: the C++ backend builds from {csrc} ({built[0].name}) and matches the float64 reference")
 PY
