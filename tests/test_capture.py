@@ -213,3 +213,22 @@ def test_range_finder_errors():
         handle.top_input_directions(5)
     handle.disarm()
     assert not handle.armed
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_backward_inside_autocast_captures_with_every_backend(backend):
+    # loss.backward() inside the autocast block: the sketch's matmuls must not be recast.
+    from gard_kernels import available_backends
+
+    from .models import batches, tiny_llama
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not built here")
+    import gard_kernels as gk
+
+    model = tiny_llama()
+    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=2, r_init=1, backend=backend))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batches(1)[0]).loss.backward()
+    written = gard.ring.buffer[:, gard.ring.slot]
+    assert torch.isfinite(written).all() and (written.norm(dim=1) > 0).all()

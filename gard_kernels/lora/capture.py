@@ -95,10 +95,13 @@ class CaptureHandle:
         if x.dtype == torch.float64:
             # The sketch kernels take float32 and lower; their output is float32 anyway.
             x, dy = x.float(), dy.float()
-        if self.capturing:
-            self.sketch(x, dy, out=self.out, backend=self.backend)
-        if self.range_finder.armed:
-            self.range_finder.accumulate(x, dy)
+        # A backward run inside an autocast region (loss.backward() under `with autocast`) must
+        # not recast the sketch's own matmuls: the backends pick their dtypes themselves.
+        with torch.autocast(x.device.type, enabled=False):
+            if self.capturing:
+                self.sketch(x, dy, out=self.out, backend=self.backend)
+            if self.range_finder.armed:
+                self.range_finder.accumulate(x, dy)
 
 
 def _compute_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
