@@ -37,12 +37,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-# Compiling needs the real backend: under the interpreter triton.jit functions do not compile.
-os.environ.pop("TRITON_INTERPRET", None)
-# Fusion on is what launches use today; setting it silences Triton 3.9's default-change warning.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 89, 90)
@@ -325,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     parser.add_argument("--markdown", type=Path, help="write the tables between the kernels markers of this file")
     args = parser.parse_args(argv)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("check_kernels: triton was imported under TRITON_INTERPRET=1; run this script in a fresh process")
+    # Compiling needs the real backend: under the interpreter triton.jit functions do not compile.
+    os.environ.pop("TRITON_INTERPRET", None)
+    # Fusion on is what launches use today; setting it silences Triton 3.9's default-change warning.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     start = time.perf_counter()
     ti = _triton_impl()
