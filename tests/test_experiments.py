@@ -405,3 +405,38 @@ def test_dequantized_gguf_flags_are_cleared():
     other.hf_quantizer = BnbHfQuantizer()
     other.is_quantized = True
     assert not model_source.clear_dequantized_flags(other) and other.is_quantized
+
+
+def test_gora_init_on_square_conv1d_uses_the_linear_layout():
+    # GPT-2's c_proj is a square Conv1D (weight [d_in, d_out] = [32, 32]): shapes alone cannot tell
+    # its gradient's layout, and B must come from the [d_out, d_in] gradient.
+    from .models import batches as token_batches, tiny_gpt2
+
+    model = tiny_gpt2()
+    settings = methods.GardSettings(target_modules=["c_proj"], r_max=4, window=2)
+    lr = 0.01
+    reference = _copy_model_for_grads(model)
+    method = methods.build_method("gora", model, 2_000, settings, seed=0, steps=4, lr=lr)
+    data_batches = [b["input_ids"] for b in token_batches(2, seed=9)]
+    method.prepare(data_batches, runner.lm_loss)
+    for layer in method.manager.layers:
+        if layer.rank == 0 or layer.d_in != layer.d_out:
+            continue
+        conv = reference.get_submodule(layer.name)
+        conv.weight.requires_grad_(True)
+        mean = sum(torch.autograd.grad(runner.lm_loss(reference, b), conv.weight)[0] for b in data_batches) / 2
+        g = mean.T.double()  # Conv1D grad [d_in, d_out] -> [d_out, d_in]
+        a = layer.lora_A.detach().double()
+        projector = a.T @ torch.linalg.inv(a @ a.T) @ a
+        expected = -lr / math.sqrt(layer.rank / layer.d_in) * g @ projector
+        assert torch.allclose(layer.delta_weight().double(), expected, rtol=1e-4, atol=1e-7)
+        return
+    raise AssertionError("no square Conv1D got rank")
+
+
+def _copy_model_for_grads(model):
+    import copy as _copy
+
+    twin = _copy.deepcopy(model)
+    twin.requires_grad_(False)
+    return twin

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import GARDConfig
 from ..controller import GARD
+from ..lora.layer import adapter_shape
 from ..lora.manager import LoRAManager, match_target_modules
 
 # The settings of the first grids (docs/results.md) that differ from GARDConfig's defaults: the
@@ -59,6 +60,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "gora": {"kind": "gora"},
     "eva": {"kind": "eva"},
 }
+
+# The GARDConfig fields the non-GARD methods read (their shared bounds; GoRA's profiling window).
+BASELINE_OPTIONS = ("target_modules", "r_min", "r_max", "scaling", "window")
 
 # Methods whose ranks come from the effective rank of gradient spectra: the ones the α / k / M
 # ablation varies.
@@ -355,8 +359,8 @@ class GoraMethod(_FixedRankMethod):
             for batch in tqdm(used, desc="gora profiling", unit="batch", disable=not progress, leave=False):
                 grads = torch.autograd.grad(loss_fn(self.model, batch), weights)
                 for total, grad, layer in zip(sums, grads, layers):
-                    # Linear weights are [d_out, d_in]; Conv1D ones [d_in, d_out].
-                    total += (grad if grad.shape == total.shape else grad.T).double()
+                    # Linear weights are [d_out, d_in]; Conv1D ones [d_in, d_out] (also when square).
+                    total += (grad if isinstance(layer.base, nn.Linear) else grad.T).double()
         finally:
             for w in weights:
                 w.requires_grad_(False)
@@ -364,7 +368,7 @@ class GoraMethod(_FixedRankMethod):
         importance = []
         for layer, grad in zip(layers, means):
             w = layer.base.weight.detach().double()
-            w = w if w.shape == grad.shape else w.T
+            w = w if isinstance(layer.base, nn.Linear) else w.T
             importance.append(float((w * grad).abs().mean()))
         plan = gora_ranks(importance, self.manager.costs, self.manager.caps, self.budget, self.r_min, self.r_max)
         for layer, rank, grad in zip(layers, plan, means):
@@ -466,9 +470,7 @@ class AdaLoraMethod(Method):
         names = match_target_modules(model, target_modules)
         shapes = {}
         for full in names:
-            base = model.get_submodule(full)
-            d_out, d_in = base.weight.shape if isinstance(base, nn.Linear) else base.weight.shape[::-1]
-            shapes[full] = (d_in, d_out)
+            shapes[full] = adapter_shape(model.get_submodule(full))
         costs = [d_in + d_out + 1 for d_in, d_out in shapes.values()]
         total_rank = budget // max(costs)
         if total_rank < 1:
@@ -563,11 +565,7 @@ def build_method(name: str, model: nn.Module, budget: int, settings: GardSetting
 
 def adapted_costs(model: nn.Module, target_modules: Sequence[str]) -> list[int]:
     """d_in + d_out of every target module of an unwrapped model, in model order."""
-    costs = []
-    for full in match_target_modules(model, target_modules):
-        weight = model.get_submodule(full).weight
-        costs.append(int(weight.shape[0] + weight.shape[1]))
-    return costs
+    return [sum(adapter_shape(model.get_submodule(full))) for full in match_target_modules(model, target_modules)]
 
 
 def minimum_budget(name: str, costs: Sequence[int], settings: GardSettings) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data import LMData, train_batches
-from .methods import GardMethod, GardSettings, block_index, build_method
+from .methods import BASELINE_OPTIONS, METHODS, GardMethod, GardSettings, block_index, build_method
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -180,12 +180,20 @@ def run_spec(method: str, budget: int, seed: int, train: TrainSettings, gard: Ga
         "budget": budget,
         "seed": seed,
         "train": train.to_dict(),
-        # Resolved options (preset and GARDConfig defaults included): a changed default is a new run.
-        "gard": gard.options(method),
+        # Resolved options (preset and GARDConfig defaults included): a changed default is a new
+        # GARD run; the other methods depend only on the bounds they read.
+        "gard": _options_read_by(method, gard),
         "model": context.get("model"),
         "corpus": context.get("corpus"),
         "data": context.get("data"),
     }
+
+
+def _options_read_by(method: str, gard: GardSettings) -> dict:
+    options = gard.options(method)
+    if METHODS.get(method, {}).get("kind") == "gard":
+        return options
+    return {name: options[name] for name in BASELINE_OPTIONS}
 
 
 def finetune(
