@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch is on disk here; installing it first keeps pip from pulling a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test check-cuda check-kernels check-wheel bench demo
+.PHONY: install test check-cuda check-cpu check-kernels check-wheel bench demo
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIN)
@@ -13,6 +13,10 @@ install:
 
 check-cuda:
 	bash csrc/check_cuda_compiles.sh
+
+# The C++ sources compile for x86-64 CPUs without AVX-512 (BF16), as the JIT build does there.
+check-cpu:
+	PYTHON=$(PYTHON) bash csrc/check_cpu_compiles.sh
 
 # Every Triton kernel variant the launchers produce, compiled for sm_80/89/90, and the CUDA kernel
 # for sm_89/90 with nvcc (skipped without nvcc): fails on compile errors, spills, shared memory
@@ -24,7 +28,7 @@ check-kernels:
 check-wheel:
 	PYTHON=$(PYTHON) bash .ci/check_wheel.sh
 
-test: install check-cuda check-kernels check-wheel
+test: install check-cuda check-cpu check-kernels check-wheel
 	$(PYTHON) -m pytest -q tests
 
 bench: install

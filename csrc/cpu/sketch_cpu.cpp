@@ -389,10 +389,36 @@ GARD_BF16_TARGET void micro_kernel_bf16(const uint16_t* a, int64_t lda, int64_t 
 // front to back (one stream per page for the hardware prefetcher). Each half has its own sign
 // row per step. Measured at N = 4096, d = 2048 (rows 4 KiB apart), 1 thread: ~230 GFLOP/s,
 // against ~200 walking two halves of the pairs with 6 rows, ~75 for the plain 12-row kernel.
+// One step of micro_kernel_bf16_skewed: the lower R/2 rows at pair p, the upper ones at pair q.
+// A function rather than a lambda: a lambda does not inherit GARD_BF16_TARGET, and the
+// intrinsics would then only compile where -march already enables AVX-512 BF16.
+template <int R, int V>
+GARD_BF16_TARGET inline __attribute__((always_inline)) void skewed_step(__m512 (&acc)[R][V], const uint16_t* a,
+                                                                        int64_t lda, const uint32_t* b, int64_t ldb,
+                                                                        int64_t p, int64_t q) {
+  constexpr int kLower = R / 2;
+  if ((p & 15) < R) {
+    const int64_t r = p & 15;
+    GARD_PREFETCH_L2(a + (R + r) * lda + 2 * (r < kLower ? p : q) + 128);
+  }
+  __m512bh b_p[V], b_q[V];
+  GARD_UNROLL
+  for (int v = 0; v < V; ++v) {
+    b_p[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + v * kLanesBf16);
+    b_q[v] = (__m512bh)_mm512_loadu_si512(b + q * ldb + v * kLanesBf16);
+  }
+  GARD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const int64_t pair = r < kLower ? p : q;
+    const __m512bh a_r = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(a + r * lda + 2 * pair)));
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_r, r < kLower ? b_p[v] : b_q[v]);
+  }
+}
+
 template <int R, int V>
 GARD_BF16_TARGET void micro_kernel_bf16_skewed(const uint16_t* a, int64_t lda, int64_t len, const uint32_t* b,
                                                int64_t ldb, float* c, int64_t ldc) {
-  constexpr int kLower = R / 2;
   __m512 acc[R][V];
   GARD_UNROLL
   for (int r = 0; r < R; ++r) {
@@ -401,28 +427,8 @@ GARD_BF16_TARGET void micro_kernel_bf16_skewed(const uint16_t* a, int64_t lda, i
   }
   const int64_t pairs = len / 2;
   const int64_t skew = std::min<int64_t>(kSkewPairs, pairs / 2);
-  // One step: lower rows at pair p, upper rows at pair q.
-  const auto step = [&](int64_t p, int64_t q) __attribute__((always_inline)) {
-    if ((p & 15) < R) {
-      const int64_t r = p & 15;
-      GARD_PREFETCH_L2(a + (R + r) * lda + 2 * (r < kLower ? p : q) + 128);
-    }
-    __m512bh b_p[V], b_q[V];
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) {
-      b_p[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + v * kLanesBf16);
-      b_q[v] = (__m512bh)_mm512_loadu_si512(b + q * ldb + v * kLanesBf16);
-    }
-    GARD_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const int64_t pair = r < kLower ? p : q;
-      const __m512bh a_r = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(a + r * lda + 2 * pair)));
-      GARD_UNROLL
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_r, r < kLower ? b_p[v] : b_q[v]);
-    }
-  };
-  for (int64_t p = 0; p < pairs - skew; ++p) step(p, p + skew);
-  for (int64_t p = pairs - skew; p < pairs; ++p) step(p, p + skew - pairs);
+  for (int64_t p = 0; p < pairs - skew; ++p) skewed_step<R, V>(acc, a, lda, b, ldb, p, p + skew);
+  for (int64_t p = pairs - skew; p < pairs; ++p) skewed_step<R, V>(acc, a, lda, b, ldb, p, p + skew - pairs);
   if (len & 1) {
     // The odd feature pairs with zero, as in micro_kernel_bf16.
     __m512bh b_row[V];
