@@ -292,8 +292,7 @@ def summarise(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
-        base = row["kernel"] if not row["kernel"].startswith("_") else row["kernel"]
-        groups.setdefault((base, row["arch"]), []).append(row)
+        groups.setdefault((row["kernel"], row["arch"]), []).append(row)
     for (kernel, arch), group in groups.items():
         ok = [r for r in group if "error" not in r]
         failures = sum(verdict(r) != "ok" for r in group)
@@ -349,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 smem = cuda_dynamic_smem(k, k, SMEM_LIMIT[arch])
                 cuda_rows.append(dict(kernel="sketch_partials_kernel", arch=arch, variant=f"dynamic smem at k={k}",
                                       warps=8, regs=0, spill=0, smem=smem if smem is not None else 1 << 30))
-    rows = [r for r in rows] + cuda_rows
+    rows = rows + cuda_rows
     table, summary = render(rows), summarise(rows)
     print(table)
     print()
