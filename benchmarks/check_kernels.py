@@ -14,9 +14,10 @@ heuristic change changes what is compiled. The default set covers every value ea
 choose on every axis: every dtype with every square sketch tile (BLOCK_KI = BLOCK_KO in 16..64)
 and the two most lopsided ones (16 x 64, 64 x 16), num_warps and PRECISION following from them
 as in the launcher; the epilogue flags (ATOMIC / ACCUMULATE) and the smaller token blocks at the
-smallest and largest tiles. That is 144 compiles, about 2.5 minutes on 2 idle cores. `--all`
-compiles the full cross-product the launchers can produce (714 compiles, about 12 minutes on 2
-cores). Compiled kernels land in Triton's cache (~/.triton/cache), so a rerun takes seconds.
+smallest and largest tiles. That is 144 compiles, 54 s on this project's 2 shared cores with an
+empty Triton cache. `--all` compiles the full cross-product the launchers can produce (714
+compiles, about 5 minutes). Compiled kernels land in Triton's cache (~/.triton/cache), so a
+rerun takes seconds.
 
 Variants are compiled for the specialisation the training path launches: 16-byte-aligned
 pointers and unit feature strides (Triton turns an int argument equal to 1 into a constant).
