@@ -323,7 +323,7 @@ inline bool rows_alias_in_l1(int64_t stride_bytes) {
 }
 
 // Row stride (elements) of a packed [kRowsBf16, len] bf16 block: whole 64-byte lines, padded
-// until the rows spread over the L1 sets (at most 64 elements past len; Scratch leaves room).
+// until the rows spread over the L1 sets (at most 95 elements past len; Scratch leaves room).
 inline int64_t pack_stride_bf16(int64_t len) {
   int64_t ld = round_up(len, 32) + 32;
   if (rows_alias_in_l1(ld * 2)) ld += 32;
@@ -563,7 +563,8 @@ struct Scratch {
   int64_t xp, dp, sgn, pack, total;
   Scratch(int64_t tb, const Side& in, const Side& out) {
     const auto line = [](int64_t f) { return round_up(f, 16); };
-    // + kRowMultiple * 64: the bf16 path pads each packed row by up to 64 elements.
+    // + kRowMultiple * 64 floats: the bf16 path pads each packed row by up to 95 bf16 elements
+    // (pack_stride_bf16), which this covers even when the chunk is a few features wide.
     const auto pack_floats = [tb](const Side& s) {
       return s.token_major ? (tb + kRowMultiple) * s.chunk : kRowMultiple * (s.chunk + 64);
     };
