@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-def sketch_gradient(x: torch.Tensor, dy: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+def sketch(x: torch.Tensor, dy: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
     """S = P_out^T G P_in with G = dY^T X materialised, all in float64.
 
     Args:

@@ -47,7 +47,7 @@ def _inputs(n, d_in, d_out, dtype, lead=()):
 def _check(sk, x, dy):
     """The cpp backend via GradientSketch, and sketch_native on a poisoned out, match the oracle."""
     tol = SKETCH_TOLERANCE[x.dtype]
-    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    expected = reference.sketch(x, dy, sk.p_in, sk.p_out)
     assert rel_error(sk(x, dy, backend="cpp"), expected) < tol
 
     out = poisoned((sk.k_out, sk.k_in))
@@ -105,7 +105,7 @@ def test_accumulate_adds_onto_out(dtype):
     sk = gard_kernels.GradientSketch(77, 45, 24, 16, seed=5)
     x, dy = _inputs(123, 77, 45, dtype)
     start = torch.randn(16, 24)
-    expected = start.double() + reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    expected = start.double() + reference.sketch(x, dy, sk.p_in, sk.p_out)
     tol = SKETCH_TOLERANCE[dtype]
 
     out = start.clone()
@@ -205,7 +205,7 @@ def test_cuda_matches_reference(shape, dtype):
     n, d_in, d_out, k_in, k_out = shape
     sk = gard_kernels.GradientSketch(d_in, d_out, k_in, k_out, seed=7)
     x, dy = _inputs(n, d_in, d_out, dtype)
-    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    expected = reference.sketch(x, dy, sk.p_in, sk.p_out)
     tol = SKETCH_TOLERANCE[dtype]
     assert rel_error(sk(x.cuda(), dy.cuda(), backend="cuda"), expected) < tol
 
@@ -224,7 +224,7 @@ def test_cuda_non_contiguous_and_opcheck(dtype):
     assert native.is_available("cuda"), f"the CUDA kernel did not build: {native.unavailable_reason('cuda')}"
     sk = gard_kernels.GradientSketch(77, 45, 16, 5, seed=3)
     for _, x, dy in _strided_views(1000, 77, 45, dtype, device="cuda"):
-        expected = reference.sketch_gradient(x.cpu(), dy.cpu(), sk.p_in, sk.p_out)
+        expected = reference.sketch(x.cpu(), dy.cpu(), sk.p_in, sk.p_out)
         assert rel_error(sk(x, dy, backend="cuda"), expected) < SKETCH_TOLERANCE[dtype]
     x, dy = _inputs(37, 29, 11, dtype)
     args = (x.cuda(), dy.cuda(), 5, 6, 24, 5, 0.25, torch.zeros(5, 24, device="cuda"), False)
@@ -337,7 +337,7 @@ def _bf16_path(use_dot: bool):
 
 
 def _check_bf16(sk, x, dy, start=None):
-    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    expected = reference.sketch(x, dy, sk.p_in, sk.p_out)
     out = poisoned((sk.k_out, sk.k_in)) if start is None else start.clone()
     if start is not None:
         expected = expected + start.double()

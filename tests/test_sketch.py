@@ -26,7 +26,7 @@ def test_backend_matches_reference(backend, dtype, shape):
     sk = gk.GradientSketch(d_in, d_out, k_in, k_out, seed=11)
     x = torch.randn(n, d_in).to(dtype)
     dy = torch.randn(n, d_out).to(dtype)
-    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    expected = reference.sketch(x, dy, sk.p_in, sk.p_out)
     got = sk(x, dy, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (k_out, k_in)
     assert rel_error(got, expected) < SKETCH_TOLERANCE[dtype]
@@ -37,23 +37,23 @@ def test_torch_path_overwrites_poisoned_output():
     x, dy = torch.randn(9000, 77), torch.randn(9000, 45)
     p_in, p_out = sk.projections(torch.device("cpu"))
     out = sketch_torch(x, dy, p_in, p_out, poisoned((16, 16)), accumulate=False)
-    assert rel_error(out, reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)) < 1e-5
+    assert rel_error(out, reference.sketch(x, dy, sk.p_in, sk.p_out)) < 1e-5
 
 
 def test_three_d_and_non_contiguous_inputs():
     sk = gk.GradientSketch(45, 77, 16, 8, seed=5)
     x3 = torch.randn(4, 31, 45)
     dy3 = torch.randn(4, 31, 77)
-    expected = reference.sketch_gradient(x3, dy3, sk.p_in, sk.p_out)
+    expected = reference.sketch(x3, dy3, sk.p_in, sk.p_out)
     assert rel_error(sk(x3, dy3, backend="torch"), expected) < 1e-5
     # Transposed storage: last-dim stride != 1, and a [seq, batch] view that cannot be flattened.
     xt = torch.randn(45, 124).T
     dyt = torch.randn(77, 124).T
     assert not xt.is_contiguous()
-    assert rel_error(sk(xt, dyt, backend="torch"), reference.sketch_gradient(xt, dyt, sk.p_in, sk.p_out)) < 1e-5
+    assert rel_error(sk(xt, dyt, backend="torch"), reference.sketch(xt, dyt, sk.p_in, sk.p_out)) < 1e-5
     xs = torch.randn(31, 4, 45).transpose(0, 1)
     dys = torch.randn(31, 4, 77).transpose(0, 1)
-    assert rel_error(sk(xs, dys), reference.sketch_gradient(xs, dys, sk.p_in, sk.p_out)) < 1e-5
+    assert rel_error(sk(xs, dys), reference.sketch(xs, dys, sk.p_in, sk.p_out)) < 1e-5
 
 
 def test_out_accumulates_in_place():
@@ -63,7 +63,7 @@ def test_out_accumulates_in_place():
     returned = sk(x1, dy1, out=out)
     sk(x2, dy2, out=out)
     assert returned is out
-    expected = 2.0 + reference.sketch_gradient(x1, dy1, sk.p_in, sk.p_out) + reference.sketch_gradient(
+    expected = 2.0 + reference.sketch(x1, dy1, sk.p_in, sk.p_out) + reference.sketch(
         x2, dy2, sk.p_in, sk.p_out
     )
     assert rel_error(out, expected) < 1e-5
@@ -109,7 +109,7 @@ def test_bad_arguments_raise_clear_errors():
 def test_mixed_input_dtypes_are_computed_in_float32():
     sk = gk.GradientSketch(16, 12, 8, 8, seed=4)
     x, dy = torch.randn(50, 16), torch.randn(50, 12)
-    expected = reference.sketch_gradient(x.half(), dy.bfloat16(), sk.p_in, sk.p_out)
+    expected = reference.sketch(x.half(), dy.bfloat16(), sk.p_in, sk.p_out)
     assert rel_error(sk(x.half(), dy.bfloat16()), expected) < 1e-5
 
 
@@ -179,7 +179,7 @@ def test_available_backends_and_auto():
     assert set(backends) <= {"reference", "torch", "cpp", "triton", "cuda"}
     sk = gk.GradientSketch(40, 30, 8, 8, seed=9)
     x, dy = torch.randn(64, 40), torch.randn(64, 30)
-    expected = reference.sketch_gradient(x, dy, sk.p_in, sk.p_out)
+    expected = reference.sketch(x, dy, sk.p_in, sk.p_out)
     # auto measures once, then reuses its choice; both calls must be right.
     assert rel_error(sk(x, dy), expected) < 1e-5
     assert rel_error(sk(x, dy), expected) < 1e-5

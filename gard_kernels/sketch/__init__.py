@@ -113,7 +113,7 @@ class GradientSketch:
                 return sketch_torch(x, dy, p_in, p_out, out, accumulate)
             from .. import reference
 
-            result = reference.sketch_gradient(x, dy, p_in, p_out).to(torch.float32)
+            result = reference.sketch(x, dy, p_in, p_out).to(torch.float32)
             return out.add_(result) if accumulate else out.copy_(result)
         args = (x, dy, self.key_in, self.key_out, self.k_in, self.k_out, self.scale, out, accumulate)
         if backend == "triton":
