@@ -336,6 +336,32 @@ inline uint32_t load_u32(const uint16_t* p) {
   return v;
 }
 
+// The end of both bf16 micro-kernels: an odd last feature pairs with a zero (not with whatever
+// follows it in memory, which may be NaN; its sign row's high halves are zero), then the
+// accumulators go back to c.
+template <int R, int V>
+GARD_BF16_TARGET inline __attribute__((always_inline)) void finish_bf16(__m512 (&acc)[R][V], const uint16_t* a,
+                                                                        int64_t lda, int64_t len, const uint32_t* b,
+                                                                        int64_t ldb, float* c, int64_t ldc) {
+  if (len & 1) {
+    const int64_t pairs = len / 2;
+    __m512bh b_row[V];
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) b_row[v] = (__m512bh)_mm512_loadu_si512(b + pairs * ldb + v * kLanesBf16);
+    GARD_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + len - 1]));
+      GARD_UNROLL
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_rp, b_row[v]);
+    }
+  }
+  GARD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanesBf16, acc[r][v]);
+  }
+}
+
 // c[R, V*16] += a[R, len] @ b[len, V*16] with vdpbf16ps.
 // a: bf16 rows lda apart (pairs of consecutive features are one 32-bit broadcast); b: the pair
 // layout of make_signs_bf16, ldb uint32 per pair row; c: float rows ldc apart.
@@ -363,24 +389,7 @@ GARD_BF16_TARGET void micro_kernel_bf16(const uint16_t* a, int64_t lda, int64_t 
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_rp, b_row[v]);
     }
   }
-  if (len & 1) {
-    // Odd tail: the feature pairs with a zero (not with whatever follows it in memory, which may
-    // be NaN), and its sign row's high halves are zero.
-    __m512bh b_row[V];
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) b_row[v] = (__m512bh)_mm512_loadu_si512(b + pairs * ldb + v * kLanesBf16);
-    GARD_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + len - 1]));
-      GARD_UNROLL
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_rp, b_row[v]);
-    }
-  }
-  GARD_UNROLL
-  for (int r = 0; r < R; ++r) {
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanesBf16, acc[r][v]);
-  }
+  finish_bf16<R, V>(acc, a, lda, len, b, ldb, c, ldc);
 }
 
 // micro_kernel_bf16 for rows that alias in L1 (rows_alias_in_l1): the upper half of the rows
@@ -429,23 +438,7 @@ GARD_BF16_TARGET void micro_kernel_bf16_skewed(const uint16_t* a, int64_t lda, i
   const int64_t skew = std::min<int64_t>(kSkewPairs, pairs / 2);
   for (int64_t p = 0; p < pairs - skew; ++p) skewed_step<R, V>(acc, a, lda, b, ldb, p, p + skew);
   for (int64_t p = pairs - skew; p < pairs; ++p) skewed_step<R, V>(acc, a, lda, b, ldb, p, p + skew - pairs);
-  if (len & 1) {
-    // The odd feature pairs with zero, as in micro_kernel_bf16.
-    __m512bh b_row[V];
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) b_row[v] = (__m512bh)_mm512_loadu_si512(b + pairs * ldb + v * kLanesBf16);
-    GARD_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + len - 1]));
-      GARD_UNROLL
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_rp, b_row[v]);
-    }
-  }
-  GARD_UNROLL
-  for (int r = 0; r < R; ++r) {
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanesBf16, acc[r][v]);
-  }
+  finish_bf16<R, V>(acc, a, lda, len, b, ldb, c, ldc);
 }
 
 // c[R, kp] += a[R, len] @ b[len, kp], in column panels of two vectors.
