@@ -166,7 +166,11 @@ class GARD:
         return event
 
     def profile(self, batches: Iterable[Any], steps: Optional[int] = None, loss_fn: Optional[Callable] = None) -> dict:
-        """Static GARD's profiling phase without optimizer steps, then the one allocation.
+        """Profiling passes without optimizer steps, then one allocation.
+
+        Static mode: the paper's profiling phase and its one allocation. Dynamic mode: the
+        starting ranks, moved as at any re-allocation. Takes exactly `steps` batches from
+        `batches` and leaves every parameter's gradient as it found it.
 
         Args:
             batches: iterable of model inputs (dicts are passed as keyword arguments).
@@ -179,8 +183,8 @@ class GARD:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
         # Gradients that existed before are put back afterwards; every one profiling creates is cleared.
-        params = list(self.model.parameters())
-        saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
+        # Backward accumulates into existing .grad tensors in place: keep their values to restore.
+        saved = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
         batch_iter = iter(batches)
         try:
             for done in range(steps):
@@ -196,7 +200,9 @@ class GARD:
                 loss.backward()
                 self.ring.advance()
         finally:
-            for param, grad in zip(params, saved_grads):
+            for param, grad, value in saved:
+                if grad is not None:
+                    grad.copy_(value)
                 param.grad = grad
         event = self._reallocate(require_optimizer=False)
         self._set_capture(self._capture_due(self.step_count))

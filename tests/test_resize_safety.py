@@ -234,3 +234,14 @@ def test_static_reinitialisation_starts_the_optimizer_afresh():
         opt.zero_grad()
     assert event is not None  # the one allocation, at step M = 2
     assert all(p not in opt.state for p in gard.lora_parameters())
+
+
+def test_profile_puts_back_the_same_gradient_tensors():
+    model = tiny_llama()
+    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=2))
+    head = model.lm_head.weight
+    head.requires_grad_(True)
+    grad = torch.full_like(head, 3.0)
+    head.grad = grad
+    gard.profile(batches(2))
+    assert head.grad is grad and torch.equal(grad, torch.full_like(head, 3.0))
