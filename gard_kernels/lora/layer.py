@@ -14,6 +14,7 @@ from .optim_state import (
     remap_along,
     remap_optimizer_state,
     reset_optimizer_state,
+    track_new_directions,
 )
 
 __all__ = ["GROW_INITS", "LoRALayer", "ResizeRecord", "adapter_shape"]
@@ -183,6 +184,9 @@ class LoRALayer(nn.Module):
                 optimizer.state.pop(param, None)
                 if state is not None:
                     optimizer.state[param] = state
+        if optimizer is not None:
+            # The restored state may hold grown directions' ages again (or no longer).
+            track_new_directions(optimizer)
 
     @torch.no_grad()
     def resize(
