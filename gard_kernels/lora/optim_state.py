@@ -201,6 +201,8 @@ def mark_new_directions(
     state = optimizer.state.get(param)
     if not state or "exp_avg" not in state or "exp_avg_sq" not in state or "step" not in state:
         return
+    if not any("betas" in group and any(p is param for p in group["params"]) for group in optimizer.param_groups):
+        return  # moments without Adam's (beta1, beta2): no bias correction to restore
     age = state.get(NEW_KEY)
     if age is None or age.shape != param.shape:
         age = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
