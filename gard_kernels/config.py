@@ -54,7 +54,8 @@ class GARDConfig:
         grow_init: new directions start with B = 0 and A random ("zero") or A along the top
             singular directions of the current weight gradient ("gradient"), or with those A rows
             and B taking one gradient step of the optimizer's lr along them ("gora": GoRA's
-            initialisation, He et al. 2025, for grown directions; this changes the output).
+            initialisation, He et al. 2025, for grown directions; this changes the output). Static
+            mode's re-initialisation at the allocation follows it too.
         shrink: which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the
             best rank-r approximation of the current update ("svd").
         scaling: constant factor of the LoRA branch, y = W x + scaling * B A x. It does not depend

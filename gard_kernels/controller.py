@@ -211,7 +211,16 @@ class GARD:
         return event
 
     def _grows_from_gradient(self) -> bool:
-        return self.config.mode == "dynamic" and self.config.grow_init in ("gradient", "gora")
+        return self.config.grow_init in ("gradient", "gora")
+
+    def _range_width(self) -> int:
+        """Columns of the range finder: the most directions one layer can gain at once, plus slack.
+
+        Static mode re-initialises every layer at its new rank (up to r_max); a dynamic move
+        adds at most delta_max.
+        """
+        most = self.config.r_max if self.config.mode == "static" else self.config.delta_max
+        return most + _RANGE_OVERSAMPLE
 
     def _reallocation_due(self, t: int) -> bool:
         """Whether ranks are re-allocated when the optimizer step count reaches t."""
@@ -250,7 +259,7 @@ class GARD:
                 arm = on and self._reallocation_due(self.step_count + 1)
             for handle in self.handles:
                 if arm:
-                    handle.arm_range_finder(self.config.delta_max + _RANGE_OVERSAMPLE, self._generator)
+                    handle.arm_range_finder(self._range_width(), self._generator)
                 else:
                     handle.disarm()
 
@@ -350,15 +359,17 @@ class GARD:
         layers = [self.manager.layers[i] for i in changed]
         for layer in layers:
             check_remappable(self.optimizer, (layer.lora_A, layer.lora_B))
-        if cfg.mode == "dynamic" and cfg.grow_init in ("gradient", "gora"):
+        # Static mode re-initialises every changed layer from rank 0.
+        start = {i: 0 if cfg.mode == "static" else layer.rank for i, layer in zip(changed, layers)}
+        if self._grows_from_gradient():
             for i, layer in zip(changed, layers):
-                if new[i] > layer.rank and not layer.capture.armed:
+                if new[i] > start[i] and not layer.capture.armed:
                     raise RuntimeError(
                         f"grow_init={cfg.grow_init!r} must grow {layer.name!r} but its range finder was not armed "
                         "by the capture before this re-allocation"
                     )
-        grows = any(new[i] > layer.rank for i, layer in zip(changed, layers))
-        if cfg.mode == "dynamic" and cfg.grow_init == "gora" and grows and self.optimizer is None:
+        grows = any(new[i] > start[i] for i in changed)
+        if cfg.grow_init == "gora" and grows and self.optimizer is None:
             raise RuntimeError(
                 "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
                 "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
@@ -369,9 +380,10 @@ class GARD:
         try:
             for i, layer in zip(changed, layers):
                 if cfg.mode == "static":
-                    # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks.
+                    # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks
+                    # (A random and B zero, or from the gradient per grow_init).
                     layer.resize(0, optimizer=self.optimizer)
-                    layer.resize(new[i], grow_init="zero", optimizer=self.optimizer, generator=self._generator)
+                    layer.resize(new[i], grow_init=cfg.grow_init, optimizer=self.optimizer, generator=self._generator)
                 else:
                     change = layer.resize(
                         new[i], grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=self.optimizer,

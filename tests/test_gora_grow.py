@@ -1,4 +1,5 @@
 """grow_init="gora": grown directions start as one gradient step along the gradient's top directions."""
+import copy
 import math
 
 import pytest
@@ -91,3 +92,44 @@ def test_dynamic_gard_with_gora_grow_trains_within_budget():
         grew |= event is not None and any(b > a for a, b in zip(event["old_ranks"], event["ranks"]))
         assert gard.num_lora_params <= cfg.budget
     assert grew
+
+
+def test_static_gard_with_gora_init_takes_one_gradient_step_at_allocation():
+    # r_init = 0: the profiled model is the base model, so the last profiling batch's gradient of
+    # each base weight is exactly what the range finder saw (rank <= 8 tokens < its 16 columns).
+    model = tiny_llama(layers=1)
+    twin = copy.deepcopy(model)
+    cfg = gk.GARDConfig(
+        budget=300, target_modules=["q_proj", "v_proj"], mode="static", window=2, r_init=0, r_max=4,
+        score="grad_norm", grow_init="gora", scaling=2.0,
+    )
+    gard = gk.GARD(model, cfg)
+    data = batches(2, batch=1, length=8, seed=5)
+    with pytest.raises(RuntimeError, match="attach the optimizer"):
+        gk.GARD(copy.deepcopy(twin), cfg).profile(data)
+    lr = 1e-2
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=lr))
+    gard.profile(data)
+    grown = [(name, layer) for name, layer in zip(gard.names, gard.manager.layers) if layer.rank > 0]
+    assert grown
+    for name, layer in grown:
+        weight = twin.get_submodule(name).weight
+        weight.requires_grad_(True)
+        (g,) = torch.autograd.grad(twin(**data[-1]).loss, weight)
+        g = g.double()
+        a = layer.lora_A.detach().double()
+        projector = a.T @ torch.linalg.solve(a @ a.T, a)
+        v = torch.linalg.svd(g).Vh[: layer.rank]
+        assert torch.linalg.matrix_norm(projector - v.T @ v) < 1e-4
+        expected = -lr * math.sqrt(layer.d_in / layer.rank) * g @ projector
+        assert torch.allclose(layer.delta_weight().double(), expected, rtol=1e-3, atol=1e-7)
+
+
+def test_gora_step_uses_the_base_rate_under_a_warmup_schedule():
+    lr = 3e-3
+    layer, opt, g = _captured_layer(1, lr)
+    # A linear warm-up from 0: the momentary rate is 0 at the first step.
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)
+    assert opt.param_groups[0]["lr"] == 0.0
+    layer.resize(3, grow_init="gora", optimizer=opt)
+    assert layer.lora_B.detach()[:, 1:].abs().max() > 0

@@ -56,6 +56,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # GoRA's initialisation for the directions dynamic GARD grows (GARDConfig.grow_init).
     "gard-gora-init": {"kind": "gard", "config": {"mode": "dynamic", "grow_init": "gora"}},
     "grad-norm-gora-init": {"kind": "gard", "config": {"mode": "dynamic", "score": "grad_norm", "grow_init": "gora", **EARLIER_GRID}},
+    # Static GARD whose re-initialisation at the allocation is GoRA's (one gradient step).
+    "grad-norm-static-gora-init": {"kind": "gard", "config": {"mode": "static", "score": "grad_norm", "grow_init": "gora", **EARLIER_GRID}},
+    "update-nuclear-static-gora-init": {
+        "kind": "gard", "config": {"mode": "static", "score": "update_nuclear", "grow_init": "gora", **EARLIER_GRID},
+    },
     "adalora": {"kind": "adalora"},
     "gora": {"kind": "gora"},
     "eva": {"kind": "eva"},

@@ -207,7 +207,7 @@ class LoRALayer(nn.Module):
         initialisation, He et al. 2025, for the new directions only) B_new = -(xi / scaling)
         G A_new^T (A_new A_new^T)^-1 with xi = lr sqrt(d_in / r_new), so that the new product
         scaling B_new A_new is one gradient step of G projected onto the new rows; lr is the
-        optimizer's learning rate for lora_B.
+        optimizer's base learning rate for lora_B (a scheduler's initial_lr, else lr).
         Shrink: "norm" keeps the r_new directions with the largest ||a_i|| ||b_i||, unchanged and
         in their old order; "svd" re-factors Delta W into its best rank-r_new approximation,
         B' = Q_b U S^1/2, A' = S^1/2 V^T Q_a^T from B = Q_b R_b, A^T = Q_a R_a and the SVD
@@ -337,10 +337,14 @@ class LoRALayer(nn.Module):
 
 
 def _learning_rate(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
-    """The learning rate of the param group that holds `param`."""
+    """The base learning rate of the param group that holds `param`.
+
+    An LR scheduler keeps the base rate in "initial_lr": GoRA's step uses it, not a warm-up's
+    momentary (possibly zero) rate.
+    """
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
-            return float(group["lr"])
+            return float(group.get("initial_lr", group["lr"]))
     raise ValueError("grow_init='gora': the optimizer does not hold this layer's lora_B")
 
 
