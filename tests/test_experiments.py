@@ -440,3 +440,13 @@ def _copy_model_for_grads(model):
     twin = _copy.deepcopy(model)
     twin.requires_grad_(False)
     return twin
+
+
+def test_gora_ranks_under_a_budget_where_every_share_rounds_to_zero():
+    # 10 layers of cost 100 and budget 250: every B s / c = 0.25 rounds to 0; the two most
+    # important layers get rank 1 instead of an adapter-free run.
+    importance = [0.1, 0.5, 0.2, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    ranks = methods.gora_ranks(importance, [100] * 10, [8] * 10, 250, 0, 8)
+    assert ranks == [0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    # Where the formula grants something, it stands (no top-up).
+    assert methods.gora_ranks([1.0, 0.0], [100, 100], [8, 8], 250, 0, 8) == [2, 0]

@@ -317,6 +317,12 @@ def gora_ranks(importance: Sequence[float], costs: Sequence[int], caps: Sequence
     """GoRA's allocation: r_l = round(B s_l / (d_in + d_out)), s = importance / Σ importance,
     clamped to [r_min, min(r_max, cap)], then lowered where rounding overshot until Σ r c <= B.
 
+    Under a budget so tight that every share rounds to 0 (2,570 parameters over 60 SmolLM2
+    modules: every B s_l / c_l < 0.5), the formula adapts nothing and GoRA could not train at
+    all. Our extension for that case only: rank 1 goes to the most important layers, in order,
+    while it fits (ties to the cheaper, then earlier layer). Otherwise the formula stands, and
+    the budget it leaves unspent stays unspent, as in the paper.
+
     Args:
         importance: [L] non-negative layer importances (GoRA: mean |W ⊙ Ḡ|).
         costs: [L] d_in + d_out; caps: [L] min(d_in, d_out).
@@ -325,7 +331,13 @@ def gora_ranks(importance: Sequence[float], costs: Sequence[int], caps: Sequence
     shares = [v / total if total > 0 else 1.0 / len(costs) for v in importance]
     exact = [budget * s / c for s, c in zip(shares, costs)]
     ranks = [max(r_min, min(r_max, cap, round(x))) for x, cap in zip(exact, caps)]
-    return trim_to_budget(ranks, costs, budget, [r - x for r, x in zip(ranks, exact)], r_min)
+    ranks = trim_to_budget(ranks, costs, budget, [r - x for r, x in zip(ranks, exact)], r_min)
+    if not any(ranks):
+        spent = 0
+        for i in sorted(range(len(costs)), key=lambda j: (-importance[j], costs[j], j)):
+            if min(r_max, caps[i]) >= 1 and spent + costs[i] <= budget:
+                ranks[i], spent = 1, spent + costs[i]
+    return ranks
 
 
 class GoraMethod(_FixedRankMethod):

@@ -279,7 +279,9 @@ def finetune(
         depth.append(top_block + 1 - min(reached) if reached else 0)
         with precision:
             loss = lm_loss(train_model, batch)
-        loss.backward()
+        # A method may adapt nothing at a step (no rank anywhere): then nothing trains.
+        if loss.requires_grad:
+            loss.backward()
         if train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
