@@ -336,6 +336,17 @@ inline uint32_t load_u32(const uint16_t* p) {
   return v;
 }
 
+// The start of both bf16 micro-kernels: the accumulators take c's current values.
+template <int R, int V>
+GARD_BF16_TARGET inline __attribute__((always_inline)) void start_bf16(__m512 (&acc)[R][V], const float* c,
+                                                                       int64_t ldc) {
+  GARD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    GARD_UNROLL
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + v * kLanesBf16);
+  }
+}
+
 // The end of both bf16 micro-kernels: an odd last feature pairs with a zero (not with whatever
 // follows it in memory, which may be NaN; its sign row's high halves are zero), then the
 // accumulators go back to c.
@@ -369,11 +380,7 @@ template <int R, int V>
 GARD_BF16_TARGET void micro_kernel_bf16(const uint16_t* a, int64_t lda, int64_t len, const uint32_t* b, int64_t ldb,
                                         float* c, int64_t ldc) {
   __m512 acc[R][V];
-  GARD_UNROLL
-  for (int r = 0; r < R; ++r) {
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + v * kLanesBf16);
-  }
+  start_bf16<R, V>(acc, c, ldc);
   const int64_t pairs = len / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     // One row of the next register block per step, 256 bytes ahead: by the time that block
@@ -429,11 +436,7 @@ template <int R, int V>
 GARD_BF16_TARGET void micro_kernel_bf16_skewed(const uint16_t* a, int64_t lda, int64_t len, const uint32_t* b,
                                                int64_t ldb, float* c, int64_t ldc) {
   __m512 acc[R][V];
-  GARD_UNROLL
-  for (int r = 0; r < R; ++r) {
-    GARD_UNROLL
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + v * kLanesBf16);
-  }
+  start_bf16<R, V>(acc, c, ldc);
   const int64_t pairs = len / 2;
   const int64_t skew = std::min<int64_t>(kSkewPairs, pairs / 2);
   for (int64_t p = 0; p < pairs - skew; ++p) skewed_step<R, V>(acc, a, lda, b, ldb, p, p + skew);
