@@ -164,13 +164,13 @@ def test_static_mode_changes_ranks_exactly_once():
 
 def test_profile_without_optimizer_steps():
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=4))
+    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=4, grow_init="zero"))
     event = gard.profile(batches(4))
     assert event["ranks"] == list(gard.ranks.values())
     assert gard.num_lora_params <= 1_500
     assert all(p.grad is None for p in gard.lora_parameters())
     with pytest.raises(ValueError, match="needs steps"):
-        gk.GARD(tiny_llama(), gk.GARDConfig(budget=1_500, target_modules=["q_proj"], mode="static")).profile(batches(2), steps=3)
+        gk.GARD(tiny_llama(), gk.GARDConfig(budget=1_500, target_modules=["q_proj"], mode="static", grow_init="zero")).profile(batches(2), steps=3)
 
 
 def _run(model, gard, opt, data):

@@ -20,7 +20,7 @@ SAMPLES = 2  # per micro-batch
 TARGETS = ["inp", "mid", "out", "spare"]
 # Capture is off one step in four (window 3 < interval 4): rank-0 factors are then unused.
 CONFIG = dict(
-    budget=260, target_modules=TARGETS, mode="dynamic", window=3, interval=4, warmup=4, r_init=2, r_max=6,
+    budget=260, target_modules=TARGETS, mode="dynamic", score="spectral", window=3, interval=4, warmup=4, r_init=2, r_max=6,
     delta_max=2, ema=0.0, grow_init="gradient", shrink="norm", backend="torch", seed=5,
 )
 REALLOCATIONS = 3  # at steps 4, 8, 12

@@ -478,12 +478,13 @@ def test_history_keys_are_documented():
     documented = set(re.findall(r"`(\w+)`", section))
     config = dict(budget=57_600, target_modules=["q_proj", "v_proj"], window=2, interval=2, backend="torch")
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(**config))
+    gard = gk.GARD(model, gk.GARDConfig(**config, mode="dynamic"))
     gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-3))
     for batch in batches(2, seed=7):
         model(**batch).loss.backward()
         gard.optimizer.step(), gard.step(), gard.optimizer.zero_grad()
     static = gk.GARD(tiny_llama(), gk.GARDConfig(mode="static", **config))
+    static.attach_optimizer(torch.optim.AdamW(static.lora_parameters(), lr=1e-3))
     static.profile(batches(2, seed=8))
     records = gard.history + static.history
     keys = {key for record in records for key in record}

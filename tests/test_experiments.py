@@ -450,3 +450,19 @@ def test_gora_ranks_under_a_budget_where_every_share_rounds_to_zero():
     assert ranks == [0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
     # Where the formula grants something, it stands (no top-up).
     assert methods.gora_ranks([1.0, 0.0], [100, 100], [8, 8], 250, 0, 8) == [2, 0]
+
+
+def test_committed_study_runs_still_resolve_to_the_settings_they_ran():
+    """A preset or default change must not silently re-mean a method name: every committed run of
+    the study resolves, today, to the GARD options recorded in its metrics (what its fingerprint
+    covers), except `gard` runs made before the recommended defaults (kept under another folder)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "metrics" / "study-select"
+    files = sorted(root.glob("*/metrics.json"))
+    assert len(files) >= 40
+    for path in files:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        options = runner._options_read_by(run["method"], methods.GardSettings())
+        recorded = run["hyperparameters"]
+        assert {k: recorded.get(k) for k in options} == options, path.parent.name

@@ -35,7 +35,7 @@ class _Tokens(torch.utils.data.Dataset):
 def _config() -> gk.GARDConfig:
     # Re-allocations at steps 3, 6, 9, 12; random scores without smoothing move ranks each time.
     return gk.GARDConfig(
-        budget=BUDGET, target_modules=TARGETS, window=2, interval=3, warmup=2, delta_max=2, r_max=6,
+        budget=BUDGET, target_modules=TARGETS, mode="dynamic", window=2, interval=3, warmup=2, delta_max=2, r_max=6,
         score="random", ema=0.0, seed=4, grow_init="gradient",
     )
 
@@ -188,7 +188,10 @@ def _flag_quantized(model, quantizer):
 
 
 def _quantized_config() -> gk.GARDConfig:
-    return gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, window=2, interval=2, score="random", ema=0.0, seed=1)
+    return gk.GARDConfig(
+        budget=BUDGET, target_modules=TARGETS, mode="dynamic", window=2, interval=2, score="random", ema=0.0, seed=1,
+        grow_init="zero",
+    )
 
 
 def test_quantized_model_trains_when_wrapped_before_the_trainer(tmp_path, one_thread):

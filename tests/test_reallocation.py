@@ -11,6 +11,8 @@ from torch import nn
 
 import gard_kernels as gk
 
+from .util import PAPER_DYNAMIC
+
 D = 16  # d_in = d_out of every layer; one rank unit costs 2 * D parameters
 ROWS = 4  # batch rows per step
 
@@ -54,7 +56,7 @@ def make_run(layers=6, units=10, seed=0, **overrides):
     torch.manual_seed(seed)
     model = Row(layers)
     config = dict(
-        budget=units * 2 * D, target_modules=r"layers\.\d+", mode="dynamic", r_init=0, window=8,
+        budget=units * 2 * D, target_modules=r"layers\.\d+", **PAPER_DYNAMIC, r_init=0, window=8,
         k_in=8, k_out=8, interval=8, seed=seed, backend="torch",
     )
     config.update(overrides)

@@ -121,7 +121,7 @@ def test_profile_in_dynamic_mode_with_gradient_grow():
 
 def test_profile_clears_every_gradient_it_made_and_keeps_the_others():
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=3))
+    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=3, grow_init="zero"))
     model.lm_head.weight.requires_grad_(True)  # a head the user trains besides the adapters
     norm = model.model.norm.weight
     norm.requires_grad_(True)
@@ -134,13 +134,13 @@ def test_profile_clears_every_gradient_it_made_and_keeps_the_others():
 
 def test_profile_consumes_exactly_the_batches_it_uses():
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=3))
+    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=3, grow_init="zero"))
     data = batches(5)
     stream = iter(data)
     gard.profile(stream, steps=3)
     assert next(stream) is data[3]
     with pytest.raises(ValueError, match="got 1 batches but needs steps=3"):
-        gk.GARD(tiny_llama(), gk.GARDConfig(budget=10_000, target_modules=["q_proj"], mode="static", window=3)).profile(
+        gk.GARD(tiny_llama(), gk.GARDConfig(budget=10_000, target_modules=["q_proj"], mode="static", window=3, grow_init="zero")).profile(
             stream, steps=3
         )
 
@@ -238,7 +238,7 @@ def test_static_reinitialisation_starts_the_optimizer_afresh():
 
 def test_profile_puts_back_the_same_gradient_tensors():
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=2))
+    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], mode="static", window=2, grow_init="zero"))
     head = model.lm_head.weight
     head.requires_grad_(True)
     grad = torch.full_like(head, 3.0)

@@ -5,6 +5,7 @@ import torch
 import gard_kernels as gk
 
 from .models import batches, tiny_gpt2, tiny_llama
+from .util import PAPER_DYNAMIC
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS = 14
@@ -12,7 +13,7 @@ STEPS = 14
 
 def _config(**overrides) -> gk.GARDConfig:
     # Re-allocations at steps 4, 8, 12; random scores with no smoothing make every one move ranks.
-    base = dict(
+    base = PAPER_DYNAMIC | dict(
         budget=2_000, target_modules=LLAMA_TARGETS, window=3, interval=4, warmup=3, delta_max=2, r_max=6,
         score="random", ema=0.0, seed=5,
     )

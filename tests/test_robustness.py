@@ -9,6 +9,8 @@ from torch import nn
 import gard_kernels as gk
 from gard_kernels.spectra import SpectrumWarning
 
+from .util import PAPER_DYNAMIC
+
 
 class Net(nn.Module):
     """Three used Linear layers and one (`spare`) that forward never calls: its gradient is zero."""
@@ -30,7 +32,7 @@ SPARE = 3
 
 
 def _config(**overrides) -> gk.GARDConfig:
-    base = dict(budget=400, target_modules=TARGETS, window=3, interval=3, warmup=3, r_max=6, backend="torch", seed=1)
+    base = PAPER_DYNAMIC | dict(budget=400, target_modules=TARGETS, window=3, interval=3, warmup=3, r_max=6, backend="torch", seed=1)
     return gk.GARDConfig(**(base | overrides))
 
 

@@ -46,7 +46,7 @@ def test_update_rank_sees_the_rank_of_the_sum_and_the_gram_does_not():
 @pytest.mark.parametrize("score", ["update_rank", "update_nuclear", "energy_rank"])
 def test_controller_scores_match_their_definitions(score):
     model = tiny_llama()
-    gard = GARD(model, GARDConfig(budget=500, mode="static", score=score, window=3, k_in=4, k_out=4, backend="torch"))
+    gard = GARD(model, GARDConfig(budget=500, mode="static", score=score, window=3, k_in=4, k_out=4, backend="torch", grow_init="zero"))
     event = gard.profile(batches(3), steps=3)
     sketches, valid = gard.ring.window_sketches()
     eigs = gram_eigenvalues(sketches, valid)

@@ -56,7 +56,8 @@ def _mixed_state(model):
 def _reference(model, budget, targets, **options):
     """Static GARD run by hand on a copy: the ranks and parameter count the config must match."""
     twin = copy.deepcopy(model)
-    gard = gk.GARD(twin, gk.GARDConfig(budget=budget, target_modules=targets, mode="static", window=WINDOW, **options))
+    config = gk.GARDConfig(budget=budget, target_modules=targets, mode="static", window=WINDOW, grow_init="zero", **options)
+    gard = gk.GARD(twin, config)
     twin.train()
     torch.manual_seed(0)
     gard.profile(batches(8), steps=WINDOW)

@@ -14,3 +14,8 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def poisoned(shape, device="cpu") -> torch.Tensor:
     """float32 buffer full of NaN, so an element a kernel forgets to write shows up."""
     return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+
+# The paper's dynamic GARD (spectral score, growth from zero), which the controller tests exercise;
+# GARDConfig's defaults are the static recommended configuration. `window` stays per test.
+PAPER_DYNAMIC = {"mode": "dynamic", "score": "spectral", "grow_init": "zero"}

@@ -24,46 +24,61 @@ from ..controller import GARD
 from ..lora.layer import adapter_shape
 from ..lora.manager import LoRAManager, match_target_modules
 
-# The settings of the first grids (docs/results.md) that differ from GARDConfig's defaults: the
-# paper gives no window or interval, and these were the experiments' choice for short runs.
+# GARDConfig's defaults before the study of docs/results.md chose the recommended ones. Every
+# earlier method pins them, so its name still means the run it meant (and its finished runs
+# keep their fingerprints).
+EARLIER_DEFAULTS = {"mode": "dynamic", "score": "spectral", "window": 8, "grow_init": "zero"}
+
+# The settings of the first grids (docs/results.md) that differ from those defaults: the paper
+# gives no window or interval, and these were the experiments' choice for short runs.
 EARLIER_GRID = {"window": 4, "interval": 4}
+
+# GoRA profiles this many batches (its finished runs used the earlier default window). The other
+# baselines do not read it but resolve the same value, so every baseline shares one set of bounds.
+BASELINE_PRESET = {"window": 8}
+
+
+def _gard(**fields: Any) -> dict[str, Any]:
+    """An earlier GARD method: the earlier defaults, changed by `fields`."""
+    return {"kind": "gard", "config": {**EARLIER_DEFAULTS, **fields}}
+
 
 # Method name -> how it is built. "gard" kinds carry a GARDConfig preset (mode and score
 # included); the other kinds read the shared bounds (target_modules, r_min, r_max, scaling)
 # from the resolved GARD settings, so every method runs under the same bounds.
 METHODS: dict[str, dict[str, Any]] = {
-    # GARDConfig's defaults, exactly: change them there and `gard` changes with them.
+    # GARDConfig's defaults, exactly (the recommended configuration): change them there and
+    # `gard` changes with them.
     "gard": {"kind": "gard", "config": {}},
     # The paper's score (energy effective rank of the window's Gram), §3.4 and §3.3.
-    "gard-paper-dynamic": {"kind": "gard", "config": {"mode": "dynamic", "score": "spectral", **EARLIER_GRID}},
-    "gard-paper-static": {"kind": "gard", "config": {"mode": "static", "score": "spectral", **EARLIER_GRID}},
+    "gard-paper-dynamic": _gard(mode="dynamic", score="spectral", **EARLIER_GRID),
+    "gard-paper-static": _gard(mode="static", score="spectral", **EARLIER_GRID),
     # Earlier names of the two paper methods, kept working (same presets).
-    "gard-dynamic": {"kind": "gard", "config": {"mode": "dynamic", "score": "spectral", **EARLIER_GRID}},
-    "gard-static": {"kind": "gard", "config": {"mode": "static", "score": "spectral", **EARLIER_GRID}},
-    "uniform": {"kind": "uniform"},
-    "grad-norm": {"kind": "gard", "config": {"mode": "dynamic", "score": "grad_norm", **EARLIER_GRID}},
-    "random": {"kind": "gard", "config": {"mode": "dynamic", "score": "random", **EARLIER_GRID}},
+    "gard-dynamic": _gard(mode="dynamic", score="spectral", **EARLIER_GRID),
+    "gard-static": _gard(mode="static", score="spectral", **EARLIER_GRID),
+    "uniform": {"kind": "uniform", "config": BASELINE_PRESET},
+    "grad-norm": _gard(mode="dynamic", score="grad_norm", **EARLIER_GRID),
+    "random": _gard(mode="dynamic", score="random", **EARLIER_GRID),
     # Added after the first grid (docs/results.md): the gradient-norm score beat the spectral one,
     # and a static profile beat the dynamic warm-up at rank 0 under the paper's tight budget.
-    "grad-norm-static": {"kind": "gard", "config": {"mode": "static", "score": "grad_norm", **EARLIER_GRID}},
+    "grad-norm-static": _gard(mode="static", score="grad_norm", **EARLIER_GRID),
     # Scores from the same ring at no extra capture cost (GARDConfig.score documents each).
-    "update-rank": {"kind": "gard", "config": {"mode": "dynamic", "score": "update_rank", **EARLIER_GRID}},
-    "update-rank-static": {"kind": "gard", "config": {"mode": "static", "score": "update_rank", **EARLIER_GRID}},
-    "update-nuclear": {"kind": "gard", "config": {"mode": "dynamic", "score": "update_nuclear", **EARLIER_GRID}},
-    "update-nuclear-static": {"kind": "gard", "config": {"mode": "static", "score": "update_nuclear", **EARLIER_GRID}},
-    "energy-rank": {"kind": "gard", "config": {"mode": "dynamic", "score": "energy_rank", **EARLIER_GRID}},
-    "energy-rank-static": {"kind": "gard", "config": {"mode": "static", "score": "energy_rank", **EARLIER_GRID}},
+    "update-rank": _gard(mode="dynamic", score="update_rank", **EARLIER_GRID),
+    "update-rank-static": _gard(mode="static", score="update_rank", **EARLIER_GRID),
+    "update-nuclear": _gard(mode="dynamic", score="update_nuclear", **EARLIER_GRID),
+    "update-nuclear-static": _gard(mode="static", score="update_nuclear", **EARLIER_GRID),
+    "energy-rank": _gard(mode="dynamic", score="energy_rank", **EARLIER_GRID),
+    "energy-rank-static": _gard(mode="static", score="energy_rank", **EARLIER_GRID),
     # GoRA's initialisation for the directions dynamic GARD grows (GARDConfig.grow_init).
-    "gard-gora-init": {"kind": "gard", "config": {"mode": "dynamic", "grow_init": "gora"}},
-    "grad-norm-gora-init": {"kind": "gard", "config": {"mode": "dynamic", "score": "grad_norm", "grow_init": "gora", **EARLIER_GRID}},
-    # Static GARD whose re-initialisation at the allocation is GoRA's (one gradient step).
-    "grad-norm-static-gora-init": {"kind": "gard", "config": {"mode": "static", "score": "grad_norm", "grow_init": "gora", **EARLIER_GRID}},
-    "update-nuclear-static-gora-init": {
-        "kind": "gard", "config": {"mode": "static", "score": "update_nuclear", "grow_init": "gora", **EARLIER_GRID},
-    },
-    "adalora": {"kind": "adalora"},
-    "gora": {"kind": "gora"},
-    "eva": {"kind": "eva"},
+    "gard-gora-init": _gard(mode="dynamic", grow_init="gora"),
+    "grad-norm-gora-init": _gard(mode="dynamic", score="grad_norm", grow_init="gora", **EARLIER_GRID),
+    # Static GARD whose re-initialisation at the allocation is GoRA's (one gradient step); the
+    # second is the candidate the recommended defaults were taken from (same settings).
+    "grad-norm-static-gora-init": _gard(mode="static", score="grad_norm", grow_init="gora", **EARLIER_GRID),
+    "update-nuclear-static-gora-init": _gard(mode="static", score="update_nuclear", grow_init="gora", **EARLIER_GRID),
+    "adalora": {"kind": "adalora", "config": BASELINE_PRESET},
+    "gora": {"kind": "gora", "config": BASELINE_PRESET},
+    "eva": {"kind": "eva", "config": BASELINE_PRESET},
 }
 
 # The GARDConfig fields the non-GARD methods read (their shared bounds; GoRA's profiling window).
@@ -357,7 +372,7 @@ class GoraMethod(_FixedRankMethod):
 
     def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, lr: float):
         super().__init__(name, model, budget, settings, seed)
-        self.window = settings.value("window")
+        self.window = settings.value("window", name)
         self.lr = lr
         self.details = {"profile_batches": self.window, "init_lr": lr}
 

@@ -19,7 +19,8 @@ from ..lora.peft_format import adapter_config
 
 __all__ = ["suggest_lora_config"]
 
-# GARDConfig fields that only steer dynamic re-allocation: passing one here would be a silent no-op.
+# GARDConfig fields that only steer dynamic re-allocation or the adapters' start: passing one here
+# would be a silent no-op (PEFT initialises the adapters this config describes).
 _DYNAMIC_ONLY = ("interval", "ema", "delta_max", "warmup", "freeze_after", "grow_init", "shrink")
 
 
@@ -95,7 +96,9 @@ def _static_config(budget, target_modules, options: dict[str, Any]) -> GARDConfi
     unknown = sorted(name for name in options if name not in known)
     if unknown:
         raise TypeError(f"unknown GARD option(s) {unknown}; the options are GARDConfig's fields: {sorted(known)}")
-    return GARDConfig(budget=budget, target_modules=target_modules, mode="static", **options)
+    # Only the ranks leave this function; the adapters it profiles with are thrown away, so they
+    # start at zero (the default "gora" start would need an optimizer for nothing).
+    return GARDConfig(budget=budget, target_modules=target_modules, mode="static", grow_init="zero", **options)
 
 
 def _checked_loss(loss_fn: Optional[Callable]) -> Callable:
