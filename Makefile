@@ -35,6 +35,6 @@ bench: install
 	$(PYTHON) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results.json
 	$(PYTHON) benchmarks/report.py benchmarks/results.json docs/benchmarks.md
 
-# GARD vs uniform LoRA on SmolLM2-135M at the paper's budget; <= 15 minutes on a 2-core CPU.
+# Recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M at the paper's budget; <= 15 minutes on a 2-core CPU.
 demo: install
 	$(PYTHON) -m gard_kernels demo

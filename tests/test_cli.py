@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gard_kernels import cli
-from gard_kernels.experiments import models
+from gard_kernels.experiments import models, runner
 
 from .models import tiny_llama
 
@@ -64,11 +64,15 @@ def test_demo_preset_end_to_end(model_dir, tmp_path, capsys):
     code, stdout, err = run_cli(["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path, "--no-progress"], capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["settings"]["train"]["steps"] == cli.DEMO_PRESET["steps"]
-    assert results["settings"]["train"]["max_len"] == cli.DEMO_PRESET["max_len"]
+    # The study's settings (TrainSettings' defaults) in the study's precision mode.
+    study = runner.TrainSettings()
+    train = results["settings"]["train"]
+    assert (train["steps"], train["max_len"], train["batch_size"]) == (study.steps, study.max_len, study.batch_size)
+    assert (train["eval_blocks"], train["test_blocks"], train["lr"]) == (study.eval_blocks, study.test_blocks, study.lr)
+    assert train["precision"] == cli.DEMO_PRESET["precision"] == "bf16"
     assert {r["method"] for r in results["runs"]} == set(cli.DEMO_PRESET["methods"])
     assert {r["budget"] for r in results["runs"]} == {cli.PAPER_BUDGET}
-    assert "gard demo results" in stdout and "figures:" in stdout
+    assert "gard demo results" in stdout and "figures:" in stdout and "docs/results.md" in stdout
     assert len(list((tmp_path / "figures").glob("*.png"))) >= 5
 
 
