@@ -96,6 +96,20 @@ def test_trainer_runs_gard_once_per_optimizer_step(full_run):
         assert (out / f"checkpoint-{step}" / "gard_state.pt").is_file()
 
 
+def test_trainer_runs_the_recommended_defaults(tmp_path):
+    """GARDConfig's defaults (static, GoRA initialisation, which needs the Trainer's optimizer and
+    learning rate) through the Trainer: one allocation after `window` steps, budget held."""
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS))
+    trainer = _trainer(tmp_path, callback, max_steps=6)
+    trainer.train()
+    gard = callback.gard
+    assert gard.config.mode == "static" and gard.config.grow_init == "gora"
+    events = [r["reallocation"]["step"] for r in gard.history if "reallocation" in r]
+    assert events == [gard.config.window]
+    assert all(r["params"] <= BUDGET for r in gard.history)
+    assert gard.num_lora_params > 0 and all(p.isfinite().all() for p in gard.lora_parameters())
+
+
 def test_logs_summarise_ranks_and_the_saved_state_lists_them(full_run):
     out, trainer, callback = full_run
     gard = callback.gard
