@@ -2,7 +2,7 @@
 
     gard demo                                    # recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M
     gard finetune --method gard --budget 2570 --seed 0
-    gard compare --methods gard uniform gora --budgets 2570 57600 --seeds 0 1 2 --lrs 1e-3 3e-3 1e-2
+    gard compare --methods gard uniform gora --budgets 2570 57600 --seeds 0 1 2 --lrs 3e-3 1e-2 3e-2
     gard plot runs/compare
 
 Usage mistakes (unknown method, budget too small for a method, missing model, ...) print one
@@ -27,13 +27,15 @@ STUDY_METHODS = ("uniform", "adalora", "gora", "eva", "gard-paper-static", "gard
 
 # The demo: at the paper's budget, the recommended `gard` against uniform LoRA and GoRA with the
 # study's settings (TrainSettings' defaults: 100 steps of 4 x 128 tokens, 64 validation and test
-# blocks) in its precision mode, so its rows are the study's seed-0 runs at lr 3e-3; sized to
-# finish within 15 minutes on a 2-core CPU including the model load (docs/results.md).
+# blocks) in its precision mode, each method at the learning rate the study chose for it at
+# 2,570 on validation, so its rows are the study's seed-0 runs; sized to finish within 15
+# minutes on a 2-core CPU including the model load (docs/results.md).
 DEMO_PRESET = {
     "methods": ["gard", "gora", "uniform"],
     "budgets": [PAPER_BUDGET],
     "seeds": [0],
     "precision": "bf16",
+    "lrs": {"gard": 1e-2, "gora": 1e-2, "uniform": 1e-2},
 }
 
 
@@ -128,7 +130,8 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--test-fraction", type=float, default=0.2,
                    help="fraction of topics held out for test (validation: 0.2); 0 reproduces the earlier train / validation split")
     g = p.add_argument_group("training (shared by every method)")
-    g.add_argument("--lr", type=float, default=train.lr)
+    g.add_argument("--lr", type=float, default=defaults.get("lr", train.lr),
+                   help=f"learning rate of every run (default {train.lr:g}" + ("; the demo: each method's rate from DEMO_PRESET)" if "lr" in defaults else ")"))
     g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size))
     g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps))
     g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio)
@@ -250,12 +253,19 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None, lrs=()):
+def _compare(
+    args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None, lrs=(),
+    method_lrs: Optional[dict] = None,
+):
+    """Run a grid. `lrs`: a learning-rate sweep; `method_lrs`: method -> the rate its runs use."""
     from .experiments.compare import base_evaluation, check_budgets, plan_grid, run_grid, run_lr_sweep, write_results
 
     train, gard = _settings(args, list(methods) + list((ablation or {}).get("ablation_methods") or []), budgets)
     ablation = dict(ablation or {})
-    runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **ablation)
+    if method_lrs:
+        runs = [run for method in methods for run in plan_grid([method], budgets, seeds, gard, lr=method_lrs[method])]
+    else:
+        runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **ablation)
     progress = not args.no_progress
     _setup_threads(args)
     started = time.perf_counter()
@@ -281,6 +291,7 @@ def _compare(args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks
         "budgets": list(budgets),
         "seeds": list(seeds),
         "lrs": list(lrs),
+        "method_lrs": dict(method_lrs or {}),
         "alphas": list(alphas),
         "ks": list(ks),
         "windows": list(windows),
@@ -351,13 +362,17 @@ def cmd_demo(args) -> int:
     out = Path(args.out or f"runs/demo/{time.strftime('%Y%m%d-%H%M%S')}")
     preset = DEMO_PRESET
     budgets = [args.budget] if args.budget else preset["budgets"]
+    # Each method at the rate the study chose for it on validation, unless --lr sets one for all.
+    method_lrs = preset["lrs"] if args.lr is None else {m: args.lr for m in preset["methods"]}
+    args.lr = max(method_lrs.values())  # checked by _settings like any --lr
+    rates = ", ".join(f"{m} {method_lrs[m]:g}" for m in preset["methods"])
     print(
         f"gard demo: {', '.join(preset['methods'])} at budget {', '.join(map(str, budgets))} LoRA parameters, "
-        f"{args.steps} steps of {args.batch_size}x{args.max_len} tokens, seed {preset['seeds'][0]}; "
-        f"output in {out}"
+        f"{args.steps} steps of {args.batch_size}x{args.max_len} tokens, seed {preset['seeds'][0]}, "
+        f"learning rates {rates}; output in {out}"
     )
     started = time.perf_counter()
-    summary, out = _compare(args, preset["methods"], budgets, preset["seeds"], out, "gard demo")
+    summary, out = _compare(args, preset["methods"], budgets, preset["seeds"], out, "gard demo", method_lrs=method_lrs)
     written, _ = plot_all(out, out / "figures")
     print()
     print(results_markdown(summary, "gard demo results"))
@@ -418,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M at the paper's budget (<= 15 min on a 2-core CPU)")
     p.add_argument("--budget", type=int, default=None, help=f"LoRA parameter budget (default {PAPER_BUDGET}, the paper's)")
     p.add_argument("--out", default=None, help="output directory (default runs/demo/<timestamp>)")
-    _add_common(p, DEMO_PRESET)
+    _add_common(p, {**DEMO_PRESET, "lr": None})
     p.set_defaults(func=cmd_demo)
     return parser
 

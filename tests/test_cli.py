@@ -68,12 +68,22 @@ def test_demo_preset_end_to_end(model_dir, tmp_path, capsys):
     study = runner.TrainSettings()
     train = results["settings"]["train"]
     assert (train["steps"], train["max_len"], train["batch_size"]) == (study.steps, study.max_len, study.batch_size)
-    assert (train["eval_blocks"], train["test_blocks"], train["lr"]) == (study.eval_blocks, study.test_blocks, study.lr)
+    assert (train["eval_blocks"], train["test_blocks"]) == (study.eval_blocks, study.test_blocks)
     assert train["precision"] == cli.DEMO_PRESET["precision"] == "bf16"
+    # Each method at the rate the study chose for it.
+    assert {r["method"]: r["lr"] for r in results["runs"]} == cli.DEMO_PRESET["lrs"]
     assert {r["method"] for r in results["runs"]} == set(cli.DEMO_PRESET["methods"])
     assert {r["budget"] for r in results["runs"]} == {cli.PAPER_BUDGET}
     assert "gard demo results" in stdout and "figures:" in stdout and "docs/results.md" in stdout
     assert len(list((tmp_path / "figures").glob("*.png"))) >= 5
+
+
+def test_demo_lr_sets_one_rate_for_every_method(model_dir, tmp_path, capsys):
+    args = ["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path, "--no-progress"]
+    code, stdout, err = run_cli(args + ["--lr", "0.005", "--steps", "4", "--eval-blocks", "2", "--test-blocks", "2"], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["lr"] for r in results["runs"]} == {0.005} and len(results["runs"]) == len(cli.DEMO_PRESET["methods"])
 
 
 @pytest.mark.parametrize(
