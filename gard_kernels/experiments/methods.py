@@ -575,7 +575,7 @@ class AdaLoraMethod(Method):
         return sum(rank * self._cost[name] for name, rank in self.ranks().items())
 
 
-def build_method(name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, steps: int, lr: float = 3e-3) -> Method:
+def build_method(name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int, steps: int, lr: float) -> Method:
     """Wrap `model` (modified in place) with method `name` under `budget` LoRA parameters.
 
     Args:
