@@ -173,7 +173,7 @@ def test_compare_resumes_and_refuses_mixed_settings(workspace, tmp_path, monkeyp
     second = compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lines.append)
     assert [m["fingerprint"] for m in second] == [m["fingerprint"] for m in first]
     assert "6 of 6 runs already finished" in lines[0]
-    other = runner.TrainSettings(**{**TRAIN.to_dict(), "lr": 1e-2})
+    other = runner.TrainSettings(**{**TRAIN.to_dict(), "lr": TRAIN.lr / 3})
     with pytest.raises(compare.GridMismatchError, match="other settings"):
         compare.run_grid(workspace, runs, other, tmp_path, progress=False)
     summary = compare.write_results(tmp_path, second, {"ppl": 60.0}, {}, "t")
