@@ -35,7 +35,7 @@ DEMO_PRESET = {
     "budgets": [PAPER_BUDGET],
     "seeds": [0],
     "precision": "bf16",
-    "lrs": {"gard": 1e-2, "gora": 1e-2, "uniform": 1e-2},
+    "lrs": {"gard": 1e-2, "gora": 1e-2, "uniform": 3e-2},
 }
 
 
@@ -277,7 +277,9 @@ def _compare(
     print(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens{test}")
     sweep = None
     if lrs:
-        results, sweep = run_lr_sweep(ws, methods, budgets, seeds, lrs, gard, train, out, args.lr_sweep_seed, progress)
+        results, sweep = run_lr_sweep(
+            ws, methods, budgets, seeds, lrs, gard, train, out, args.lr_sweep_seed, progress, extend=args.lr_extend,
+        )
         # Ablation variants at the grid's --lr (they vary GARD's knobs, not the rate).
         variants = [r for r in runs if r.variant]
         if variants:
@@ -308,6 +310,11 @@ def _compare(
 
 def cmd_compare(args) -> int:
     from .experiments.stats import results_markdown
+
+    if args.lr_extend < 0:
+        raise UsageError(f"--lr-extend must be >= 0, got {args.lr_extend}")
+    if args.lr_extend and (not args.lrs or len(args.lrs) < 2):
+        raise UsageError("--lr-extend extends a learning-rate sweep: give at least two rates with --lrs")
 
     summary, out = _compare(
         args, args.methods, args.budgets, args.seeds, Path(args.out), "GARD comparison",
@@ -407,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate sweep: every method and budget runs each rate on --lr-sweep-seed, the best on "
                         "validation is chosen, then every seed runs at it (default: no sweep, --lr for all)")
     p.add_argument("--lr-sweep-seed", type=int, default=None, help="seed of the learning-rate sweep (default: the first of --seeds)")
+    p.add_argument("--lr-extend", type=int, default=0,
+                   help="a method and budget whose best rate is at an edge of --lrs also tries the next rate beyond it "
+                        "(the grid's outer ratio), up to this many per side, until the best is inside (default 0: off)")
     p.add_argument("--ablation-seeds", nargs="+", type=int, default=None, help="seeds of the ablation runs (default: --seeds)")
     p.add_argument("--ablation-methods", nargs="+", default=["gard-paper-dynamic"], help="spectral GARD methods to ablate")
     p.add_argument("--ablation-budgets", nargs="+", type=int, default=None, help="budgets of the ablation runs (default: the largest)")

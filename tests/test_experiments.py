@@ -242,6 +242,22 @@ def test_lr_sweep_picks_the_best_validation_rate_then_runs_every_seed(workspace,
     assert "lr_sweep.png" in {p.name for p in written}
 
 
+def test_lr_sweep_extends_past_an_edge_until_the_best_is_inside(workspace, tmp_path):
+    # Far too small rates: the best is the largest, so the sweep climbs by the grid's outer ratio.
+    lrs = [1e-6, 3e-6]
+    lines = []
+    kept, sweep = compare.run_lr_sweep(workspace, ["uniform"], [BUDGET], [0], lrs, GARD, TRAIN, tmp_path,
+                                       progress=False, log=lines.append, extend=2)
+    tried = sorted(rec["lr"] for rec in sweep)
+    assert tried == pytest.approx([1e-6, 3e-6, 9e-6, 2.7e-5])
+    assert any("beyond it" in line for line in lines)
+    chosen = [rec["lr"] for rec in sweep if rec["chosen"]]
+    assert chosen == [min(sweep, key=lambda rec: (rec["val_ppl"], rec["lr"]))["lr"]]
+    assert kept[0]["hyperparameters"]["lr"] == chosen[0]
+    with pytest.raises(ValueError, match="at least two rates"):
+        compare.run_lr_sweep(workspace, ["uniform"], [BUDGET], [0], [1e-3], GARD, TRAIN, tmp_path, extend=1)
+
+
 def test_results_report_test_ppl_cost_and_pairs_against_uniform_and_gora(workspace, tmp_path):
     runs = compare.plan_grid(["uniform", "gora", "gard"], [BUDGET], [0, 1], GARD)
     results = compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)

@@ -254,6 +254,7 @@ def run_lr_sweep(
     sweep_seed: Optional[int] = None,
     progress: bool = True,
     log=print,
+    extend: int = 0,
 ) -> tuple[list[dict], list[dict]]:
     """Learning-rate sweep, then every seed at the chosen rate; resumable like run_grid.
 
@@ -262,14 +263,37 @@ def run_lr_sweep(
     method and budget (ties: the smaller rate); then every other seed runs at that rate. The
     sweep seed's run at the chosen rate is reused. Test PPL plays no part in the choice.
 
+    extend > 0: a rate chosen at an edge of what was tried is not tuned, so that method and
+    budget also tries the next rate beyond the edge (the grid's outer step: lrs[-1] / lrs[-2]
+    above, lrs[1] / lrs[0] below), up to `extend` rates per side, until its best is inside.
+    The same rule applies to every method.
+
     Returns:
         (metrics of the chosen runs, every seed; sweep records: method, budget, lr, val PPL, chosen).
     """
     if not lrs:
         raise ValueError("run_lr_sweep needs at least one learning rate")
+    lrs = sorted(lrs)
+    if extend and len(lrs) < 2:
+        raise ValueError("extending a learning-rate sweep needs at least two rates (their ratio is the step)")
     sweep_seed = seeds[0] if sweep_seed is None else sweep_seed
     sweep_runs = [run for lr in lrs for run in plan_grid(methods, budgets, [sweep_seed], gard, lr=lr)]
     swept = run_grid(ws, sweep_runs, train, out_dir, progress, log)
+    for _ in range(extend):
+        more = []
+        for method in methods:
+            for budget in budgets:
+                mine = [m for m in swept if m["method"] == method and m["budget"] == budget]
+                tried = sorted(m["hyperparameters"]["lr"] for m in mine)
+                best = min(mine, key=lambda m: (m["best_mean_val_ppl"], m["hyperparameters"]["lr"]))["hyperparameters"]["lr"]
+                if best == tried[-1]:
+                    more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[-1] / lrs[-2]:.3g}"))
+                elif best == tried[0]:
+                    more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[0] / lrs[1]:.3g}"))
+        if not more:
+            break
+        log("best rate at an edge of the sweep, trying beyond it: " + ", ".join(run.name for run in more))
+        swept += run_grid(ws, more, train, out_dir, progress, log)
     records, chosen = [], {}
     for method in methods:
         for budget in budgets:
