@@ -95,6 +95,8 @@ def test_demo_lr_sets_one_rate_for_every_method(model_dir, tmp_path, capsys):
         (["finetune", "--method", "uniform", "--steps", "0"], "--steps must be >= 1"),
         (["finetune", "--method", "uniform", "--bogus"], "unrecognized arguments"),
         (["plot", "/nonexistent/dir"], "is not a directory"),
+        (["compare", "--methods", "uniform", "--lr-extend", "2"], "give at least two rates with --lrs"),
+        (["compare", "--methods", "uniform", "--lrs", "1e-3", "1e-2", "--lr-extend", "-1"], "--lr-extend must be >= 0"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys):
