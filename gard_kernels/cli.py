@@ -28,8 +28,8 @@ STUDY_METHODS = ("uniform", "adalora", "gora", "eva", "gard-paper-static", "gard
 # The demo: at the paper's budget, the recommended `gard` against uniform LoRA and GoRA with the
 # study's settings (TrainSettings' defaults: 100 steps of 4 x 128 tokens, 64 validation and test
 # blocks) in its precision mode, each method at the learning rate the study chose for it at
-# 2,570 on validation (uniform's is the top of its sweep so far: revisit when the sweep's edge
-# extension has run), so its rows are the study's seed-0 runs; sized to finish within 15
+# 2,570 on validation (uniform's 3e-2 held against 9e-2 too), so its rows are the study's
+# seed-0 runs; sized to finish within 15
 # minutes on a 2-core CPU including the model load (docs/results.md).
 DEMO_PRESET = {
     "methods": ["gard", "gora", "uniform"],
