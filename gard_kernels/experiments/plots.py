@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .stats import PAPER_RESULT, mean_ci, variant_label
+from .stats import PAPER_RESULT, chosen_rate_runs, mean_ci, variant_label
 
 _METHOD_ORDER = [
     "gard", "gard-paper-dynamic", "gard-paper-static", "gard-dynamic", "gard-static", "grad-norm", "grad-norm-static",
@@ -68,19 +68,8 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "figures"
-    runs = load_runs(run_dir)
-    sweep = []
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        sweep = results.get("summary", {}).get("lr_sweep") or []
-        if sweep:
-            # A learning-rate sweep leaves runs at rates that were not chosen: plot the chosen ones.
-            keep = {(r["method"], r["budget"], r["seed"], variant_label(r.get("variant") or {}), r.get("lr")) for r in results["runs"]}
-            runs = [
-                r for r in runs
-                if (r["method"], r["budget"], r["seed"], variant_label(r.get("variant") or {}), r["hyperparameters"].get("lr")) in keep
-            ]
+    # A learning-rate sweep leaves runs at rates that were not chosen: plot the chosen ones.
+    runs, sweep = chosen_rate_runs(load_runs(run_dir))
     base_path = run_dir / "base.json"
     base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
     if base is None:
