@@ -236,7 +236,10 @@ def test_plots_are_non_empty_pngs(workspace, tmp_path):
     base = compare.base_evaluation(workspace, TRAIN, tmp_path, progress=False)
     compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)
     written, skipped = plots.plot_all(tmp_path)
-    assert skipped == [("lr_sweep.png", "no learning-rate sweep (gard compare --lrs)")]
+    assert skipped == [
+        ("fig8_rank_profiles.png", "needs runs of at least two of gard, gora, uniform"),
+        ("lr_sweep.png", "no learning-rate sweep (gard compare --lrs)"),
+    ]
     assert {p.name for p in written} == {
         "fig1_gradient_spectrum.png", "fig3_rank_per_layer.png", "fig4_rank_histogram.png",
         "fig5_ppl_vs_params.png", "fig6_ablation.png", "fig7_per_topic_ppl.png",
