@@ -1,8 +1,9 @@
-"""`gard` command line: finetune, compare, plot, demo.
+"""`gard` command line: finetune, compare, report, plot, demo.
 
     gard demo                                    # recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M
     gard finetune --method gard --budget 2570 --seed 0
     gard compare --methods gard uniform gora --budgets 2570 57600 --seeds 0 1 2 --lrs 3e-3 1e-2 3e-2
+    gard report runs/compare                     # results.md over every run in a directory
     gard plot runs/compare
 
 Usage mistakes (unknown method, budget too small for a method, missing model, ...) print one
@@ -11,6 +12,7 @@ line, `gard: error: ...`, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -361,6 +363,31 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .experiments.compare import write_results
+    from .experiments.plots import load_runs
+    from .experiments.stats import chosen_rate_runs, results_markdown
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {args.run_dir!r} is not a directory")
+    runs, sweep = chosen_rate_runs(load_runs(run_dir))
+    if not runs:
+        raise UsageError(f"no metrics.json under {args.run_dir!r}; run `gard finetune` or `gard compare` first")
+    corpora = sorted({str(r.get("corpus")) for r in runs})
+    if len(corpora) > 1:
+        raise UsageError(f"{args.run_dir!r} holds runs on several corpora ({', '.join(corpora)}); report each corpus's directory on its own")
+    base_path = run_dir / "base.json"
+    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    out = Path(args.out) if args.out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": str(run_dir), "runs": len(runs), "corpus": corpora[0], "command": "gard " + " ".join(args.argv)}
+    summary = write_results(out, runs, base, settings, args.title, sweep)
+    print(results_markdown(summary, args.title))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'} ({len(runs)} runs reported, {len(sweep)} sweep records)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .experiments.models import resolve_model
     from .experiments.plots import plot_all
@@ -393,7 +420,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .experiments.methods import METHODS
 
-    parser = _Parser(prog="gard", description="GARD experiments: fine-tune, compare methods, plot, demo.")
+    parser = _Parser(prog="gard", description="GARD experiments: fine-tune, compare methods, report, plot, demo.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("finetune", help="one run; writes metrics.json")
@@ -440,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="figure directory (default RUN_DIR/figures)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "report",
+        help="results.md / results.json over every run in a directory (several compare invocations, or copied runs); "
+             "swept methods report their rate chosen on validation",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="directory for results.md / results.json (default RUN_DIR)")
+    p.add_argument("--title", default="GARD comparison")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M at the paper's budget (<= 15 min on a 2-core CPU)")
     p.add_argument("--budget", type=int, default=None, help=f"LoRA parameter budget (default {PAPER_BUDGET}, the paper's)")

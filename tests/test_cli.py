@@ -226,3 +226,25 @@ def test_compare_with_a_learning_rate_sweep(model_dir, tmp_path, capsys):
     assert results["settings"]["lrs"] == [1e-3, 1e-2] and "chosen learning rates" in stdout
     code, stdout, err = run_cli(args, capsys)
     assert code == 0 and "4 of 4 runs already finished" in stdout
+
+
+def test_report_covers_every_invocation_in_a_directory(model_dir, tmp_path, capsys):
+    # Two compare invocations into one directory: each writes results for its own methods only;
+    # `gard report` covers both, each swept method at its chosen rate.
+    common = ["--budgets", "300", "--seeds", "0", "1", "--model", model_dir, "--out", tmp_path, *FAST]
+    code, _, err = run_cli(["compare", "--methods", "uniform", "--lrs", "1e-3", "1e-2", *common], capsys)
+    assert code == 0, err
+    swept = json.loads((tmp_path / "results.json").read_text())["summary"]["lr_sweep"]
+    code, _, err = run_cli(["compare", "--methods", "gard-static", "--lr", "5e-3", *common], capsys)
+    assert code == 0, err
+    assert {r["method"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]} == {"gard-static"}
+    code, stdout, err = run_cli(["report", tmp_path, "--out", tmp_path / "report"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    chosen = [r["lr"] for r in swept if r["chosen"]]
+    assert sorted((r["method"], r["seed"], r["lr"]) for r in report["runs"]) == [
+        ("gard-static", 0, 5e-3), ("gard-static", 1, 5e-3), ("uniform", 0, chosen[0]), ("uniform", 1, chosen[0])]
+    assert [(r["lr"], r["chosen"]) for r in report["summary"]["lr_sweep"]] == [(r["lr"], r["chosen"]) for r in swept]
+    assert "gard-static" in (tmp_path / "report" / "results.md").read_text() and "Learning-rate sweep" in stdout
+    code, _, err = run_cli(["report", tmp_path / "nowhere"], capsys)
+    assert code == 2 and "is not a directory" in err

@@ -204,13 +204,42 @@ def test_mean_ci_and_paired_test_match_scipy():
     assert math.isnan(stats.mean_ci([1.0])[1])
 
 
+def _fake_run(method, budget, seed, lr, val, variant=None):
+    return {"method": method, "budget": budget, "seed": seed, "variant": variant or {}, "best_mean_val_ppl": val,
+            "test_ppl": val + 1.0, "hyperparameters": {"lr": lr}}
+
+
+def test_chosen_rate_runs_keep_every_seed_at_the_rate_chosen_on_validation():
+    rng = torch.Generator().manual_seed(7)
+    vals = (torch.rand(4, generator=rng) * 5 + 10).tolist()
+    rates = [1e-3, 3e-3, 1e-2, 3e-2]
+    best = rates[min(range(4), key=lambda i: vals[i])]
+    swept = [_fake_run("gora", 300, 0, lr, v) for lr, v in zip(rates, vals)]
+    # Seeds 1, 2 at the chosen rate; a stray seed-1 run at another rate must not be reported.
+    others = [_fake_run("gora", 300, s, best, 50.0) for s in (1, 2)]
+    stray = _fake_run("gora", 300, 1, rates[0] if best != rates[0] else rates[1], 1.0)
+    single = [_fake_run("uniform", 300, s, 2e-2, 12.0 + s) for s in (0, 1, 2)]
+    ablated = [_fake_run("gora", 300, 0, 5e-3, 9.0, {"window": 3})]  # its own group: one rate, kept
+    kept, records = stats.chosen_rate_runs(swept + others + [stray] + single + ablated)
+    assert sorted((r["method"], r["seed"], r["hyperparameters"]["lr"]) for r in kept if not r["variant"]) == sorted(
+        [("gora", 0, best), ("gora", 1, best), ("gora", 2, best)] + [("uniform", s, 2e-2) for s in (0, 1, 2)])
+    assert ablated[0] in kept
+    assert [(r["lr"], r["val_ppl"], r["chosen"]) for r in records] == [(lr, v, lr == best) for lr, v in zip(rates, vals)]
+    # Ties go to the smaller rate, as in gard compare's own sweep.
+    tied, tie_records = stats.chosen_rate_runs([_fake_run("eva", 1, 0, lr, 3.0) for lr in (1e-2, 1e-3)])
+    assert [r["hyperparameters"]["lr"] for r in tied] == [1e-3] and [r["chosen"] for r in tie_records] == [True, False]
+
+
 def test_plots_are_non_empty_pngs(workspace, tmp_path):
     runs = compare.plan_grid(["gard-dynamic", "gard-static", "uniform"], [BUDGET], [0, 1], GARD, alphas=[0.5], ks=[2], windows=[3],
                              ablation_seeds=[0], ablation_methods=["gard-dynamic"])
     base = compare.base_evaluation(workspace, TRAIN, tmp_path, progress=False)
     compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)
     written, skipped = plots.plot_all(tmp_path)
-    assert skipped == [("lr_sweep.png", "no learning-rate sweep (gard compare --lrs)")]
+    assert skipped == [
+        ("fig8_rank_profiles.png", "needs runs of at least two of gard, gora, uniform"),
+        ("lr_sweep.png", "no learning-rate sweep (gard compare --lrs)"),
+    ]
     assert {p.name for p in written} == {
         "fig1_gradient_spectrum.png", "fig3_rank_per_layer.png", "fig4_rank_histogram.png",
         "fig5_ppl_vs_params.png", "fig6_ablation.png", "fig7_per_topic_ppl.png",

@@ -21,7 +21,7 @@ from .data import LMData, build_data, load_corpus
 from .methods import METHODS, SPECTRAL_METHODS, GardSettings, adapted_costs, minimum_budget
 from .models import ModelSource, device_name, load_model, tokenizer_encoder
 from .runner import TrainSettings, evaluate, finetune, fingerprint, run_spec, write_json
-from .stats import results_markdown, summarize, variant_label
+from .stats import best_rate, results_markdown, summarize, variant_label
 
 
 class GridMismatchError(ValueError):
@@ -242,11 +242,6 @@ def run_grid(
     return results
 
 
-def _best_rate(runs: Sequence[dict]) -> dict:
-    """The run with the lowest validation PPL (ties: the smaller rate)."""
-    return min(runs, key=lambda m: (m["best_mean_val_ppl"], m["hyperparameters"]["lr"]))
-
-
 def run_lr_sweep(
     ws: Workspace,
     methods: Sequence[str],
@@ -290,7 +285,7 @@ def run_lr_sweep(
             for budget in budgets:
                 mine = [m for m in swept if m["method"] == method and m["budget"] == budget]
                 tried = sorted(m["hyperparameters"]["lr"] for m in mine)
-                best = _best_rate(mine)["hyperparameters"]["lr"]
+                best = best_rate(mine)["hyperparameters"]["lr"]
                 if best == tried[-1]:
                     more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[-1] / lrs[-2]:.3g}"))
                 elif best == tried[0]:
@@ -303,7 +298,7 @@ def run_lr_sweep(
     for method in methods:
         for budget in budgets:
             mine = [m for m in swept if m["method"] == method and m["budget"] == budget]
-            best = _best_rate(mine)
+            best = best_rate(mine)
             chosen[(method, budget)] = best["hyperparameters"]["lr"]
             for m in sorted(mine, key=lambda m: m["hyperparameters"]["lr"]):
                 records.append({

@@ -6,7 +6,9 @@ the files keep the paper's figure numbers.
 fig1 gradient spectral energy per layer over re-allocations (heatmap) and the spectral
 statistic against the allocated rank (scatter); fig3 allocated rank per layer; fig4 histogram
 of ranks; fig5 validation PPL against LoRA parameters for every method; fig6 ablation of α, k
-and M; fig7 per-topic validation PPL. (The paper's fig2 is a diagram, not data.)
+and M; fig7 per-topic validation PPL (the paper's fig2 is a diagram, not data); fig8 where
+`gard`, GoRA and uniform LoRA put rank, block by block, at every budget; lr_sweep validation PPL
+against learning rate.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .stats import PAPER_RESULT, mean_ci, variant_label
+from .stats import PAPER_RESULT, chosen_rate_runs, mean_ci, variant_label
 
 _METHOD_ORDER = [
     "gard", "gard-paper-dynamic", "gard-paper-static", "gard-dynamic", "gard-static", "grad-norm", "grad-norm-static",
@@ -68,19 +70,8 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "figures"
-    runs = load_runs(run_dir)
-    sweep = []
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        sweep = results.get("summary", {}).get("lr_sweep") or []
-        if sweep:
-            # A learning-rate sweep leaves runs at rates that were not chosen: plot the chosen ones.
-            keep = {(r["method"], r["budget"], r["seed"], variant_label(r.get("variant") or {}), r.get("lr")) for r in results["runs"]}
-            runs = [
-                r for r in runs
-                if (r["method"], r["budget"], r["seed"], variant_label(r.get("variant") or {}), r["hyperparameters"].get("lr")) in keep
-            ]
+    # A learning-rate sweep leaves runs at rates that were not chosen: plot the chosen ones.
+    runs, sweep = chosen_rate_runs(load_runs(run_dir))
     base_path = run_dir / "base.json"
     base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
     if base is None:
@@ -107,6 +98,7 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
         ("fig5_ppl_vs_params.png", lambda p: _plot_ppl_vs_params(runs, base, p)),
         ("fig6_ablation.png", lambda p: _plot_ablation(runs, p)),
         ("fig7_per_topic_ppl.png", lambda p: _plot_per_topic_ppl(runs, base, p)),
+        ("fig8_rank_profiles.png", lambda p: _plot_rank_profiles(runs, p)),
         ("lr_sweep.png", lambda p: _plot_lr_sweep(sweep, p) if sweep else "no learning-rate sweep (gard compare --lrs)"),
     ]
     import matplotlib.pyplot as plt
@@ -319,6 +311,47 @@ def _plot_per_topic_ppl(runs: list[dict], base: Optional[dict], path: Path) -> O
         ax.set_title(f"budget {budget}", fontsize=10)
         ax.legend(fontsize=7, ncol=3)
     fig.suptitle("per-topic validation perplexity (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+PROFILE_METHODS = ("gard", "gora", "uniform")
+
+
+def _block(name: str) -> Optional[int]:
+    digits = [p for p in name.split(".") if p.isdigit()]
+    return int(digits[-1]) if digits else None
+
+
+def _plot_rank_profiles(runs: list[dict], path: Path) -> Optional[str]:
+    """Rank per transformer block and projection of PROFILE_METHODS, one panel per budget (the
+    lowest seed of each: static allocations differ little between seeds)."""
+    import matplotlib.pyplot as plt
+
+    pool = [r for r in runs if r["method"] in PROFILE_METHODS and not r.get("variant")]
+    if len({r["method"] for r in pool}) < 2:
+        return f"needs runs of at least two of {', '.join(PROFILE_METHODS)}"
+    budgets = sorted({r["budget"] for r in pool})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.0), squeeze=False, sharey=True)
+    styles = {"gard": ("tab:red", "o"), "gora": ("tab:blue", "s"), "uniform": ("tab:gray", "^")}
+    for ax, budget in zip(axes[0], budgets):
+        for method in PROFILE_METHODS:
+            mine = [r for r in pool if r["method"] == method and r["budget"] == budget]
+            if not mine:
+                continue
+            run = min(mine, key=lambda r: r["seed"])
+            color, marker = styles[method]
+            for proj, line in (("q_proj", "-"), ("v_proj", "--")):
+                items = sorted((_block(n), rank) for n, rank in run["final_ranks"].items() if n.endswith(proj) and _block(n) is not None)
+                if items:
+                    ax.plot([b for b, _ in items], [rank for _, rank in items], line, color=color, marker=marker,
+                            markersize=3, label=f"{method} {proj} ({run['lora_params_final']} params)")
+        ax.set_xlabel("transformer block")
+        ax.set_title(f"budget {budget}")
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("final rank (lowest seed)")
+    fig.suptitle("where each method puts rank (solid q_proj, dashed v_proj)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return None

@@ -1,4 +1,5 @@
-"""Aggregates over seeds: mean ± 95 % t-interval, and paired tests against uniform LoRA and GoRA."""
+"""Aggregates over seeds: mean ± 95 % t-interval, paired tests against uniform LoRA and GoRA, and
+the learning rate each method and budget reports (chosen on validation)."""
 from __future__ import annotations
 
 import math
@@ -37,6 +38,49 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     else:
         p = float(stats.ttest_rel(a, b).pvalue)
     return {"n": len(diffs), "diff_mean": mean, "diff_ci": half, "p_value": p, "wins": sum(d < 0 for d in diffs)}
+
+
+def best_rate(runs: Sequence[dict]) -> dict:
+    """The run with the lowest validation PPL (ties: the smaller rate)."""
+    return min(runs, key=lambda m: (m["best_mean_val_ppl"], m["hyperparameters"]["lr"]))
+
+
+def chosen_rate_runs(runs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs a table reports, from the runs alone (a directory that several `gard compare`
+    invocations wrote into, or a sweep copied from elsewhere).
+
+    A method, budget and variant whose runs used one learning rate keeps them all. One that ran
+    several rates was swept: the sweep seed is the seed that ran the most rates (ties: the
+    smallest), the chosen rate is its run with the lowest validation PPL (`best_rate`; test PPL
+    plays no part), and every seed's run at that rate is kept.
+
+    Returns:
+        (kept runs, sweep records: method, budget, variant, lr, val_ppl, test_ppl, chosen), the
+        records in the order of `summarize`'s groups, then by rate.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["budget"], variant_label(run.get("variant") or {})), []).append(run)
+    kept, records = [], []
+    for (method, budget, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        rates = {m["hyperparameters"]["lr"] for m in members}
+        if len(rates) == 1:
+            kept += members
+            continue
+        per_seed: dict[int, list[dict]] = {}
+        for m in members:
+            per_seed.setdefault(m["seed"], []).append(m)
+        sweep_seed = min(per_seed, key=lambda s: (-len({m["hyperparameters"]["lr"] for m in per_seed[s]}), s))
+        swept = per_seed[sweep_seed]
+        best = best_rate(swept)
+        chosen = best["hyperparameters"]["lr"]
+        kept += [m for m in members if m["hyperparameters"]["lr"] == chosen]
+        for m in sorted(swept, key=lambda m: m["hyperparameters"]["lr"]):
+            records.append({
+                "method": method, "budget": budget, "variant": variant, "lr": m["hyperparameters"]["lr"],
+                "val_ppl": m["best_mean_val_ppl"], "test_ppl": m.get("test_ppl"), "chosen": m is best,
+            })
+    return kept, records
 
 
 def variant_label(variant: dict) -> str:
