@@ -248,3 +248,8 @@ def test_report_covers_every_invocation_in_a_directory(model_dir, tmp_path, caps
     assert "gard-static" in (tmp_path / "report" / "results.md").read_text() and "Learning-rate sweep" in stdout
     code, _, err = run_cli(["report", tmp_path / "nowhere"], capsys)
     assert code == 2 and "is not a directory" in err
+    # One table per corpus: a directory that mixes corpora is refused, not averaged.
+    path = next(tmp_path.glob("gard-static_*/metrics.json"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "corpus": "stdlib-source"}))
+    code, _, err = run_cli(["report", tmp_path], capsys)
+    assert code == 2 and "several corpora" in err

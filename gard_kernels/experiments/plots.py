@@ -325,8 +325,8 @@ def _block(name: str) -> Optional[int]:
 
 
 def _plot_rank_profiles(runs: list[dict], path: Path) -> Optional[str]:
-    """Rank per transformer block and projection of PROFILE_METHODS, one panel per budget (the
-    lowest seed of each: static allocations differ little between seeds)."""
+    """Rank per transformer block and projection of PROFILE_METHODS, one panel per budget, for
+    the lowest seed of each (other seeds can choose other modules: their metrics' final_ranks)."""
     import matplotlib.pyplot as plt
 
     pool = [r for r in runs if r["method"] in PROFILE_METHODS and not r.get("variant")]
