@@ -12,7 +12,6 @@ line, `gard: error: ...`, and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -365,7 +364,7 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     from .experiments.compare import write_results
-    from .experiments.plots import load_runs
+    from .experiments.plots import load_base, load_runs
     from .experiments.stats import chosen_rate_runs, results_markdown
 
     run_dir = Path(args.run_dir)
@@ -377,8 +376,7 @@ def cmd_report(args) -> int:
     corpora = sorted({str(r.get("corpus")) for r in runs})
     if len(corpora) > 1:
         raise UsageError(f"{args.run_dir!r} holds runs on several corpora ({', '.join(corpora)}); report each corpus's directory on its own")
-    base_path = run_dir / "base.json"
-    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    base = load_base(run_dir)
     out = Path(args.out) if args.out else run_dir
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": str(run_dir), "runs": len(runs), "corpus": corpora[0], "command": "gard " + " ".join(args.argv)}
