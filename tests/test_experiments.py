@@ -246,7 +246,11 @@ def test_glance_table_puts_each_groups_seeds_and_paired_differences_in_one_row()
                 "lora_params_mean": 2304.0, "lora_params_final": 2304, "train_seconds": 8.0, "tokens_per_second": 250.0,
                 "backprop_blocks_max": 30, "blocks_total": 30}
 
-    summary = stats.summarize([run(m, s) for m in ppl for s in range(3)])
+    runs = [run(m, s) for m in ppl for s in range(3)]
+    for r in runs:
+        if r["method"] == "uniform":
+            r["lora_params_mean"] = 20_000.0  # trained more than it kept, like AdaLoRA
+    summary = stats.summarize(runs)
     lines = stats.glance_markdown(summary)
     assert lines[0].endswith("| Δ vs uniform | Δ vs gora |") and len(lines) == 2 + 3
     rows = {cells[1]: cells for cells in (line.split(" | ") for line in lines[2:])}
@@ -256,6 +260,7 @@ def test_glance_table_puts_each_groups_seeds_and_paired_differences_in_one_row()
     vs_gora = stats.paired_test(gard_ppl, ppl["gora"])
     assert rows["gard"][11] == f"{vs_gora['diff_mean']:+.3f} ± {vs_gora['diff_ci']:.3f} (p = {vs_gora['p_value']:.3g}, 2/3) |"
     assert rows["uniform"][10] == "" and rows["uniform"][11].startswith("**+")
+    assert rows["uniform"][6] == "2,304 (mean 20,000)" and rows["gard"][6] == "2,304"
     assert stats.results_markdown(summary).count("| 2,570 | ") == 3
 
 

@@ -187,7 +187,8 @@ def _delta(test: Optional[dict]) -> str:
 
 def glance_markdown(summary: dict) -> list[str]:
     """One row per method and budget with everything a reader compares: the reported PPL with
-    its CI and per seed, validation PPL, final parameters, cost, and the paired differences
+    its CI and per seed, validation PPL, final parameters (and the mean over steps where it
+    differs by over 1 %), cost, and the paired differences
     against each reference (REFERENCE_METHODS) in the same row (the table docs/results.md shows)."""
     label = "test PPL" if summary.get("metric", "val") == "test" else "val PPL"
     references = [ref for ref in REFERENCE_METHODS if any(p.get("reference", REFERENCE_METHOD) == ref for p in summary["paired"])]
@@ -202,10 +203,13 @@ def glance_markdown(summary: dict) -> list[str]:
         ci = "" if math.isnan(row["ppl_ci"]) else f" ± {row['ppl_ci']:.3f}"
         per_seed = " / ".join(_fmt(v, 3) for v in row["ppl_per_seed"])
         depth = f"{row['backprop_blocks_max']}/{row['blocks_total']}" if row.get("blocks_total") else ""
+        params = f"{row['params_final_mean']:,.0f}"
+        if abs(row["params_mean"] - row["params_final_mean"]) > 0.01 * max(row["params_final_mean"], 1):
+            params += f" (mean {row['params_mean']:,.0f})"  # e.g. AdaLoRA trains more than it keeps
         deltas = [_delta(pairs.get((ref, row["method"], row["budget"], row["variant"]))) for ref in references]
         lines.append(
             f"| {row['budget']:,} | {name} | {', '.join(f'{lr:.0e}'.replace('e-0', 'e-') for lr in row.get('lrs', []))} | {_fmt(row['ppl_mean'], 3)}{ci} | "
-            f"{per_seed} | {_fmt(row['val_mean'], 3)} | {row['params_final_mean']:,.0f} | {_fmt(row.get('train_seconds_mean', math.nan), 0)} | "
+            f"{per_seed} | {_fmt(row['val_mean'], 3)} | {params} | {_fmt(row.get('train_seconds_mean', math.nan), 0)} | "
             f"{_fmt(row.get('tokens_per_second_mean', math.nan), 0)} | {depth} | " + " | ".join(deltas) + " |"
         )
     return lines
