@@ -96,18 +96,20 @@ def _mean(values: Sequence[Optional[float]]) -> float:
     return sum(present) / len(present) if present else math.nan
 
 
-def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, Any]:
+def summarize(runs: Sequence[dict], base: Optional[dict] = None, references: Sequence[str] = REFERENCE_METHODS) -> dict[str, Any]:
     """Group run metrics by (method, budget, variant) and compare each group with the references.
 
     The reported metric is test PPL when every run has one (validation PPL otherwise, e.g. runs
     made before the test split existed); validation PPL is always shown too. Paired tests are
-    against every reference method present (REFERENCE_METHODS: uniform LoRA and GoRA).
+    against every reference method present (default REFERENCE_METHODS: uniform LoRA and GoRA).
 
     Args:
         runs: metrics dicts (metrics.json contents).
         base: the base model's evaluation ({"ppl": ..., "test_ppl": ...}), a reference row.
+        references: the methods every other group is paired against (in this order).
     Returns:
-        {"metric": "test" | "val", "groups": [...], "paired": [...], "base": base, "paper": PAPER_RESULT}.
+        {"metric": "test" | "val", "groups": [...], "paired": [...], "references": [...], "base": base,
+        "paper": PAPER_RESULT}.
     """
     metric = "test" if runs and all(r.get("test_ppl") is not None for r in runs) else "val"
     groups: dict[tuple, list[dict]] = {}
@@ -144,7 +146,7 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, An
             }
         )
     paired = []
-    for reference in REFERENCE_METHODS:
+    for reference in references:
         for row in rows:
             if row["method"] == reference and not row["variant"]:
                 continue
@@ -158,7 +160,7 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, An
                 continue
             test = paired_test([mine[s] for s in seeds], [ref[s] for s in seeds])
             paired.append({"reference": reference, "method": row["method"], "budget": row["budget"], "variant": row["variant"], "seeds": seeds, **test})
-    return {"metric": metric, "groups": rows, "paired": paired, "base": base, "paper": PAPER_RESULT}
+    return {"metric": metric, "groups": rows, "paired": paired, "references": list(references), "base": base, "paper": PAPER_RESULT}
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -189,9 +191,9 @@ def glance_markdown(summary: dict) -> list[str]:
     """One row per method and budget with everything a reader compares: the reported PPL with
     its CI and per seed, validation PPL, final parameters (and the mean over steps where it
     differs by over 1 %), cost, and the paired differences
-    against each reference (REFERENCE_METHODS) in the same row (the table docs/results.md shows)."""
+    against each reference in the same row (the table docs/results.md shows)."""
     label = "test PPL" if summary.get("metric", "val") == "test" else "val PPL"
-    references = [ref for ref in REFERENCE_METHODS if any(p.get("reference", REFERENCE_METHOD) == ref for p in summary["paired"])]
+    references = [ref for ref in summary.get("references", REFERENCE_METHODS) if any(p.get("reference", REFERENCE_METHOD) == ref for p in summary["paired"])]
     pairs = {(p.get("reference", REFERENCE_METHOD), p["method"], p["budget"], p["variant"]): p for p in summary["paired"]}
     lines = [
         f"| budget | method | lr | {label} (mean ± 95 % CI) | per seed | val PPL | LoRA params | train s | tokens/s | backprop blocks | "
@@ -261,7 +263,7 @@ def results_markdown(summary: dict, title: str = "Results") -> str:
         "backprop blocks: how many transformer blocks the backward pass reaches at its deepest (from the earliest "
         "adapted module with rank > 0, or sketching, to the top) / blocks in the model.",
     ]
-    for reference in REFERENCE_METHODS:
+    for reference in summary.get("references", REFERENCE_METHODS):
         rows = [r for r in summary["paired"] if r.get("reference", REFERENCE_METHOD) == reference]
         if not rows:
             continue
