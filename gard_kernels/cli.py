@@ -12,12 +12,13 @@ line, `gard: error: ...`, and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .experiments.stats import REFERENCE_METHODS
 
 PAPER_BUDGET = 2570
 # Uniform rank 1 on q_proj and v_proj of SmolLM2-135M's 30 layers: 30 * ((576 + 576) + (576 + 192)).
@@ -365,7 +366,7 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     from .experiments.compare import write_results
-    from .experiments.plots import load_runs
+    from .experiments.plots import load_base, load_runs
     from .experiments.stats import chosen_rate_runs, results_markdown
 
     run_dir = Path(args.run_dir)
@@ -377,12 +378,15 @@ def cmd_report(args) -> int:
     corpora = sorted({str(r.get("corpus")) for r in runs})
     if len(corpora) > 1:
         raise UsageError(f"{args.run_dir!r} holds runs on several corpora ({', '.join(corpora)}); report each corpus's directory on its own")
-    base_path = run_dir / "base.json"
-    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    base = load_base(run_dir)
     out = Path(args.out) if args.out else run_dir
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": str(run_dir), "runs": len(runs), "corpus": corpora[0], "command": "gard " + " ".join(args.argv)}
-    summary = write_results(out, runs, base, settings, args.title, sweep)
+    missing = sorted(set(args.against or ()) - {r["method"] for r in runs})
+    if missing:
+        raise UsageError(f"--against {' '.join(missing)}: no runs of that method under {args.run_dir!r}; "
+                         f"choose among {', '.join(sorted({r['method'] for r in runs}))}")
+    summary = write_results(out, runs, base, settings, args.title, sweep, references=args.against or REFERENCE_METHODS)
     print(results_markdown(summary, args.title))
     print(f"results: {out / 'results.md'}, {out / 'results.json'} ({len(runs)} runs reported, {len(sweep)} sweep records)")
     return 0
@@ -476,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="directory for results.md / results.json (default RUN_DIR)")
     p.add_argument("--title", default="GARD comparison")
+    p.add_argument("--against", nargs="+", default=None, metavar="METHOD",
+                   help=f"methods every other group is paired against (default: those of {' '.join(REFERENCE_METHODS)} "
+                        "the directory holds; e.g. add gard to see "
+                        "every baseline's difference from the recommended configuration)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M at the paper's budget (<= 15 min on a 2-core CPU)")

@@ -246,6 +246,17 @@ def test_report_covers_every_invocation_in_a_directory(model_dir, tmp_path, caps
         ("gard-static", 0, 5e-3), ("gard-static", 1, 5e-3), ("uniform", 0, chosen[0]), ("uniform", 1, chosen[0])]
     assert [(r["lr"], r["chosen"]) for r in report["summary"]["lr_sweep"]] == [(r["lr"], r["chosen"]) for r in swept]
     assert "gard-static" in (tmp_path / "report" / "results.md").read_text() and "Learning-rate sweep" in stdout
+    # Paired against a method of the user's choice: each uniform seed against gard-static's.
+    code, _, err = run_cli(["report", tmp_path, "--out", tmp_path / "vs", "--against", "gard-static"], capsys)
+    assert code == 0, err
+    versus = json.loads((tmp_path / "vs" / "results.json").read_text())
+    (pair,) = versus["summary"]["paired"]
+    test_ppl = {(r["method"], r["seed"]): r["test_ppl"] for r in versus["runs"]}
+    diffs = [test_ppl["uniform", s] - test_ppl["gard-static", s] for s in (0, 1)]
+    assert (pair["reference"], pair["method"]) == ("gard-static", "uniform") and pair["diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert "Δ vs gard-static" in (tmp_path / "vs" / "results.md").read_text()
+    code, _, err = run_cli(["report", tmp_path, "--against", "eva"], capsys)
+    assert code == 2 and "no runs of that method" in err and "gard-static, uniform" in err
     code, _, err = run_cli(["report", tmp_path / "nowhere"], capsys)
     assert code == 2 and "is not a directory" in err
     # One table per corpus: a directory that mixes corpora is refused, not averaged.

@@ -177,7 +177,7 @@ def test_compare_resumes_and_refuses_mixed_settings(workspace, tmp_path, monkeyp
     with pytest.raises(compare.GridMismatchError, match="other settings"):
         compare.run_grid(workspace, runs, other, tmp_path, progress=False)
     summary = compare.write_results(tmp_path, second, {"ppl": 60.0}, {}, "t")
-    assert (tmp_path / "results.md").read_text().count("| gard-dynamic |") == 4  # 2 result rows, 2 paired rows
+    assert (tmp_path / "results.md").read_text().count("| gard-dynamic |") == 5  # 1 glance row, 2 result rows, 2 paired rows
     paired = [p for p in summary["paired"] if p["method"] == "gard-dynamic" and not p["variant"]][0]
     assert paired["n"] == 2 and 0.0 <= paired["p_value"] <= 1.0
 
@@ -228,6 +228,40 @@ def test_chosen_rate_runs_keep_every_seed_at_the_rate_chosen_on_validation():
     # Ties go to the smaller rate, as in gard compare's own sweep.
     tied, tie_records = stats.chosen_rate_runs([_fake_run("eva", 1, 0, lr, 3.0) for lr in (1e-2, 1e-3)])
     assert [r["hyperparameters"]["lr"] for r in tied] == [1e-3] and [r["chosen"] for r in tie_records] == [True, False]
+
+
+def test_glance_table_puts_each_groups_seeds_and_paired_differences_in_one_row():
+    rng = torch.Generator().manual_seed(11)
+    gard_ppl = (torch.rand(3, generator=rng) * 0.1 + 14.0).tolist()
+    ppl = {
+        "gard": gard_ppl,
+        "uniform": [v + 2.0 + d for v, d in zip(gard_ppl, (torch.rand(3, generator=rng) * 0.1).tolist())],  # clearly above
+        "gora": [v + d for v, d in zip(gard_ppl, (0.05, -0.05, 0.01))],  # the difference changes sign: CI spans 0
+    }
+
+    def run(method, seed):
+        value = ppl[method][seed]
+        return {"method": method, "budget": 2570, "seed": seed, "variant": {}, "test_ppl": value, "primary_metric": value - 1,
+                "best_mean_val_ppl": value - 1, "hyperparameters": {"lr": 1e-2}, "total_elapsed_seconds": 9.0,
+                "lora_params_mean": 2304.0, "lora_params_final": 2304, "train_seconds": 8.0, "tokens_per_second": 250.0,
+                "backprop_blocks_max": 30, "blocks_total": 30}
+
+    runs = [run(m, s) for m in ppl for s in range(3)]
+    for r in runs:
+        if r["method"] == "uniform":
+            r["lora_params_mean"] = 20_000.0  # trained more than it kept, like AdaLoRA
+    summary = stats.summarize(runs)
+    lines = stats.glance_markdown(summary)
+    assert lines[0].endswith("| Δ vs uniform | Δ vs gora |") and len(lines) == 2 + 3
+    rows = {cells[1]: cells for cells in (line.split(" | ") for line in lines[2:])}
+    assert rows["gard"][2] == "1e-2" and rows["gard"][4] == " / ".join(f"{v:.3f}" for v in gard_ppl)
+    vs_uniform = stats.paired_test(gard_ppl, ppl["uniform"])
+    assert rows["gard"][10] == f"**{vs_uniform['diff_mean']:+.3f} ± {vs_uniform['diff_ci']:.3f} (p = {vs_uniform['p_value']:.3g}, 3/3)**"
+    vs_gora = stats.paired_test(gard_ppl, ppl["gora"])
+    assert rows["gard"][11] == f"{vs_gora['diff_mean']:+.3f} ± {vs_gora['diff_ci']:.3f} (p = {vs_gora['p_value']:.3g}, 2/3) |"
+    assert rows["uniform"][10] == "" and rows["uniform"][11].startswith("**+")
+    assert rows["uniform"][6] == "2,304 (mean 20,000)" and rows["gard"][6] == "2,304"
+    assert stats.results_markdown(summary).count("| 2,570 | ") == 3
 
 
 def test_plots_are_non_empty_pngs(workspace, tmp_path):

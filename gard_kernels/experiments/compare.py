@@ -21,7 +21,7 @@ from .data import LMData, build_data, load_corpus
 from .methods import METHODS, SPECTRAL_METHODS, GardSettings, adapted_costs, minimum_budget
 from .models import ModelSource, device_name, load_model, tokenizer_encoder
 from .runner import TrainSettings, evaluate, finetune, fingerprint, run_spec, write_json
-from .stats import best_rate, results_markdown, summarize, variant_label
+from .stats import REFERENCE_METHODS, best_rate, results_markdown, summarize, variant_label
 
 
 class GridMismatchError(ValueError):
@@ -321,10 +321,11 @@ RUN_KEYS = (
 
 def write_results(
     out_dir: Path, runs: Sequence[dict], base: Optional[dict], settings: dict[str, Any], title: str,
-    lr_sweep: Optional[Sequence[dict]] = None,
+    lr_sweep: Optional[Sequence[dict]] = None, references: Sequence[str] = REFERENCE_METHODS,
 ) -> dict:
-    """results.json (every run's headline numbers + aggregates) and results.md."""
-    summary = summarize(runs, base)
+    """results.json (every run's headline numbers + aggregates) and results.md; paired tests
+    against each of `references` the runs hold."""
+    summary = summarize(runs, base, references)
     if lr_sweep:
         summary["lr_sweep"] = list(lr_sweep)
     payload = {

@@ -32,6 +32,12 @@ def load_runs(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
+def load_base(run_dir: Path) -> Optional[dict]:
+    """The base model's evaluation `gard compare` cached in run_dir/base.json (None if absent)."""
+    path = Path(run_dir) / "base.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def _order(method: str) -> tuple:
     return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), method)
 
@@ -72,8 +78,7 @@ def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path],
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "figures"
     # A learning-rate sweep leaves runs at rates that were not chosen: plot the chosen ones.
     runs, sweep = chosen_rate_runs(load_runs(run_dir))
-    base_path = run_dir / "base.json"
-    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    base = load_base(run_dir)
     if base is None:
         known = [r["base_val_ppl"] for r in runs if r.get("base_val_ppl") is not None]
         base = {"ppl": known[0], "per_topic": {}} if known else None

@@ -96,18 +96,20 @@ def _mean(values: Sequence[Optional[float]]) -> float:
     return sum(present) / len(present) if present else math.nan
 
 
-def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, Any]:
+def summarize(runs: Sequence[dict], base: Optional[dict] = None, references: Sequence[str] = REFERENCE_METHODS) -> dict[str, Any]:
     """Group run metrics by (method, budget, variant) and compare each group with the references.
 
     The reported metric is test PPL when every run has one (validation PPL otherwise, e.g. runs
     made before the test split existed); validation PPL is always shown too. Paired tests are
-    against every reference method present (REFERENCE_METHODS: uniform LoRA and GoRA).
+    against every reference method present (default REFERENCE_METHODS: uniform LoRA and GoRA).
 
     Args:
         runs: metrics dicts (metrics.json contents).
         base: the base model's evaluation ({"ppl": ..., "test_ppl": ...}), a reference row.
+        references: the methods every other group is paired against (in this order).
     Returns:
-        {"metric": "test" | "val", "groups": [...], "paired": [...], "base": base, "paper": PAPER_RESULT}.
+        {"metric": "test" | "val", "groups": [...], "paired": [...], "references": [...], "base": base,
+        "paper": PAPER_RESULT}.
     """
     metric = "test" if runs and all(r.get("test_ppl") is not None for r in runs) else "val"
     groups: dict[tuple, list[dict]] = {}
@@ -144,7 +146,7 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, An
             }
         )
     paired = []
-    for reference in REFERENCE_METHODS:
+    for reference in references:
         for row in rows:
             if row["method"] == reference and not row["variant"]:
                 continue
@@ -158,7 +160,7 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None) -> dict[str, An
                 continue
             test = paired_test([mine[s] for s in seeds], [ref[s] for s in seeds])
             paired.append({"reference": reference, "method": row["method"], "budget": row["budget"], "variant": row["variant"], "seeds": seeds, **test})
-    return {"metric": metric, "groups": rows, "paired": paired, "base": base, "paper": PAPER_RESULT}
+    return {"metric": metric, "groups": rows, "paired": paired, "references": list(references), "base": base, "paper": PAPER_RESULT}
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -173,6 +175,48 @@ def _ci(mean: float, half: float) -> str:
     return _fmt(mean) + ("" if half is None or math.isnan(half) else f" ± {half:.4f}")
 
 
+def _delta(test: Optional[dict]) -> str:
+    """A paired difference as one cell; bold where its CI excludes 0."""
+    if test is None:
+        return ""
+    cell = f"{test['diff_mean']:+.3f}"
+    if not math.isnan(test["diff_ci"]):
+        cell += f" ± {test['diff_ci']:.3f}"
+    cell += f" (p = {_fmt_p(test['p_value'])}, {test['wins']}/{test['n']})"
+    excludes_zero = not math.isnan(test["diff_ci"]) and abs(test["diff_mean"]) > test["diff_ci"]
+    return f"**{cell}**" if excludes_zero else cell
+
+
+def glance_markdown(summary: dict) -> list[str]:
+    """One row per method and budget with everything a reader compares: the reported PPL with
+    its CI and per seed, validation PPL, final parameters (and the mean over steps where it
+    differs by over 1 %), cost, and the paired differences
+    against each reference in the same row (the table docs/results.md shows)."""
+    label = "test PPL" if summary.get("metric", "val") == "test" else "val PPL"
+    references = [ref for ref in summary.get("references", REFERENCE_METHODS) if any(p.get("reference", REFERENCE_METHOD) == ref for p in summary["paired"])]
+    pairs = {(p.get("reference", REFERENCE_METHOD), p["method"], p["budget"], p["variant"]): p for p in summary["paired"]}
+    lines = [
+        f"| budget | method | lr | {label} (mean ± 95 % CI) | per seed | val PPL | LoRA params | train s | tokens/s | backprop blocks | "
+        + " | ".join(f"Δ vs {ref}" for ref in references) + " |",
+        "|---:|---|---:|---|---|---:|---:|---:|---:|---:|" + "---|" * len(references),
+    ]
+    for row in summary["groups"]:
+        name = row["method"] + (f" ({row['variant']})" if row["variant"] else "")
+        ci = "" if math.isnan(row["ppl_ci"]) else f" ± {row['ppl_ci']:.3f}"
+        per_seed = " / ".join(_fmt(v, 3) for v in row["ppl_per_seed"])
+        depth = f"{row['backprop_blocks_max']}/{row['blocks_total']}" if row.get("blocks_total") else ""
+        params = f"{row['params_final_mean']:,.0f}"
+        if abs(row["params_mean"] - row["params_final_mean"]) > 0.01 * max(row["params_final_mean"], 1):
+            params += f" (mean {row['params_mean']:,.0f})"  # e.g. AdaLoRA trains more than it keeps
+        deltas = [_delta(pairs.get((ref, row["method"], row["budget"], row["variant"]))) for ref in references]
+        lines.append(
+            f"| {row['budget']:,} | {name} | {', '.join(f'{lr:.0e}'.replace('e-0', 'e-') for lr in row.get('lrs', []))} | {_fmt(row['ppl_mean'], 3)}{ci} | "
+            f"{per_seed} | {_fmt(row['val_mean'], 3)} | {params} | {_fmt(row.get('train_seconds_mean', math.nan), 0)} | "
+            f"{_fmt(row.get('tokens_per_second_mean', math.nan), 0)} | {depth} | " + " | ".join(deltas) + " |"
+        )
+    return lines
+
+
 def results_markdown(summary: dict, title: str = "Results") -> str:
     """The results tables as Markdown: mean ± 95 % CI over seeds of the reported PPL (test, or
     validation for older runs) beside validation PPL, real parameter counts, cost (train
@@ -181,6 +225,16 @@ def results_markdown(summary: dict, title: str = "Results") -> str:
     metric = summary.get("metric", "val")
     label = "test PPL" if metric == "test" else "val PPL"
     lines = [f"# {title}", ""]
+    if summary["groups"]:
+        lines += [
+            f"At a glance: Δ is the paired difference of {label} on matching seeds (negative: lower than the reference), "
+            "mean ± 95 % CI, two-sided paired t-test, seeds lower; bold where the CI excludes 0.",
+            "",
+            *glance_markdown(summary),
+            "",
+            "All groups, with the base model and the paper's single run:",
+            "",
+        ]
     base = summary.get("base")
     lines += [
         f"| method | budget | variant | seeds | lr | {label} (mean ± 95% CI) | val PPL (mean) | LoRA params (final) | "
@@ -209,7 +263,7 @@ def results_markdown(summary: dict, title: str = "Results") -> str:
         "backprop blocks: how many transformer blocks the backward pass reaches at its deepest (from the earliest "
         "adapted module with rank > 0, or sketching, to the top) / blocks in the model.",
     ]
-    for reference in REFERENCE_METHODS:
+    for reference in summary.get("references", REFERENCE_METHODS):
         rows = [r for r in summary["paired"] if r.get("reference", REFERENCE_METHOD) == reference]
         if not rows:
             continue
