@@ -147,6 +147,7 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--compile", action="store_true", help="run the training forward through torch.compile")
     _add_gard_options(p)
     g = p.add_argument_group("execution")
+    g.add_argument("--device", default="auto", help="where the model trains: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
 
@@ -219,8 +220,29 @@ def _workspace(args, progress: bool):
 
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"--text-file {args.text_file!r} does not exist")
+    device = _device(args.device)
     source = resolve_model(args.model)
-    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction)
+    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction, device=device)
+
+
+def _device(spec: str):
+    """The torch device of --device, refused with the reason when this machine has no such device."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec!r}: torch sees no CUDA device here (a CPU build of torch, or no GPU); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return device
 
 
 def _setup_threads(args) -> None:

@@ -42,6 +42,40 @@ def test_finetune_writes_metrics(model_dir, tmp_path, capsys):
     assert metrics["method"] == "gard-static" and metrics["seed"] == 3 and metrics["lora_params_mean"] <= 400
     assert metrics["hyperparameters"]["window"] == 2 and metrics["hyperparameters"]["max_len"] == 16
     assert "val PPL" in stdout
+    assert metrics["device"].startswith("CPU") or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda", "torch sees no CUDA device here"),
+        ("cuda:3", "torch sees no CUDA device here"),
+        ("xla", "only cpu and cuda are supported"),
+        ("gpu0", "is not a device"),
+    ],
+)
+def test_device_is_refused_before_the_model_loads(device, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli(["finetune", "--method", "uniform", "--device", device, "--model", "/nonexistent/model.gguf"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "does not exist" not in err
+
+
+def test_cuda_index_beyond_the_machines_devices(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, out, err = run_cli(["finetune", "--method", "uniform", "--device", "cuda:1"], capsys)
+    assert code == 2 and "has 1 CUDA device(s)" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["gard", "gard-paper-dynamic", "uniform", "gora", "eva", "adalora"])
+def test_every_method_trains_on_the_gpu(method, model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["finetune", "--method", method, "--budget", "400", "--device", "cuda",
+                                 "--model", model_dir, "--out", out, "--precision", "bf16", *FAST[:-3], "--no-progress"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"] == torch.cuda.get_device_name() and metrics["test_ppl"] > 1
 
 
 def test_compare_resumes_and_plot_writes_pngs(model_dir, tmp_path, capsys):

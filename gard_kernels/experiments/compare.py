@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from .data import LMData, build_data, load_corpus
@@ -56,7 +57,7 @@ def make_workspace(
     context = {
         "model": model_label,
         "corpus": label,
-        "device": device_name(),
+        "device": device_name(next(model.parameters()).device),
         "data": {**data.stats, "val_topic_names": data.val_topics, "test_topic_names": data.test_topics},
     }
     return Workspace(model, data, context)
@@ -70,9 +71,11 @@ def load_workspace(
     progress: bool = True,
     byte_tokenizer: bool = False,
     test_fraction: float = 0.2,
+    device: Optional[torch.device] = None,
 ) -> Workspace:
-    """Load the model (tqdm) and build the workspace (test_fraction 0: the earlier two-way split)."""
-    model, tokenizer = load_model(source, progress=progress, byte_tokenizer=byte_tokenizer)
+    """Load the model (tqdm) onto `device` (default: the CPU) and build the workspace
+    (test_fraction 0: the earlier two-way split)."""
+    model, tokenizer = load_model(source, progress=progress, byte_tokenizer=byte_tokenizer, device=device)
     return make_workspace(model, tokenizer, source.label, corpus, max_len, text_file, progress=progress, test_fraction=test_fraction)
 
 

@@ -383,7 +383,7 @@ class GoraMethod(_FixedRankMethod):
             raise ValueError("gora needs at least one batch to profile gradients")
         layers = self.manager.layers
         weights = [layer.base.weight for layer in layers]
-        sums = [torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64) for layer in layers]
+        sums = [torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64, device=w.device) for layer, w in zip(layers, weights)]
         used = batches[: self.window]
         for w in weights:
             w.requires_grad_(True)
@@ -461,7 +461,8 @@ class EvaMethod(_FixedRankMethod):
         )
         # The run's batches in order: PEFT's incremental SVD stops at convergence, and fresh
         # batches (rather than the first M cycled) let it converge on the data, not on repeats.
-        loader = [{"input_ids": batch} for batch in batches]
+        device = next(self.model.parameters()).device
+        loader = [{"input_ids": batch.to(device)} for batch in batches]
         with torch.no_grad():
             state = get_eva_state_dict(self.model, loader, peft_config=config, show_progress_bar=progress)
         components = [state.get(f"{name}.base") for name in self.manager.names]

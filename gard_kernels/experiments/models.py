@@ -77,8 +77,9 @@ def resolve_model(spec: Optional[str]) -> ModelSource:
     raise ModelNotFoundError(f"--model {spec!r} does not exist; pass a local model directory or .gguf file")
 
 
-def load_model(source: ModelSource, progress: bool = True, byte_tokenizer: bool = False):
-    """Load a causal LM in float32 (eval mode, every weight frozen) and its tokenizer.
+def load_model(source: ModelSource, progress: bool = True, byte_tokenizer: bool = False, device=None):
+    """Load a causal LM in float32 (eval mode, every weight frozen, on `device`, default the CPU)
+    and its tokenizer.
 
     Args:
         byte_tokenizer: use ByteTokenizer (UTF-8 bytes modulo the vocabulary) instead of the
@@ -109,6 +110,8 @@ def load_model(source: ModelSource, progress: bool = True, byte_tokenizer: bool 
     clear_dequantized_flags(model)
     model.requires_grad_(False)
     model.eval()
+    if device is not None:
+        model.to(device)
     return model, tokenizer
 
 
@@ -195,12 +198,12 @@ def tokenizer_encoder(tokenizer):
     return encode, eos
 
 
-def device_name() -> str:
-    """Human-readable name of the compute device used (CPU model or CUDA device)."""
+def device_name(device=None) -> str:
+    """Human-readable name of the device a model runs on (the CUDA device's name, else the CPU's)."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
     name = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

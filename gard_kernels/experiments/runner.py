@@ -84,8 +84,13 @@ def autocast_context(precision: str, device: torch.device):
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a [B, T] block batch (plus any loss the model adds,
-    e.g. AdaLoRA's orthogonality penalty)."""
+    e.g. AdaLoRA's orthogonality penalty). The batch moves to the model's device."""
+    batch = batch.to(_model_device(model))
     return model(input_ids=batch, labels=batch).loss
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -109,6 +114,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
+    device = _model_device(model)
     nll_by_topic: dict[str, float] = {}
     tokens_by_topic: dict[str, int] = {}
     starts = range(0, len(blocks), batch_size)
@@ -120,6 +126,7 @@ def evaluate(
         for row, (_, block) in enumerate(chunk):
             ids[row, : block.numel()] = block
             mask[row, : block.numel()] = True
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids).logits.float()  # [B, T, V]
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
