@@ -86,7 +86,7 @@ class GARD:
                 )
                 # The ring's open slot never moves: the handle sees it once, for the whole run.
                 out = self.ring.current(index).view(config.k_out, config.k_in)
-                handle = CaptureHandle(sketch=sketch, out=out, backend=config.backend)
+                handle = CaptureHandle(sketch=sketch, out=out, backend=config.backend, on_new_device=self._follow_device)
                 layer.capture = handle
                 self.handles.append(handle)
             for layer in self.manager.layers:
@@ -98,6 +98,15 @@ class GARD:
             for param, flag in trainable:
                 param.requires_grad_(flag)
             raise
+
+    def _follow_device(self, device: torch.device) -> None:
+        """The model moved after GARD was built (e.g. a Trainer's model.to("cuda")): move the ring
+        and the smoothed statistic to its device and re-point every handle at the ring."""
+        self.ring.to(device)
+        for index, handle in enumerate(self.handles):
+            handle.buffer = self.ring.current(index).view(self.config.k_out, self.config.k_in)
+        if self.ema_statistic is not None:
+            self.ema_statistic = self.ema_statistic.to(device)
 
     @property
     def names(self) -> list[str]:
@@ -498,7 +507,8 @@ class GARD:
         for layer, adapter in zip(self.manager.layers, state["adapters"]):
             layer.load_factors(adapter["lora_A"], adapter["lora_B"])
         self.ring.load_state_dict(state["ring"])
-        self.ema_statistic = state["ema_statistic"]
+        ema = state["ema_statistic"]
+        self.ema_statistic = None if ema is None else ema.to(self.ring.device)
         self.step_count = state["step_count"]
         self.allocated = state["allocated"]
         self._params_sum = state["params_sum"]

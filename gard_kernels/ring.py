@@ -42,6 +42,16 @@ class SketchRing:
         self.slot = 0
         self.steps = 0
 
+    def to(self, device: torch.device | str) -> "SketchRing":
+        """Move every slot, the validity mask and the counters to `device` (in place; returns self).
+
+        Views from `current()` taken before point at the old memory: take them again.
+        """
+        for name in ("_history", "open", "valid", "_invalid_per_layer"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.device = self.open.device
+        return self
+
     @property
     def buffer(self) -> torch.Tensor:
         """[L, M+1, k] every slot, the open one (at index `slot`) included.

@@ -232,3 +232,65 @@ def test_backward_inside_autocast_captures_with_every_backend(backend):
         model(**batches(1)[0]).loss.backward()
     written = gard.ring.buffer[:, gard.ring.slot]
     assert torch.isfinite(written).all() and (written.norm(dim=1) > 0).all()
+
+
+def test_a_buffer_on_another_device_follows_the_activations():
+    # The model moved after the handle was made (a Trainer's model.to(device)): the handle asks
+    # its owner to re-point the buffer, then sketches there. ("meta" stands in for the old device.)
+    layer = _layer()
+    layer.capture.out = torch.zeros(5, 6, device="meta")
+    x, dy = torch.randn(9, D_IN), torch.randn(9, D_OUT)
+    with pytest.raises(ValueError, match="sketch buffer is on meta but the layer ran on cpu"):
+        _backward(layer, x, dy)
+    moved = []
+
+    def follow(device):
+        moved.append(device)
+        layer.capture.buffer = torch.zeros(5, 6, device=device)  # the handle accumulates into it
+
+    layer.capture.on_new_device = follow
+    layer.capture.out = torch.zeros(5, 6, device="meta")
+    true_dy = _backward(layer, x, dy)
+    assert moved == [torch.device("cpu")]
+    assert rel_error(layer.capture.out, _expected(layer, [(x, true_dy)])) < SKETCH_TOLERANCE[torch.float32]
+
+
+def test_gard_repoints_every_handle_when_the_ring_moves():
+    # "meta" stands in for the GPU here (it holds no data: a real round trip runs in the CUDA test).
+    from gard_kernels import GARD, GARDConfig
+    from tests.models import tiny_llama
+
+    gard = GARD(tiny_llama(), GARDConfig(budget=2000, window=2, interval=2, warmup=0, k_in=4, k_out=4, backend="torch"))
+    gard.ema_statistic = torch.ones(len(gard.handles))
+    gard._follow_device(torch.device("meta"))
+    assert gard.ring.device.type == "meta" and gard.ema_statistic.device.type == "meta"
+    assert all(t.device.type == "meta" for t in (gard.ring.open, gard.ring.valid, gard.ring.num_invalid_per_layer))
+    for index, handle in enumerate(gard.handles):
+        assert handle.buffer._base is gard.ring.open and handle.buffer.shape == (4, 4)
+        assert handle.buffer.storage_offset() == gard.ring.current(index).storage_offset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gard_built_on_the_cpu_trains_like_one_built_on_the_gpu():
+    from gard_kernels import GARD, GARDConfig
+    from tests.models import batches, tiny_llama
+
+    config = GARDConfig(budget=2000, window=2, interval=2, warmup=0, k_in=4, k_out=4, seed=3)
+    runs = []
+    for move_first in (False, True):
+        model = tiny_llama()
+        if move_first:
+            model.cuda()
+        gard = GARD(model, config)
+        model.cuda()  # e.g. transformers.Trainer moving the model it was given
+        opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
+        gard.attach_optimizer(opt)
+        for batch in batches(5):
+            batch = {k: v.cuda() for k, v in batch.items()}
+            model(**batch).loss.backward()
+            opt.step()
+            gard.step()
+            opt.zero_grad()
+        runs.append((gard.ring.buffer.cpu(), [h["ranks"] for h in gard.history]))
+    assert runs[0][1] == runs[1][1]
+    assert torch.allclose(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-6)

@@ -8,6 +8,8 @@ GradientSketch (into the ring's open slot `handle.out`) and, when armed, the Ran
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -25,6 +27,9 @@ class CaptureHandle:
         out: [k_out, k_in] float32 buffer the sketch accumulates into, e.g. a view of the ring's
             open slot (set once: the ring keeps that memory fixed), or None (capture off).
         backend: sketch backend, see GradientSketch.__call__.
+        on_new_device: called with the activations' device when a backward pass runs on another
+            device than `out` (the model moved after the handle was made); it must re-point `out`
+            there. Without it such a pass is refused.
 
     Attributes:
         buffer: the `out` given (or assigned later).
@@ -32,10 +37,17 @@ class CaptureHandle:
         range_finder: RangeFinder fed by the same backward passes while armed.
     """
 
-    def __init__(self, sketch: GradientSketch, out: torch.Tensor | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        sketch: GradientSketch,
+        out: torch.Tensor | None = None,
+        backend: str = "auto",
+        on_new_device: Callable[[torch.device], None] | None = None,
+    ):
         self.sketch = sketch
         self.buffer = out
         self.backend = backend
+        self.on_new_device = on_new_device
         self.enabled = True
         self.range_finder = RangeFinder(sketch.d_in, sketch.d_out)
 
@@ -97,6 +109,13 @@ class CaptureHandle:
             x, dy = x.float(), dy.float()
         # A backward run inside an autocast region (loss.backward() under `with autocast`) must
         # not recast the sketch's own matmuls: the backends pick their dtypes themselves.
+        if self.capturing and self.buffer.device != x.device:
+            if self.on_new_device is None:
+                raise ValueError(
+                    f"the sketch buffer is on {self.buffer.device} but the layer ran on {x.device}; "
+                    "give the handle an on_new_device callback or a buffer on the model's device"
+                )
+            self.on_new_device(x.device)
         with torch.autocast(x.device.type, enabled=False):
             if self.capturing:
                 self.sketch(x, dy, out=self.out, backend=self.backend)
