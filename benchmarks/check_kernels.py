@@ -145,6 +145,32 @@ def small_kernel_variants(ti) -> list[Variant]:
     return variants
 
 
+def split_variants(ti) -> list[Variant]:
+    """_split_project_kernel and _split_outer_kernel (sketch_triton's algorithm="split") at every
+    shape its heuristic picks: each dtype with each sign-tile width."""
+    block_ks = sorted({ti._block_k(k) for k in range(1, ti._MAX_BLOCK_K + 1)})
+    variants = []
+    for dtype, bk, arch in itertools.product(ti._ACCEPTED_DTYPES, block_ks, ARCHS):
+        bn, bd, _, warps = ti._split_config(4096, 4096, dtype, bk, torch.device("cpu"))
+        t = "*" + TRITON_DTYPE[dtype]
+        types = dict(a=t, part="*fp32", key="i32", N="i32", D="i32", K="i32", stride_n="i32", stride_ps="i32",
+                     stride_pn="i32", d_per_split="i32")
+        consts = dict(stride_d=1, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, PRECISION="ieee" if dtype == torch.float32 else None)
+        variants.append(Variant("_split_project_kernel", arch, f"{TRITON_DTYPE[dtype]} BN={bn} BD={bd} K={bk}",
+                                tuple(types.items()), tuple(consts.items()), ("a", "part"), warps))
+    for arch, bki, bko in itertools.product(ARCHS, block_ks, block_ks):
+        if not (bki == bko or {bki, bko} == {block_ks[0], block_ks[-1]}):
+            continue
+        types = dict(part_x="*fp32", part_y="*fp32", o="*fp32", scale="fp32", N="i32", S_IN="i32", S_OUT="i32",
+                     K_IN="i32", K_OUT="i32", stride_xs="i32", stride_xn="i32", stride_ys="i32", stride_yn="i32",
+                     stride_op="i32", stride_om="i32")
+        bn, warps = ti._outer_config(bki, bko)
+        consts = dict(BLOCK_N=bn, BLOCK_KI=bki, BLOCK_KO=bko)
+        variants.append(Variant("_split_outer_kernel", arch, f"BN={bn} KI={bki} KO={bko}", tuple(types.items()),
+                                tuple(consts.items()), ("part_x", "part_y", "o"), warps))
+    return variants
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -331,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ti = _triton_impl()
     import triton
 
-    variants = sketch_variants(ti, args.all) + small_kernel_variants(ti)
+    variants = sketch_variants(ti, args.all) + small_kernel_variants(ti) + split_variants(ti)
     nvcc = find_nvcc()
     print(f"check_kernels: {len(variants)} Triton variants for sm_{'/'.join(map(str, ARCHS))}"
           f" (triton {triton.__version__}), {args.jobs} jobs", flush=True)

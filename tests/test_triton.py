@@ -155,3 +155,38 @@ def test_module_imports_without_triton(monkeypatch):
         module.sketch_triton(
             torch.randn(2, 3), torch.randn(2, 4), 0, 1, 4, 4, 1.0, torch.empty(4, 4), accumulate=False
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(123, 77, 45, 16, 16), (1, 77, 45, 5, 24), (70, 20, 33, 24, 5), (300, 130, 9, 64, 33)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_split_algorithm_matches_reference(dtype, shape, accumulate):
+    n, d_in, d_out, k_in, k_out = shape
+    sk = gk.GradientSketch(d_in, d_out, k_in, k_out, seed=11)
+    x, dy = _inputs(n, d_in, d_out, dtype)
+    start = torch.randn(k_out, k_in, device=DEVICE)
+    out = start.clone() if accumulate else poisoned((k_out, k_in), DEVICE)
+    got = _direct(sk, x, dy, out, accumulate, algorithm="split")
+    expected = _expected(sk, x, dy) + (start.cpu().double() if accumulate else 0)
+    assert rel_error(got, expected) < SKETCH_TOLERANCE[dtype]
+
+
+def test_split_algorithm_is_independent_of_its_launch_configuration():
+    # Several splits per side (uneven: 130 features in chunks of 16), several phase-2 programs.
+    sk = gk.GradientSketch(130, 50, 24, 16, seed=2)
+    x, dy = _inputs(150, 130, 50)
+    expected = _expected(sk, x, dy)
+    for launch in (dict(splits=1), dict(splits=3, block_d=16, block_n=16, num_programs=3), dict(splits=9, block_d=16)):
+        got = _direct(sk, x, dy, poisoned((16, 24), DEVICE), False, algorithm="split", **launch)
+        assert rel_error(got, expected) < SKETCH_TOLERANCE[torch.float32], launch
+    first = _direct(sk, x, dy, poisoned((16, 24), DEVICE), False, algorithm="split", splits=3)
+    assert torch.equal(first, _direct(sk, x, dy, poisoned((16, 24), DEVICE), False, algorithm="split", splits=3))
+
+
+def test_split_algorithm_refuses_wide_sketches_and_unknown_names():
+    sk = gk.GradientSketch(20, 20, 65, 4, seed=0)
+    x, dy = _inputs(8, 20, 20)
+    with pytest.raises(ValueError, match="k_in, k_out <= 64"):
+        _direct(sk, x, dy, torch.zeros(4, 65, device=DEVICE), False, algorithm="split")
+    with pytest.raises(ValueError, match="algorithm must be 'fused' or 'split'"):
+        _direct(sk, x, dy, torch.zeros(4, 65, device=DEVICE), False, algorithm="tiled")

@@ -201,6 +201,96 @@ def _sketch_reduce_kernel(
 
 
 @_jit(do_not_specialize=["key"])
+def _split_project_kernel(
+    a,
+    part,
+    key,
+    N,
+    D,
+    K,
+    stride_n,
+    stride_d,
+    stride_ps,
+    stride_pn,
+    d_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Phase 1 of the split sketch: part[s, n, :K] = a[n, features of split s] @ Sgn[those, :K].
+
+    Program (i, s) projects token block i over features [s * d_per_split, (s + 1) * d_per_split):
+    splitting the features gives every SM work when there are few token blocks, while the
+    BLOCK_N tokens of a block share each hashed sign tile. a: [N, D]; part: float32 [S, N, >= K].
+    Launched once for x (Sgn_in) and once for dy (Sgn_out).
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    u_key = key.to(tl.uint32, bitcast=True)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_k = tl.arange(0, BLOCK_K)
+    d_lo = i_s * d_per_split
+    d_hi = tl.minimum(d_lo + d_per_split, D)
+    b_p = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        p_t = a + o_n[:, None] * stride_n + o_d[None, :].to(tl.int64) * stride_d
+        b_a = tl.load(p_t, mask=m_n[:, None] & (o_d < d_hi)[None, :], other=0.0)  # [BN, BD]
+        b_s = _sign_tile(u_key, o_d, o_k).to(b_a.dtype)  # [BD, BK]; rows past d_hi meet zeros
+        b_p = tl.dot(b_a, b_s, b_p, input_precision=PRECISION)
+    p_o = part + i_s * stride_ps + o_n[:, None] * stride_pn + o_k[None, :]
+    tl.store(p_o, b_p, mask=m_n[:, None] & (o_k < K)[None, :])
+
+
+@_jit
+def _split_outer_kernel(
+    part_x,
+    part_y,
+    o,
+    scale,
+    N,
+    S_IN,
+    S_OUT,
+    K_IN,
+    K_OUT,
+    stride_xs,
+    stride_xn,
+    stride_ys,
+    stride_yn,
+    stride_op,
+    stride_om,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KI: tl.constexpr,
+    BLOCK_KO: tl.constexpr,
+):
+    """Phase 2: o[p] = scale * sum over token blocks p, p + P, ... of (dy Sgn_out)^T (x Sgn_in),
+    each projection the fixed-order sum of its feature splits from phase 1 (part_x [S_IN, N, >= K_IN],
+    part_y [S_OUT, N, >= K_OUT]). o: float32 [P, K_OUT, K_IN]."""
+    i_p = tl.program_id(0).to(tl.int64)
+    n_p = tl.num_programs(0)
+    o_ki = tl.arange(0, BLOCK_KI)
+    o_ko = tl.arange(0, BLOCK_KO)
+    b_o = tl.zeros([BLOCK_KO, BLOCK_KI], dtype=tl.float32)
+    for i_n in range(i_p, tl.cdiv(N, BLOCK_N), n_p):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        p_x = part_x + o_n[:, None] * stride_xn + o_ki[None, :]
+        p_y = part_y + o_n[:, None] * stride_yn + o_ko[None, :]
+        b_x = tl.zeros([BLOCK_N, BLOCK_KI], dtype=tl.float32)
+        for i_s in range(0, S_IN):
+            b_x += tl.load(p_x + i_s * stride_xs, mask=m_n[:, None] & (o_ki < K_IN)[None, :], other=0.0)
+        b_y = tl.zeros([BLOCK_N, BLOCK_KO], dtype=tl.float32)
+        for i_s in range(0, S_OUT):
+            b_y += tl.load(p_y + i_s * stride_ys, mask=m_n[:, None] & (o_ko < K_OUT)[None, :], other=0.0)
+        b_o = tl.dot(tl.trans(b_y), b_x, b_o, input_precision="ieee")  # [BKO, BKI]
+    b_o = b_o * scale
+    m_o = (o_ko < K_OUT)[:, None] & (o_ki < K_IN)[None, :]
+    tl.store(o + i_p * stride_op + o_ko[:, None] * stride_om + o_ki[None, :], b_o, mask=m_o)
+
+
+@_jit(do_not_specialize=["key"])
 def _projection_kernel(p, key, scale, D, K, stride_d, stride_k, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """p[r, c] = scale * Sgn(key, r, c) through the sketch kernel's hash; for hash-equality tests.
 
@@ -283,10 +373,13 @@ def sketch_triton(
     accumulate: bool,
     *,
     deterministic: bool = True,
+    algorithm: str | None = None,
     block_n: int | None = None,
     block_d: int | None = None,
     block_k: int | None = None,
     num_programs: int | None = None,
+    splits: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """out (+)= scale * (dy @ Sgn_out)^T (x @ Sgn_in), signs hashed in-kernel from the stream keys.
 
@@ -304,9 +397,14 @@ def sketch_triton(
             inputs give bit-identical results on one device (default True; the launch heuristic
             depends only on N, dtype, k and the SM count); False adds them with
             float32 atomics (one launch fewer, last bits vary between runs).
-        block_n, block_d, block_k, num_programs: override the launch heuristic (tests, tuning);
-            block sizes must be powers of two >= 16. The result does not depend on them beyond
-            float32 rounding.
+        algorithm: "fused" (one pass: each program projects its token blocks over all features
+            and adds their outer product) or "split" (features split over programs too: phase 1
+            writes partial projections, phase 2 sums them and forms the outer products; for
+            k_in, k_out <= 64, and always deterministic). None: "fused".
+        block_n, block_d, block_k, num_programs, splits, num_warps: override the launch heuristic
+            (tests, tuning); block sizes must be powers of two >= 16, block_k applies to "fused",
+            splits (feature splits per side, at most) to "split". The result does not depend on
+            them beyond float32 rounding.
     Returns:
         out.
     """
@@ -331,10 +429,18 @@ def sketch_triton(
     for name, value in (("block_n", block_n), ("block_d", block_d), ("block_k", block_k)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+    algorithm = algorithm or "fused"
+    if algorithm not in ("fused", "split"):
+        raise ValueError(f"algorithm must be 'fused' or 'split', got {algorithm!r}")
+    if algorithm == "split":
+        if max(k_in, k_out) > _MAX_BLOCK_K:
+            raise ValueError(f"the split sketch takes k_in, k_out <= {_MAX_BLOCK_K}, got {k_in}, {k_out}; use algorithm='fused'")
+        return _sketch_split(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate,
+                             block_n, block_d, splits, num_programs, num_warps)
     bk = block_k or _MAX_BLOCK_K
     bki, bko = min(_block_k(k_in), bk), min(_block_k(k_out), bk)
-    bn, bd, n_prog, num_warps = _launch_config(n, x.dtype, max(bki, bko), x.device)
-    bn, bd = block_n or bn, block_d or bd
+    bn, bd, n_prog, warps = _launch_config(n, x.dtype, max(bki, bko), x.device)
+    bn, bd, num_warps = block_n or bn, block_d or bd, num_warps or warps
     n_prog = max(1, min(num_programs or n_prog, triton.cdiv(n, bn)))
     grid = (n_prog, triton.cdiv(k_out, bko), triton.cdiv(k_in, bki))
     # fp32 inputs need full-precision products (tf32 would miss the 1e-5 target); 16-bit inputs
@@ -383,22 +489,93 @@ def sketch_triton(
             num_warps=num_warps,
         )
         if target is not out and not atomic:
-            bm, bk2 = min(_block_k(k_out), 32), min(_block_k(k_in), 32)
-            _sketch_reduce_kernel[(triton.cdiv(k_out, bm), triton.cdiv(k_in, bk2))](
-                target,
-                out,
-                n_prog,
-                k_out,
-                k_in,
-                target.stride(0),
-                target.stride(1),
-                target.stride(2),
-                out.stride(0),
-                out.stride(1),
-                BLOCK_M=bm,
-                BLOCK_K=bk2,
-                ACCUMULATE=accumulate,
+            _reduce_partials(target, out, accumulate)
+    return out
+
+
+def _reduce_partials(partials: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= partials.sum(0) in a fixed order (the deterministic second kernel)."""
+    n_prog, k_out, k_in = partials.shape
+    bm, bk = min(_block_k(k_out), 32), min(_block_k(k_in), 32)
+    _sketch_reduce_kernel[(triton.cdiv(k_out, bm), triton.cdiv(k_in, bk))](
+        partials,
+        out,
+        n_prog,
+        k_out,
+        k_in,
+        partials.stride(0),
+        partials.stride(1),
+        partials.stride(2),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        ACCUMULATE=accumulate,
+    )
+
+
+def _split_config(n: int, d: int, dtype: torch.dtype, block_k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, feature splits, num_warps) of the split sketch's phase 1 for one side.
+
+    Wide token blocks share each hashed sign tile among more tokens (the hash costs about as much
+    as the loads at BLOCK_N = 32); the features are split until there are about four programs per
+    SM, each still walking at least four feature chunks. float32 keeps the fused kernel's
+    register-safe FMA shape (16-feature chunks, 8 warps).
+    """
+    if dtype == torch.float32:
+        block_d, num_warps, block_n = 16, 8, (64 if block_k <= 32 else 32)
+    else:
+        # 8 warps: at 4, a [128, 64] 16-bit tile with its sign tile needs 242-255 registers per thread.
+        block_d, num_warps, block_n = 64, 8, (128 if block_k <= 32 else 64)
+    slots = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    blocks = triton.cdiv(n, block_n)
+    splits = max(1, min(triton.cdiv(slots, blocks), triton.cdiv(d, 4 * block_d)))
+    return block_n, block_d, splits, num_warps
+
+
+def _outer_config(block_ki: int, block_ko: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the split sketch's phase 2 that compile without spills on sm_80/89/90
+    (benchmarks/check_kernels.py): 8 warps once a 64-wide tile is involved, 32 tokens and 16 warps
+    when both are."""
+    if max(block_ki, block_ko) < 64:
+        return 64, 4
+    return (32, 16) if min(block_ki, block_ko) >= 64 else (64, 8)
+
+
+def _sketch_split(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate, block_n, block_d, splits, num_programs, num_warps):
+    """The split algorithm of sketch_triton (arguments checked there): two phase-1 launches (x and
+    dy), the outer products over token blocks, then the fixed-order reduction into out."""
+    n = x.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else None
+    parts = []
+    for a, key, k in ((x, key_in, k_in), (dy, key_out, k_out)):
+        d = a.shape[1]
+        bk = _block_k(k)
+        bn, bd, n_split, warps = _split_config(n, d, a.dtype, bk, a.device)
+        bn, bd = block_n or bn, block_d or bd
+        n_split = max(1, min(splits or n_split, triton.cdiv(d, bd)))
+        # Whole chunks per split, so a chunk never straddles two programs.
+        per_split = triton.cdiv(triton.cdiv(d, n_split), bd) * bd
+        n_split = triton.cdiv(d, per_split)
+        part = torch.empty(n_split, n, bk, dtype=torch.float32, device=a.device)
+        with _device_guard(a.device):
+            _split_project_kernel[(triton.cdiv(n, bn), n_split)](
+                a, part, _as_int32(key), n, d, k, a.stride(0), a.stride(1), part.stride(0), part.stride(1), per_split,
+                BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, PRECISION=precision, num_warps=num_warps or warps,
             )
+        parts.append(part)
+    part_x, part_y = parts
+    bn2, warps2 = _outer_config(part_x.shape[2], part_y.shape[2])
+    slots = 2 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.device.type == "cuda" else 4
+    n_prog = max(1, min(num_programs or slots, triton.cdiv(n, bn2)))
+    partials = torch.empty(n_prog, k_out, k_in, dtype=torch.float32, device=x.device)
+    with _device_guard(x.device):
+        _split_outer_kernel[(n_prog,)](
+            part_x, part_y, partials, float(scale), n, part_x.shape[0], part_y.shape[0], k_in, k_out,
+            part_x.stride(0), part_x.stride(1), part_y.stride(0), part_y.stride(1), partials.stride(0), partials.stride(1),
+            BLOCK_N=bn2, BLOCK_KI=part_x.shape[2], BLOCK_KO=part_y.shape[2], num_warps=warps2,
+        )
+        _reduce_partials(partials, out, accumulate)
     return out
 
 
