@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
+#include <type_traits>
 
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -33,31 +35,66 @@ bool set_cpu_bf16_dot(bool enabled);
 
 namespace {
 
+// Error messages are assembled here with std::to_string rather than iostreams, and handed to
+// TORCH_CHECK as one finished string (which c10 passes through without a stream). On the first GPU
+// machine this ran on (torch 2.11+cu130, g++ 13.3) formatting an integer through an ostream
+// inside any JIT-built extension crashed the process, a minimal op of three lines too: every
+// bad-input error became a segfault. benchmarks/gpu/diagnose_native_errors.sh checks it.
+void append(std::string& out, const char* part) { out += part; }
+void append(std::string& out, const std::string& part) { out += part; }
+void append(std::string& out, at::ScalarType dtype) { out += c10::toString(dtype); }
+void append(std::string& out, const at::Device& device) { out += device.str(); }
+void append(std::string& out, at::IntArrayRef values) {
+  out += '[';
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(values[i]);
+  }
+  out += ']';
+}
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& out, T value) {
+  out += std::to_string(value);
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append(out, parts), ...);
+  return out;
+}
+
 uint32_t checked_key(int64_t key, const char* name) {
-  TORCH_CHECK(key >= 0 && key <= static_cast<int64_t>(UINT32_MAX), "gard_kernels: ", name,
-              " must be a 32-bit stream key in [0, 2^32), got ", key);
+  TORCH_CHECK(key >= 0 && key <= static_cast<int64_t>(UINT32_MAX),
+              message("gard_kernels: ", name, " must be a 32-bit stream key in [0, 2^32), got ", key));
   return static_cast<uint32_t>(key);
 }
 
 void check_sketch_args(const at::Tensor& x, const at::Tensor& dy, int64_t k_in, int64_t k_out, const at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && dy.dim() == 2, "gard_kernels::sketch: x and dy must be 2-D [N, d] (flatten the "
-              "leading dims first), got x ", x.sizes(), " and dy ", dy.sizes());
-  TORCH_CHECK(x.size(0) == dy.size(0), "gard_kernels::sketch: x and dy must have the same number of tokens, got x ",
-              x.sizes(), " and dy ", dy.sizes());
-  TORCH_CHECK(x.scalar_type() == dy.scalar_type(), "gard_kernels::sketch: x and dy must share one dtype, got ",
-              x.scalar_type(), " and ", dy.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && dy.dim() == 2,
+              message("gard_kernels::sketch: x and dy must be 2-D [N, d] (flatten the leading dims first), got x ",
+                      x.sizes(), " and dy ", dy.sizes()));
+  TORCH_CHECK(x.size(0) == dy.size(0),
+              message("gard_kernels::sketch: x and dy must have the same number of tokens, got x ", x.sizes(),
+                      " and dy ", dy.sizes()));
+  TORCH_CHECK(x.scalar_type() == dy.scalar_type(),
+              message("gard_kernels::sketch: x and dy must share one dtype, got ", x.scalar_type(), " and ",
+                      dy.scalar_type()));
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "gard_kernels::sketch: x and dy must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(k_in > 0 && k_out > 0, "gard_kernels::sketch: k_in and k_out must be positive, got k_in=", k_in,
-              ", k_out=", k_out);
-  TORCH_CHECK(out.scalar_type() == at::kFloat, "gard_kernels::sketch: out must be float32, got ", out.scalar_type());
+              message("gard_kernels::sketch: x and dy must be float32, float16 or bfloat16, got ", dtype));
+  TORCH_CHECK(k_in > 0 && k_out > 0,
+              message("gard_kernels::sketch: k_in and k_out must be positive, got k_in=", k_in, ", k_out=", k_out));
+  TORCH_CHECK(out.scalar_type() == at::kFloat,
+              message("gard_kernels::sketch: out must be float32, got ", out.scalar_type()));
   TORCH_CHECK(out.dim() == 2 && out.size(0) == k_out && out.size(1) == k_in,
-              "gard_kernels::sketch: out must be [k_out, k_in] = [", k_out, ", ", k_in, "], got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous(), "gard_kernels::sketch: out must be contiguous, got strides ", out.strides());
+              message("gard_kernels::sketch: out must be [k_out, k_in] = [", k_out, ", ", k_in, "], got ",
+                      out.sizes()));
+  TORCH_CHECK(out.is_contiguous(),
+              message("gard_kernels::sketch: out must be contiguous, got strides ", out.strides()));
   TORCH_CHECK(x.device() == dy.device() && x.device() == out.device(),
-              "gard_kernels::sketch: x, dy and out must be on one device, got ", x.device(), ", ", dy.device(),
-              " and ", out.device());
+              message("gard_kernels::sketch: x, dy and out must be on one device, got ", x.device(), ", ",
+                      dy.device(), " and ", out.device()));
 }
 
 // Checks shared by every device's entry point. Returns false when there is nothing to launch
@@ -101,10 +138,10 @@ void sketch_cuda_op(const at::Tensor& x, const at::Tensor& dy, int64_t key_in, i
   const int device = x.get_device();
   const int dtype = dtype_code(x.scalar_type());
   const int64_t partials = sketch_cuda_partials(x.size(0), k_in, k_out, dtype, device);
-  TORCH_CHECK(partials != 0, "gard_kernels::sketch: k_in=", k_in, " and k_out=", k_out,
-              " need more shared memory than this GPU has; use smaller sketches or the torch backend");
-  TORCH_CHECK(partials > 0, "gard_kernels::sketch: CUDA error while sizing the launch: ",
-              cudaGetErrorString(cudaGetLastError()));
+  TORCH_CHECK(partials != 0, message("gard_kernels::sketch: k_in=", k_in, " and k_out=", k_out,
+              " need more shared memory than this GPU has; use smaller sketches or the torch backend"));
+  TORCH_CHECK(partials > 0, message("gard_kernels::sketch: CUDA error while sizing the launch: ",
+              cudaGetErrorString(cudaGetLastError())));
   // Freed when this returns; the caching allocator keeps it for the kernels already on the stream.
   at::Tensor workspace = at::empty({partials, k_out * k_in}, out.options());
   const cudaError_t err =
@@ -112,12 +149,12 @@ void sketch_cuda_op(const at::Tensor& x, const at::Tensor& dy, int64_t key_in, i
                   dy.stride(0), dy.stride(1), key_in_u, key_out_u, k_in, k_out, scale, out.data_ptr<float>(),
                   accumulate, workspace.data_ptr<float>(), partials, device,
                   c10::cuda::getCurrentCUDAStream(device).stream());
-  TORCH_CHECK(err == cudaSuccess, "gard_kernels::sketch: CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, message("gard_kernels::sketch: CUDA launch failed: ", cudaGetErrorString(err)));
 }
 #endif
 
 at::Tensor projection_op(int64_t key, int64_t d, int64_t k) {
-  TORCH_CHECK(d > 0 && k > 0, "gard_kernels::projection: d and k must be positive, got d=", d, ", k=", k);
+  TORCH_CHECK(d > 0 && k > 0, message("gard_kernels::projection: d and k must be positive, got d=", d, ", k=", k));
   return projection_cpu(checked_key(key, "key"), d, k);
 }
 

@@ -239,3 +239,41 @@ def test_training_continues_through_random_resizes(make_opt):
         for value in opt.state.get(p, {}).values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 assert value.shape == p.shape
+
+
+def _flipping_svd(real):
+    """torch.linalg.svd as another LAPACK build may return it: every singular pair's sign flipped."""
+
+    def svd(m, *args, **kwargs):
+        out = real(m, *args, **kwargs)
+        return type(out)((-out.U, out.S, -out.Vh))
+
+    return svd
+
+
+@pytest.mark.parametrize("resize", ["gradient grow", "svd shrink"])
+def test_resized_factors_do_not_depend_on_the_sign_lapack_returns(resize, monkeypatch):
+    # A 16-core machine's torch returned singular vectors of the other sign and a grown A row came
+    # out negated; the largest-magnitude entry of every new A row is now positive on any build.
+    results = []
+    for flip in (False, True):
+        torch.manual_seed(0)
+        layer = _layer(rank=7 if resize == "svd shrink" else 2)
+        handle = layer.capture = CaptureHandle(GradientSketch(D_IN, D_OUT))
+        handle.out = torch.zeros(16, 16)
+        handle.arm_range_finder(6, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        (layer(torch.randn(32, D_IN)) * torch.randn(32, D_OUT)).sum().backward()
+        if flip:
+            monkeypatch.setattr(torch.linalg, "svd", _flipping_svd(torch.linalg.svd))
+        if resize == "svd shrink":
+            layer.resize(3, shrink="svd")
+        else:
+            layer.resize(5, grow_init="gradient")
+        monkeypatch.undo()
+        rows = layer.lora_A.detach()[2:] if resize == "gradient grow" else layer.lora_A.detach()
+        assert (rows.gather(1, rows.abs().argmax(1, keepdim=True)) > 0).all()
+        results.append((layer.lora_A.detach().clone(), layer.lora_B.detach().clone()))
+    (a0, b0), (a1, b1) = results
+    assert torch.allclose(a0, a1, atol=1e-6) and torch.allclose(b0, b1, atol=1e-6)

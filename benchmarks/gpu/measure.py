@@ -202,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results_dir")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     args = parser.parse_args()
     os.makedirs(args.results_dir, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -215,7 +216,8 @@ def main() -> None:
     rows += sketch_rows(device, dtype, DRY_SKETCH_SHAPES if args.dry_run else FULL_SKETCH_SHAPES, bandwidth, gpu)
     sweep_shapes = {"dry-N64-d48": (64, 48, 40)} if args.dry_run else {
         k: FULL_SKETCH_SHAPES[k] for k in ("N8192-d4096", "smollm2-q_proj", "smollm2-down_proj")}
-    rows += launch_sweep(device, dtype, sweep_shapes, bandwidth)
+    if not args.no_sweep:
+        rows += launch_sweep(device, dtype, sweep_shapes, bandwidth)
     rows.append(spectra_row(device, (6, 8, 16) if args.dry_run else (210, 32, 256)))
     rows.append(train_step_row(device, args.dry_run))
     with open(os.path.join(args.results_dir, "measurements.json"), "w") as f:

@@ -5,7 +5,8 @@
 # shortens the later steps so the summary is always written.
 #   bash benchmarks/gpu/run_all.sh RESULTS_DIR [SECONDS]              # on the GPU machine
 #   bash benchmarks/gpu/run_all.sh RESULTS_DIR [SECONDS] --dry-run    # same code paths, tiny, on a CPU
-# GPU_STEPS (default: all) picks steps by name: build errors kernel-tests measure train rest-tests.
+# GPU_STEPS (default: all) picks steps by name: build errors kernel-tests measure train rest-tests;
+# GPU_DIAGNOSE=0 skips the native-error diagnosis, GPU_SWEEP=0 the launch sweep (short reruns).
 # The training runs use SmolLM2-135M's shape and tokenizer with random weights when
 # .gpu_carry/smollm2-shape/ holds its config.json and tokenizer (the GGUF is too large to send to a
 # lent GPU machine): their seconds and tokens/s are real, their PPL is not the study's.
@@ -55,7 +56,7 @@ if want errors; then
   start=$SECONDS
   timeout "$(cap 60)" python -m pytest -q -rfE -p no:cacheprovider "tests/test_native.py::test_clear_errors" > "$results/tests_errors.log" 2>&1
   status "native error paths (rc $?)" "$(tail -n 1 "$results/tests_errors.log" | cut -c1-200) [$((SECONDS - start)) s]"
-  [ -x benchmarks/gpu/diagnose_native_errors.sh ] && timeout "$(cap 200)" bash benchmarks/gpu/diagnose_native_errors.sh "$results/native-errors" > /dev/null 2>&1
+  [ "${GPU_DIAGNOSE:-1}" = 1 ] && timeout "$(cap 200)" bash benchmarks/gpu/diagnose_native_errors.sh "$results/native-errors" > /dev/null 2>&1
 fi
 
 # The kernels, and the tests that move models and data between devices (failed on the first GPU run).
@@ -76,7 +77,7 @@ fi
 if want measure; then
   python benchmarks/gpu/roofline.py > "$results/roofline.md" 2>&1
   start=$SECONDS
-  timeout "$(cap 200)" python benchmarks/gpu/measure.py "$results" ${dry:+--dry-run} > "$results/measure.log" 2>&1
+  timeout "$(cap 200)" python benchmarks/gpu/measure.py "$results" ${dry:+--dry-run} $([ "${GPU_SWEEP:-1}" = 1 ] || echo --no-sweep) > "$results/measure.log" 2>&1
   status "measurements (rc $?)" "[$((SECONDS - start)) s] measure.log, measurements.json"
 fi
 

@@ -658,7 +658,7 @@ void sketch_cpu(const at::Tensor& x, const at::Tensor& dy, uint32_t key_in, uint
     case at::kBFloat16:
       return sketch_cpu_impl<c10::BFloat16>(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate);
     default:
-      TORCH_CHECK(false, "gard_kernels::sketch: unsupported dtype ", x.scalar_type());
+      TORCH_CHECK(false, std::string("gard_kernels::sketch: unsupported dtype ") + c10::toString(x.scalar_type()));
   }
 }
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .capture import CaptureHandle, lora_capture
+from .range_finder import positive_largest_entry
 from .optim_state import (
     check_remappable,
     mark_new_directions,
@@ -305,8 +306,9 @@ class LoRALayer(nn.Module):
         tol = s.max() * max(self.d_in, self.d_out) * torch.finfo(torch.float32).eps
         k = int((s[:new_rank] > tol).sum())
         root = s[:k].sqrt()
-        new_b = (q_b @ u[:, :k]) * root  # [d_out, k]
-        new_a = root[:, None] * (vh[:k] @ q_a.T)  # [k, d_in]
+        signs = positive_largest_entry(vh[:k] @ q_a.T)  # one sign per (u, v) pair, on every LAPACK
+        new_b = (q_b @ u[:, :k]) * (root * signs)  # [d_out, k]
+        new_a = (root * signs)[:, None] * (vh[:k] @ q_a.T)  # [k, d_in]
         discarded = self.scaling * s[k:].square().sum().sqrt().item()
         if k < new_rank:
             fresh = _init_rows(new_rank - k, self.d_in, generator, a.device, torch.float64)

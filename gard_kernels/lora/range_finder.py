@@ -138,11 +138,26 @@ class RangeFinder:
             basis = u_c[:, keep]  # [d_in, k], orthogonal to exclude
             g_q = g_q @ (vh_c[keep].T * s_c[keep])  # [d_out, k]
         _, _, vh = torch.linalg.svd(g_q, full_matrices=False)
-        directions = vh[:r] @ basis.T  # [r', d_in]
+        vh = vh[:r]
+        vh = vh * positive_largest_entry(vh @ basis.T)[:, None]
+        directions = vh @ basis.T  # [r', d_in]
         if with_gradient:
-            # G V^T = (G basis) (vh[:r])^T, with G basis ~ g_q.
-            return directions.to(torch.float32), (g_q @ vh[:r].T).to(torch.float32)
+            # G V^T = (G basis) vh^T, with G basis ~ g_q.
+            return directions.to(torch.float32), (g_q @ vh.T).to(torch.float32)
         return directions.to(torch.float32)
+
+
+def positive_largest_entry(rows: torch.Tensor) -> torch.Tensor:
+    """[k] signs (+-1, rows' dtype) that make each row's largest-magnitude entry positive.
+
+    Singular vectors are defined up to sign and LAPACK builds return different ones (a 16-core
+    machine's torch flipped a grown direction that this project's machines did not); fixing the
+    sign makes resizes, and so whole runs, reproduce across machines.
+    """
+    if rows.shape[0] == 0:
+        return rows.new_ones(0)
+    pick = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return torch.where(pick < 0, -1.0, 1.0).to(rows.dtype)
 
 
 def _orthonormal_rows(m: torch.Tensor) -> torch.Tensor:

@@ -338,7 +338,7 @@ def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.devic
 
     Heuristic rather than autotune: the choice must be cheap on the first call and keep
     interpreter runs quick. BLOCK_N = 64 amortises the per-chunk hash over 64 tokens; it shrinks
-    when there are too few token blocks to give every SM work. Wide sign tiles get more warps.
+    (to 32 at most) when there are too few token blocks for half the SMs. Wide sign tiles get more warps.
     float32 inputs take the FMA dot (input_precision="ieee"), which holds each thread's operand
     rows and columns in registers: 16-feature chunks, 8 warps and 32 tokens at 64 sign columns
     keep it from spilling on sm_80/89/90 (checked for every variant by benchmarks/check_kernels.py).
@@ -346,12 +346,16 @@ def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.devic
     if dtype == torch.float32:
         block_d, num_warps, block_n = 16, 8, (64 if block_k <= 32 else 32)
     else:
-        block_d, num_warps, block_n = 64, (4 if block_k <= 32 else 8), 64
+        # 128-feature chunks keep more bytes in flight: on an H200 (bf16, 16 sign columns) they ran
+        # 1.2-1.5x faster than 64 (docs/benchmarks.md, "Measured on an H200").
+        block_d, num_warps, block_n = (128 if block_k <= 32 else 64), (4 if block_k <= 32 else 8), 64
     if device.type != "cuda":
         # The interpreter runs programs one after another: few programs, still several blocks each.
         return block_n, block_d, min(triton.cdiv(n, block_n), 4), num_warps
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    while block_n > 16 and triton.cdiv(n, block_n) < sms:
+    # Halve the token block only while fewer than half the SMs would get one: measured on an H200,
+    # N = 8192 ran in 56 us with 64-token blocks (128 blocks, 132 SMs) and in 69-80 us with 32.
+    while block_n > 32 and triton.cdiv(n, block_n) < sms // 2:
         block_n //= 2
     if dtype != torch.float32 and block_k >= 64 and block_n == 32:
         # ptxas caps this shape at 128 registers and spills 8 bytes with 64-feature chunks.
@@ -518,16 +522,18 @@ def _split_config(n: int, d: int, dtype: torch.dtype, block_k: int, device: torc
     """(BLOCK_N, BLOCK_D, feature splits, num_warps) of the split sketch's phase 1 for one side.
 
     Wide token blocks share each hashed sign tile among more tokens (the hash costs about as much
-    as the loads at BLOCK_N = 32); the features are split until there are about four programs per
-    SM, each still walking at least four feature chunks. float32 keeps the fused kernel's
-    register-safe FMA shape (16-feature chunks, 8 warps).
+    as the loads at BLOCK_N = 32); the features are split until there is about one program per
+    SM, each still walking at least four feature chunks (measured on an H200 at N = 8192,
+    d = 4096, bf16: 2 to 4 splits of 128-feature chunks ran in 53-55 us, 16 splits in 72-82).
+    float32 keeps the fused kernel's register-safe FMA shape (16-feature chunks, 8 warps).
     """
     if dtype == torch.float32:
         block_d, num_warps, block_n = 16, 8, (64 if block_k <= 32 else 32)
     else:
-        # 8 warps: at 4, a [128, 64] 16-bit tile with its sign tile needs 242-255 registers per thread.
-        block_d, num_warps, block_n = 64, 8, (128 if block_k <= 32 else 64)
-    slots = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+        # 64 tokens x 128 features at 8 warps: 128 tokens spill on sm_89 with 128 features, and 4
+        # warps need 242-255 registers per thread with 64 (measured alike on the H200: 53 us).
+        block_d, num_warps, block_n = (128 if block_k <= 32 else 64), 8, 64
+    slots = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
     blocks = triton.cdiv(n, block_n)
     splits = max(1, min(triton.cdiv(slots, blocks), triton.cdiv(d, 4 * block_d)))
     return block_n, block_d, splits, num_warps
