@@ -107,8 +107,6 @@ class CaptureHandle:
         if x.dtype == torch.float64:
             # The sketch kernels take float32 and lower; their output is float32 anyway.
             x, dy = x.float(), dy.float()
-        # A backward run inside an autocast region (loss.backward() under `with autocast`) must
-        # not recast the sketch's own matmuls: the backends pick their dtypes themselves.
         if self.capturing and self.buffer.device != x.device:
             if self.on_new_device is None:
                 raise ValueError(
@@ -116,6 +114,8 @@ class CaptureHandle:
                     "give the handle an on_new_device callback or a buffer on the model's device"
                 )
             self.on_new_device(x.device)
+        # A backward run inside an autocast region (loss.backward() under `with autocast`) must
+        # not recast the sketch's own matmuls: the backends pick their dtypes themselves.
         with torch.autocast(x.device.type, enabled=False):
             if self.capturing:
                 self.sketch(x, dy, out=self.out, backend=self.backend)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from .capture import CaptureHandle, lora_capture
-from .range_finder import positive_largest_entry
 from .optim_state import (
     check_remappable,
     mark_new_directions,
@@ -17,6 +16,7 @@ from .optim_state import (
     reset_optimizer_state,
     track_new_directions,
 )
+from .range_finder import positive_largest_entry
 
 __all__ = ["GROW_INITS", "LoRALayer", "ResizeRecord", "adapter_shape"]
 

@@ -328,6 +328,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    """SMs of a CUDA device (the current one when it has no index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _block_k(k: int) -> int:
     """Sign-tile width for k columns: a power of two >= 16 (tl.dot's minimum), at most _MAX_BLOCK_K."""
     return min(max(16, triton.next_power_of_2(k)), _MAX_BLOCK_K)
@@ -338,7 +343,8 @@ def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.devic
 
     Heuristic rather than autotune: the choice must be cheap on the first call and keep
     interpreter runs quick. BLOCK_N = 64 amortises the per-chunk hash over 64 tokens; it shrinks
-    (to 32 at most) when there are too few token blocks for half the SMs. Wide sign tiles get more warps.
+    (to 32 at most) when there are too few token blocks for half the SMs. Wide sign tiles get
+    more warps.
     float32 inputs take the FMA dot (input_precision="ieee"), which holds each thread's operand
     rows and columns in registers: 16-feature chunks, 8 warps and 32 tokens at 64 sign columns
     keep it from spilling on sm_80/89/90 (checked for every variant by benchmarks/check_kernels.py).
@@ -352,7 +358,7 @@ def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.devic
     if device.type != "cuda":
         # The interpreter runs programs one after another: few programs, still several blocks each.
         return block_n, block_d, min(triton.cdiv(n, block_n), 4), num_warps
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sms(device)
     # Halve the token block only while fewer than half the SMs would get one: measured on an H200,
     # N = 8192 ran in 56 us with 64-token blocks (128 blocks, 132 SMs) and in 69-80 us with 32.
     while block_n > 32 and triton.cdiv(n, block_n) < sms // 2:
@@ -438,7 +444,9 @@ def sketch_triton(
         raise ValueError(f"algorithm must be 'fused' or 'split', got {algorithm!r}")
     if algorithm == "split":
         if max(k_in, k_out) > _MAX_BLOCK_K:
-            raise ValueError(f"the split sketch takes k_in, k_out <= {_MAX_BLOCK_K}, got {k_in}, {k_out}; use algorithm='fused'")
+            raise ValueError(
+                f"the split sketch takes k_in, k_out <= {_MAX_BLOCK_K}, got {k_in}, {k_out}; use algorithm='fused'"
+            )
         return _sketch_split(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate,
                              block_n, block_d, splits, num_programs, num_warps)
     bk = block_k or _MAX_BLOCK_K
@@ -518,7 +526,9 @@ def _reduce_partials(partials: torch.Tensor, out: torch.Tensor, accumulate: bool
     )
 
 
-def _split_config(n: int, d: int, dtype: torch.dtype, block_k: int, device: torch.device) -> tuple[int, int, int, int]:
+def _split_config(
+    n: int, d: int, dtype: torch.dtype, block_k: int, device: torch.device
+) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_D, feature splits, num_warps) of the split sketch's phase 1 for one side.
 
     Wide token blocks share each hashed sign tile among more tokens (the hash costs about as much
@@ -533,7 +543,7 @@ def _split_config(n: int, d: int, dtype: torch.dtype, block_k: int, device: torc
         # 64 tokens x 128 features at 8 warps: 128 tokens spill on sm_89 with 128 features, and 4
         # warps need 242-255 registers per thread with 64 (measured alike on the H200: 53 us).
         block_d, num_warps, block_n = (128 if block_k <= 32 else 64), 8, 64
-    slots = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    slots = _sms(device) if device.type == "cuda" else 4
     blocks = triton.cdiv(n, block_n)
     splits = max(1, min(triton.cdiv(slots, blocks), triton.cdiv(d, 4 * block_d)))
     return block_n, block_d, splits, num_warps
@@ -548,7 +558,9 @@ def _outer_config(block_ki: int, block_ko: int) -> tuple[int, int]:
     return (32, 16) if min(block_ki, block_ko) >= 64 else (64, 8)
 
 
-def _sketch_split(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate, block_n, block_d, splits, num_programs, num_warps):
+def _sketch_split(
+    x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate, block_n, block_d, splits, num_programs, num_warps
+):
     """The split algorithm of sketch_triton (arguments checked there): two phase-1 launches (x and
     dy), the outer products over token blocks, then the fixed-order reduction into out."""
     n = x.shape[0]
@@ -566,19 +578,21 @@ def _sketch_split(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate, b
         part = torch.empty(n_split, n, bk, dtype=torch.float32, device=a.device)
         with _device_guard(a.device):
             _split_project_kernel[(triton.cdiv(n, bn), n_split)](
-                a, part, _as_int32(key), n, d, k, a.stride(0), a.stride(1), part.stride(0), part.stride(1), per_split,
+                a, part, _as_int32(key), n, d, k, a.stride(0), a.stride(1), part.stride(0), part.stride(1),
+                per_split,
                 BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, PRECISION=precision, num_warps=num_warps or warps,
             )
         parts.append(part)
     part_x, part_y = parts
     bn2, warps2 = _outer_config(part_x.shape[2], part_y.shape[2])
-    slots = 2 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.device.type == "cuda" else 4
+    slots = 2 * _sms(x.device) if x.device.type == "cuda" else 4
     n_prog = max(1, min(num_programs or slots, triton.cdiv(n, bn2)))
     partials = torch.empty(n_prog, k_out, k_in, dtype=torch.float32, device=x.device)
     with _device_guard(x.device):
         _split_outer_kernel[(n_prog,)](
             part_x, part_y, partials, float(scale), n, part_x.shape[0], part_y.shape[0], k_in, k_out,
-            part_x.stride(0), part_x.stride(1), part_y.stride(0), part_y.stride(1), partials.stride(0), partials.stride(1),
+            part_x.stride(0), part_x.stride(1), part_y.stride(0), part_y.stride(1),
+            partials.stride(0), partials.stride(1),
             BLOCK_N=bn2, BLOCK_KI=part_x.shape[2], BLOCK_KO=part_y.shape[2], num_warps=warps2,
         )
         _reduce_partials(partials, out, accumulate)
