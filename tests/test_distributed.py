@@ -129,17 +129,7 @@ def _check_reduce_window(rank: int) -> None:
 
 
 def _single_process_run() -> gk.GARD:
-    """One process, every step over all WORLD * MICRO micro-batches with gradient accumulation,
-    on one thread like the workers (a 16-core machine's blocked matmuls drifted past 1e-3)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_single_process()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_single_process() -> gk.GARD:
+    """One process, every step over all WORLD * MICRO micro-batches with gradient accumulation."""
     model = _model()
     gard = gk.GARD(model, gk.GARDConfig(**CONFIG))
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
