@@ -5,11 +5,11 @@
 # shortens the later steps so the summary is always written.
 #   bash benchmarks/gpu/run_all.sh RESULTS_DIR [SECONDS]              # on the GPU machine
 #   bash benchmarks/gpu/run_all.sh RESULTS_DIR [SECONDS] --dry-run    # same code paths, tiny, on a CPU
-# GPU_STEPS (default: all) picks steps by name: build errors kernel-tests measure train rest-tests;
-# GPU_DIAGNOSE=0 skips the native-error diagnosis, GPU_SWEEP=0 the launch sweep (short reruns).
+# The build always runs; GPU_STEPS (default: all) picks among errors kernel-tests measure train
+# rest-tests; GPU_DIAGNOSE=0 skips the native-error diagnosis, GPU_SWEEP=0 the launch sweep.
 # The training runs use SmolLM2-135M's shape and tokenizer with random weights when
-# .gpu_carry/smollm2-shape/ holds its config.json and tokenizer (the GGUF is too large to send to a
-# lent GPU machine): their seconds and tokens/s are real, their PPL is not the study's.
+# .gpu_carry/smollm2-shape/ holds them (benchmarks/gpu/carry_smollm2_shape.py writes it; the GGUF is
+# too large to send to a lent GPU machine): their seconds and tokens/s are real, their PPL is not.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 results=${1:-gpu-results}
@@ -19,7 +19,7 @@ mkdir -p "$results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$dry" = "--dry-run" ]; then export TRITON_INTERPRET=1; fi
 
-steps=${GPU_STEPS:-build errors kernel-tests measure train rest-tests}
+steps=${GPU_STEPS:-errors kernel-tests measure train rest-tests}
 want() { [[ " $steps " == *" $1 "* ]]; }
 status() { printf '%-28s %s\n' "$1" "$2" | tee -a "$results/summary.txt"; }
 # Seconds a step may take: its own cap, or what is left before the deadline (minus 10 s to wrap up).
