@@ -258,7 +258,7 @@ def finetune(
     blocks = [block_index(n) for n in names]
     known_blocks = [b for b in blocks if b is not None]
     top_block = max(known_blocks) if known_blocks else 0
-    device = next(base_model.parameters()).device
+    device = _model_device(base_model)
     precision = autocast_context(train.precision, device)
     # Compiled for the training forward only: evaluation runs the eager model in float32.
     train_model = torch.compile(method.model) if train.compile else method.model
