@@ -89,6 +89,12 @@ def _launcher_configs(ti, dtype, block_k: int) -> set[tuple[int, int, int]]:
     return configs
 
 
+def _covering_tile(bki: int, bko: int, block_ks: list[int]) -> bool:
+    """The default set's sign tiles: square ones of every width and the two most lopsided ones
+    (each side's width is then one of the square cases')."""
+    return bki == bko or {bki, bko} == {block_ks[0], block_ks[-1]}
+
+
 def sketch_variants(ti, exhaustive: bool) -> list[Variant]:
     """Every _sketch_kernel variant sketch_triton can launch (default: the covering subset)."""
     block_ks = sorted({ti._block_k(k) for k in range(1, ti._MAX_BLOCK_K + 1)})
@@ -98,9 +104,8 @@ def sketch_variants(ti, exhaustive: bool) -> list[Variant]:
     corner_ks = {block_ks[0], block_ks[-1]}
     variants = []
     for dtype, (bki, bko), arch in itertools.product(ti._ACCEPTED_DTYPES, itertools.product(block_ks, repeat=2), ARCHS):
-        # Default set: square tiles of every width, plus the two most lopsided ones (each side's
-        # tile is then one of the square cases'); --all adds the remaining mixed pairs.
-        if not (exhaustive or bki == bko or {bki, bko} == corner_ks):
+        # --all adds the mixed pairs the default set leaves out.
+        if not (exhaustive or _covering_tile(bki, bko, block_ks)):
             continue
         configs = _launcher_configs(ti, dtype, max(bki, bko))
         largest_bn = max(bn for bn, _, _ in configs)
@@ -159,7 +164,7 @@ def split_variants(ti) -> list[Variant]:
         variants.append(Variant("_split_project_kernel", arch, f"{TRITON_DTYPE[dtype]} BN={bn} BD={bd} K={bk}",
                                 tuple(types.items()), tuple(consts.items()), ("a", "part"), warps))
     for arch, bki, bko in itertools.product(ARCHS, block_ks, block_ks):
-        if not (bki == bko or {bki, bko} == {block_ks[0], block_ks[-1]}):
+        if not _covering_tile(bki, bko, block_ks):
             continue
         types = dict(part_x="*fp32", part_y="*fp32", o="*fp32", scale="fp32", N="i32", S_IN="i32", S_OUT="i32",
                      K_IN="i32", K_OUT="i32", stride_xs="i32", stride_xn="i32", stride_ys="i32", stride_yn="i32",
