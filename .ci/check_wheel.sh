@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Builds a wheel, installs it into a fresh virtualenv outside the checkout, and checks that the
+# Builds a wheel, installs it into a directory of its own outside the checkout, and checks that the
 # installed package builds its C++ backend from the shipped sources and matches the float64
-# reference. The venv sees the already-installed torch/numpy/ninja (--system-site-packages), so
-# nothing large downloads; the wheel is installed with --no-deps, so nothing at all does.
-# Runs in about a minute, most of it the C++ compile (a fresh TORCH_EXTENSIONS_DIR, so a cached
-# build from the checkout cannot stand in for the installed package's).
+# reference. The check runs in the calling interpreter, whatever environment that is (the system
+# Python, a virtualenv, a conda env), so torch/numpy/ninja come from where `make install` put them
+# and nothing downloads: the wheel goes into its own --target directory with --no-deps, and only
+# that directory is put first on the path (PYTHONPATH precedes site-packages and the editable
+# install's finder). Runs in about a minute, most of it the C++ compile (a fresh
+# TORCH_EXTENSIONS_DIR, so a cached build from the checkout cannot stand in for the installed
+# package's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/gard_wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-"$PYTHON" -m pip wheel . --no-deps --no-build-isolation -q -w "$work/dist"
-# --without-pip: the venv runs the pip of the system site-packages it sees (ensurepip costs seconds).
-"$PYTHON" -m venv --without-pip --system-site-packages "$work/venv"
-"$work/venv/bin/python" -m pip install -q --no-deps --no-index --force-reinstall "$work"/dist/gard_kernels-*.whl
+# The build backend of the calling environment when it has one (nothing to fetch); an environment
+# without setuptools (a Python >= 3.12 venv) builds in pip's isolated environment instead.
+isolation=--no-build-isolation
+"$PYTHON" -c "import setuptools, wheel" 2>/dev/null || isolation=
+"$PYTHON" -m pip wheel . --no-deps $isolation -q -w "$work/dist"
+"$PYTHON" -m pip install -q --no-deps --no-index --target "$work/site" "$work"/dist/gard_kernels-*.whl
 
 # From a directory outside the checkout, so neither '' on sys.path nor the editable install of
-# the checkout can supply gard_kernels: the check asserts the import comes from the venv.
+# the checkout can supply gard_kernels: the check asserts the import comes from the wheel's directory.
 cd "$work"
-TORCH_EXTENSIONS_DIR="$work/torch_extensions" "$work/venv/bin/python" - "$work/venv" <<'PY'
+PYTHONPATH="$work/site" TORCH_EXTENSIONS_DIR="$work/torch_extensions" "$PYTHON" - "$work/site" <<'PY'
 import os
 import sys
 import warnings
@@ -31,9 +36,9 @@ import gard_kernels
 from gard_kernels import reference
 from gard_kernels.sketch import native
 
-venv = Path(sys.argv[1]).resolve()
+site = Path(sys.argv[1]).resolve()
 package = Path(gard_kernels.__file__).resolve().parent
-assert venv in package.parents, f"gard_kernels was imported from {package}, not from the wheel in {venv}"
+assert site in package.parents, f"gard_kernels was imported from {package}, not from the wheel installed in {site}"
 csrc = native._csrc_dir()
 assert csrc == package / "_csrc", f"the native sources resolved to {csrc}, expected the wheel's {package / '_csrc'}"
 with warnings.catch_warnings():
