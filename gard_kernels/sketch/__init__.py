@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .dispatch import ALL_BACKENDS, available_backends, backend_usable, choose_auto
+from .dispatch import ALL_BACKENDS, BACKEND_CHOICES, available_backends, backend_usable, choose_auto
 from .hashing import SIDE_IN, SIDE_OUT, projection_matrix, stream_key
 
 __all__ = ["GradientSketch", "available_backends"]
@@ -93,7 +93,7 @@ class GradientSketch:
         if backend == "auto":
             backend = choose_auto(x2, dy2, lambda name: self._run(name, x2, dy2, torch.empty_like(out), False))
         elif backend not in ALL_BACKENDS:
-            raise ValueError(f"unknown sketch backend {backend!r}; choose one of {('auto',) + ALL_BACKENDS}")
+            raise ValueError(f"unknown sketch backend {backend!r}; choose one of {BACKEND_CHOICES}")
         elif not backend_usable(backend, x.device.type):
             raise RuntimeError(
                 f"sketch backend {backend!r} is not usable for {x.device.type} tensors here; "
