@@ -13,8 +13,6 @@ from typing import Callable
 import torch
 
 ALL_BACKENDS = ("reference", "torch", "cpp", "triton", "cuda")
-# Input dtypes every backend takes (the sketch itself is accumulated in float32).
-ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What a caller may ask for: a backend, or "auto" (measure and pick; see choose_auto).
 BACKEND_CHOICES = ("auto", *ALL_BACKENDS)
 

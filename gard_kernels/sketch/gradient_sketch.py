@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .dispatch import ACCEPTED_DTYPES, ALL_BACKENDS, BACKEND_CHOICES, available_backends, backend_usable, choose_auto
+from .dispatch import ALL_BACKENDS, BACKEND_CHOICES, available_backends, backend_usable, choose_auto
+from .dtypes import ACCEPTED_DTYPES
 from .hashing import SIDE_IN, SIDE_OUT, projection_matrix, stream_key
 
 

@@ -19,12 +19,12 @@ import contextlib
 import functools
 import math
 import os
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .dispatch import ACCEPTED_DTYPES
+# Absolute: tests load this file on its own (as on a machine without triton), outside the package.
+from gard_kernels.sketch.dtypes import ACCEPTED_DTYPES
 
 try:
     import triton
@@ -345,8 +345,7 @@ def sign_tile_width(k: int) -> int:
 SIGN_TILE_WIDTHS = tuple(sorted({sign_tile_width(k) for k in range(1, MAX_BLOCK_K + 1)}))
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
+class LaunchPlan(NamedTuple):
     """What the launch heuristic picks for one kernel of sketch_triton.
 
     Attributes:
