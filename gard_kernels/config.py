@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -92,6 +93,10 @@ class GARDConfig:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        def is_number(value) -> bool:
+            # A string or None would otherwise fail the range checks below with a TypeError.
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         require(is_int(self.budget) and self.budget > 0, f"budget must be a positive int, got {self.budget!r}")
         if isinstance(self.target_modules, str):
             require(bool(self.target_modules), "target_modules must not be empty")
@@ -125,9 +130,9 @@ class GARDConfig:
         for name in ("k_in", "k_out"):
             value = getattr(self, name)
             require(is_int(value) and value > 0, f"{name} must be a positive int, got {value!r}")
-        require(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha!r}")
+        require(is_number(self.alpha) and 0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha!r}")
         require(is_int(self.interval) and self.interval >= 1, f"interval must be an int >= 1, got {self.interval!r}")
-        require(0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema!r}")
+        require(is_number(self.ema) and 0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema!r}")
         require(is_int(self.delta_max) and self.delta_max >= 1, f"delta_max must be an int >= 1, got {self.delta_max!r}")
         require(
             isinstance(self.dead_band, (int, float)) and not isinstance(self.dead_band, bool)
@@ -141,7 +146,7 @@ class GARDConfig:
                 is_int(self.freeze_after) and self.freeze_after >= 0,
                 f"freeze_after must be None or an int >= 0, got {self.freeze_after!r}",
             )
-        require(self.scaling > 0, f"scaling must be positive, got {self.scaling!r}")
+        require(is_number(self.scaling) and self.scaling > 0, f"scaling must be positive, got {self.scaling!r}")
         require(is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
 
     @property

@@ -51,3 +51,12 @@ def test_train_settings_refuse_each_bad_field_by_name(name, bad):
 def test_train_settings_accept_the_documented_special_values():
     settings = TrainSettings(eval_blocks=None, test_blocks=0, grad_clip=0.0, warmup_ratio=0.0, precision="bf16")
     assert settings.test_blocks == 0 and settings.eval_blocks is None
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("alpha", "0.9"), ("alpha", None), ("ema", "0.5"), ("scaling", None), ("scaling", float("inf")), ("dead_band", "x"),
+    ("window", 2.0), ("k_in", "16"), ("r_max", None), ("measure", "nope"), ("target_modules", []), ("budget", 1.5),
+])
+def test_gard_config_refuses_each_bad_field_with_a_value_error(name, bad):
+    with pytest.raises(ValueError, match=f"GARDConfig: {name}"):
+        GARDConfig(**{"budget": 100, name: bad})

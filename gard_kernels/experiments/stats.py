@@ -116,35 +116,10 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None, references: Seq
     for run in runs:
         key = (run["method"], run["budget"], variant_label(run.get("variant", {})))
         groups.setdefault(key, []).append(run)
-    rows = []
-    for (method, budget, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        members = sorted(members, key=lambda r: r["seed"])
-        ppl_mean, ppl_ci = mean_ci([_metric(r, metric) for r in members])
-        val_mean, val_ci = mean_ci([r["primary_metric"] for r in members])
-        time_mean, time_ci = mean_ci([r["total_elapsed_seconds"] for r in members])
-        rows.append(
-            {
-                "method": method,
-                "budget": budget,
-                "variant": variant,
-                "n": len(members),
-                "seeds": [r["seed"] for r in members],
-                "lrs": sorted({r.get("hyperparameters", {}).get("lr") for r in members} - {None}),
-                "ppl_mean": ppl_mean,
-                "ppl_ci": ppl_ci,
-                "ppl_per_seed": [_metric(r, metric) for r in members],
-                "val_mean": val_mean,
-                "val_ci": val_ci,
-                "params_mean": sum(r["lora_params_mean"] for r in members) / len(members),
-                "params_final_mean": sum(r["lora_params_final"] for r in members) / len(members),
-                "runtime_mean": time_mean,
-                "runtime_ci": time_ci,
-                "train_seconds_mean": _mean([r.get("train_seconds") for r in members]),
-                "tokens_per_second_mean": _mean([r.get("tokens_per_second") for r in members]),
-                "backprop_blocks_max": max((r.get("backprop_blocks_max") or 0) for r in members),
-                "blocks_total": max((r.get("blocks_total") or 0) for r in members),
-            }
-        )
+    rows = [
+        _group_row(method, budget, variant, sorted(members, key=lambda r: r["seed"]), metric)
+        for (method, budget, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0]))
+    ]
     paired = []
     for reference in references:
         for row in rows:
@@ -161,6 +136,34 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None, references: Seq
             test = paired_test([mine[s] for s in seeds], [ref[s] for s in seeds])
             paired.append({"reference": reference, "method": row["method"], "budget": row["budget"], "variant": row["variant"], "seeds": seeds, **test})
     return {"metric": metric, "groups": rows, "paired": paired, "references": list(references), "base": base, "paper": PAPER_RESULT}
+
+
+def _group_row(method: str, budget: int, variant: str, members: list[dict], metric: str) -> dict[str, Any]:
+    """One group's aggregates (members sorted by seed)."""
+    ppl_mean, ppl_ci = mean_ci([_metric(r, metric) for r in members])
+    val_mean, val_ci = mean_ci([r["primary_metric"] for r in members])
+    time_mean, time_ci = mean_ci([r["total_elapsed_seconds"] for r in members])
+    return {
+        "method": method,
+        "budget": budget,
+        "variant": variant,
+        "n": len(members),
+        "seeds": [r["seed"] for r in members],
+        "lrs": sorted({r.get("hyperparameters", {}).get("lr") for r in members} - {None}),
+        "ppl_mean": ppl_mean,
+        "ppl_ci": ppl_ci,
+        "ppl_per_seed": [_metric(r, metric) for r in members],
+        "val_mean": val_mean,
+        "val_ci": val_ci,
+        "params_mean": sum(r["lora_params_mean"] for r in members) / len(members),
+        "params_final_mean": sum(r["lora_params_final"] for r in members) / len(members),
+        "runtime_mean": time_mean,
+        "runtime_ci": time_ci,
+        "train_seconds_mean": _mean([r.get("train_seconds") for r in members]),
+        "tokens_per_second_mean": _mean([r.get("tokens_per_second") for r in members]),
+        "backprop_blocks_max": max((r.get("backprop_blocks_max") or 0) for r in members),
+        "blocks_total": max((r.get("blocks_total") or 0) for r in members),
+    }
 
 
 def _fmt(value: float, digits: int = 4) -> str:
