@@ -112,7 +112,7 @@ def is_method(name: str) -> bool:
 
 
 def method_kind(name: str) -> str:
-    """"gard", or the baseline that builds method `name` (ValueError when unknown)."""
+    """The kind of method `name`: "gard", or the baseline that builds it (ValueError when unknown)."""
     return method_spec(name)["kind"]
 
 
