@@ -3,6 +3,7 @@
 One spawn runs every scenario of a live run (a two-block module in dynamic mode, a tiny Llama in
 static mode through GARDCallback, the refusals); a second spawn, fresh processes, resumes the
 first run from its torch.distributed.checkpoint. The parent compares with single-process runs.
+The checks that need no process group (stale optimizer, ZeRO-3, state layout) run in-process.
 """
 import contextlib
 import datetime
@@ -19,8 +20,6 @@ from torch import nn
 import gard_kernels as gk
 from gard_kernels import fsdp
 
-if not fsdp.fully_shard_available():
-    pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
 
 WORLD = 2
 MICRO = 2  # micro-batches per process and optimizer step
@@ -316,6 +315,8 @@ def _single_llama_run() -> gk.GARD:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    if not fsdp.fully_shard_available():
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_run_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     mp.spawn(_resume_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
@@ -371,3 +372,62 @@ def test_dcp_checkpoint_resumes_in_fresh_processes_like_the_uninterrupted_run(ru
         assert [r.get("reallocation") for r in resumed["history"]] == [r.get("reallocation") for r in whole["history"]]
         for a, b in zip(resumed["factors"], whole["per_step"][-1]):
             assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_an_optimizer_without_the_current_factors_is_caught_at_step_and_profile():
+    model, gard, opt = _start_net(sharded=False)
+    layer = gard.manager.layers[1]
+    # What fully_shard or a wrapper does after attach_optimizer: new Parameter objects.
+    layer.lora_B = nn.Parameter(layer.lora_B.detach().clone())
+    x, y = _net_batches(0, 0)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    message = r"does not hold GARD's current LoRA parameters \(1 of 12, e.g. 'blocks.0.down.lora_B'\)"
+    for call in (opt.step, gard.step, lambda: gard.profile([(x, y)] * 3, loss_fn=lambda m, b: m(b[0]).sum())):
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    assert gard.step_count == 0 and gard.history == []
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-2))
+    gard.step()
+
+
+def test_zero3_partitioned_weights_are_refused_before_the_model_changes():
+    model = TwoBlockNet()
+    # What DeepSpeed ZeRO-3 leaves on each process: an empty local partition tagged with ds_id.
+    model.head.weight = nn.Parameter(torch.empty(0))
+    model.head.weight.ds_id = 4
+    with pytest.raises(ValueError, match="'head' is partitioned .*DeepSpeed ZeRO-3 is not supported"):
+        gk.GARD(model, gk.GARDConfig(**NET_CONFIG))
+    assert isinstance(model.blocks[0].up, nn.Linear) and model.blocks[0].up.weight.requires_grad
+
+
+def test_state_dict_tensors_keep_their_shapes_whatever_the_ranks():
+    """torch.distributed.checkpoint loads into a fresh GARD's state_dict() in place: same shapes."""
+    model, gard, opt = _start_net(sharded=False)
+    fresh = gard.state_dict()
+    for step in range(STEPS):
+        _net_step(model, opt, gard, _net_batches(step))
+    trained = gard.state_dict()
+    assert gard.manager.ranks != [NET_CONFIG["r_init"]] * len(gard.names)
+
+    def shapes(state):
+        out = {}
+        for key, value in state.items():
+            if isinstance(value, dict):
+                out |= {f"{key}.{k}": v for k, v in shapes(value).items()}
+            elif torch.is_tensor(value):
+                out[key] = (value.shape, value.dtype)
+        return out
+
+    assert shapes(fresh) == shapes(trained) and isinstance(trained["history"], str)
+    copy = gk.GARD(TwoBlockNet(), gk.GARDConfig(**NET_CONFIG))
+    copy.load_state_dict(trained)
+    assert copy.ranks == gard.ranks and copy.history == gard.history
+    assert all(torch.equal(a, b) for a, b in zip(copy.lora_parameters(), gard.lora_parameters()))
+    # A state saved before the flat layout (per-layer factors, a list history) still loads.
+    legacy = dict(trained, history=gard.history, ema_statistic=None)
+    del legacy["adapter_values"], legacy["has_ema_statistic"]
+    legacy["adapters"] = [{"lora_A": layer.lora_A.detach(), "lora_B": layer.lora_B.detach()} for layer in gard.manager.layers]
+    old = gk.GARD(TwoBlockNet(), gk.GARDConfig(**NET_CONFIG))
+    old.load_state_dict(legacy)
+    assert old.ranks == gard.ranks and old.ema_statistic is None
+    assert all(torch.equal(a, b) for a, b in zip(old.lora_parameters(), gard.lora_parameters()))
