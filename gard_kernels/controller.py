@@ -171,7 +171,7 @@ class GARD:
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook of the attached optimizer: refuse stale parameters, reduce gradients under FSDP2."""
         self._check_parameters_current()
-        self._gradient_sync.reduce()
+        self._gradient_sync.before_optimizer_step()
 
     def _check_parameters_current(self) -> None:
         """Raise unless the adapters are GARD's to resize and the attached optimizer holds them.

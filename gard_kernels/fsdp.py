@@ -29,7 +29,8 @@ from torch import nn
 from .distributed import is_distributed
 
 __all__ = [
-    "LoRAGradientSync", "check_adapters_outside_fsdp", "check_replicated", "fully_shard_available", "is_fully_sharded",
+    "LoRAGradientSync", "average_lora_gradients", "check_adapters_outside_fsdp", "check_replicated",
+    "fully_shard_available", "is_fully_sharded",
 ]
 
 
@@ -59,6 +60,18 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def average_lora_gradients(gard) -> None:
+    """Average the LoRA factors' gradients over the processes now, e.g. before clipping them.
+
+    Under FSDP2 the attached optimizer's step does it otherwise; after this call it does not
+    average the same gradients again. A no-op on one process and under DDP.
+
+    Args:
+        gard: the GARD controller (every process calls this together).
+    """
+    gard._gradient_sync.reduce()
+
+
 def check_adapters_outside_fsdp(layers: Sequence[nn.Module]) -> None:
     """Raise if FSDP2 manages (shards) any LoRA factor of `layers` (LoRALayers).
 
@@ -79,7 +92,8 @@ def check_adapters_outside_fsdp(layers: Sequence[nn.Module]) -> None:
 class LoRAGradientSync:
     """Averages the LoRA factors' gradients over the processes when the model is FSDP2-sharded.
 
-    `reduce()` runs in the attached optimizer's step pre-hook (controller.GARD.attach_optimizer).
+    `before_optimizer_step()` runs in the attached optimizer's step pre-hook
+    (controller.GARD.attach_optimizer); `reduce()` may run earlier in the step (before clipping).
     It does nothing on one process, and under DDP (whose wrapper already reduces the factors:
     the model given to GARD is then never `fully_shard`-ed).
 
@@ -95,6 +109,8 @@ class LoRAGradientSync:
         self.group = group
         # Once sharded, a model stays sharded: the module scan runs only until the first hit.
         self._sharded = False
+        # The gradients of this optimizer step are averaged already (reduce() ran before the step).
+        self._reduced = False
 
     def needed(self) -> bool:
         """Whether nobody but GARD reduces the factors' gradients (FSDP2, more than one process)."""
@@ -105,16 +121,22 @@ class LoRAGradientSync:
             self._sharded = True
         return self._sharded
 
+    def before_optimizer_step(self) -> None:
+        """Average this step's gradients unless reduce() already did; the next step's are new."""
+        self.reduce()
+        self._reduced = False
+
     @torch.no_grad()
     def reduce(self) -> None:
-        """All-reduce every factor's gradient to its mean over the processes, in place.
+        """All-reduce every factor's gradient to its mean over the processes, in place, once per step.
 
         A factor without a gradient on some process counts as a zero gradient there (as FSDP2
         does); a factor without a gradient on every process keeps `grad = None`. One collective
         of sum(numel) + (number of factors) floats.
         """
-        if not self.needed():
+        if self._reduced or not self.needed():
             return
+        self._reduced = True
         params = self.parameters()
         if not params:
             return

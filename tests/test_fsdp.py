@@ -201,7 +201,13 @@ def _mixed_precision_run(rank: int) -> None:
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
     gard.attach_optimizer(opt)
     for step in range(5):
-        _net_step(model, opt, gard, _net_batches(step, rank))
+        for x, y in _net_batches(step, rank):
+            (nn.functional.mse_loss(model(x), y) / MICRO).backward()
+        # Averaged before clipping, so that the clip is the global gradient's; the step does not average again.
+        fsdp.average_lora_gradients(gard)
+        _assert_same_everywhere(torch.cat([p.grad.reshape(-1) for p in gard.lora_parameters() if p.grad is not None]))
+        torch.nn.utils.clip_grad_norm_(gard.lora_parameters(), 0.05)
+        opt.step(), gard.step(), opt.zero_grad()
     factors = torch.cat([p.reshape(-1) for p in gard.lora_parameters()])
     assert factors.dtype == torch.float32 and gard.manager.layers[0].lora_B.abs().sum() > 0
     _assert_same_everywhere(factors)
