@@ -475,8 +475,7 @@ class GARD:
 
         Under torch.distributed every process calls it (it is collective): the adapters are
         checked to be identical on every process, process 0 writes the directory, and every
-        process returns the config once it is written (None on the others if process 0 failed:
-        they raise with its error).
+        process returns the written config once it is on disk, or raises process 0's error.
         """
         fsdp.check_adapters_outside_fsdp(self.manager.layers)
         fsdp.check_replicated(self._flat_adapters(), "GARD's LoRA factors")
