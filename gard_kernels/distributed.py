@@ -9,7 +9,12 @@ numbers, and resizes its adapters identically.
 
 DDP's reducer registers gradient hooks and buckets for the parameter shapes it saw when it was
 built; a resize replaces the factors' storage, so the wrapper must be rebuilt after every
-re-allocation (`rebuild_ddp`). See docs/distributed.md.
+re-allocation (`rebuild_ddp`).
+
+Also here, for every engine: the check that all processes build GARD with the same config
+(`check_same_config`, at construction), the refusal of what GARD cannot adapt (DDP / FSDP1
+wrappers, DeepSpeed ZeRO-3 partitions), and process-0-only writing (`on_rank_zero`). FSDP2
+(`fully_shard`) has its own module, fsdp.py. See docs/distributed.md.
 """
 from __future__ import annotations
 
