@@ -6,6 +6,7 @@ scores, integer ranks under the budget, and resizes of the adapters and the opti
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from typing import Any, Callable, Iterable, Optional
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, fsdp
 from .allocate import allocate_ranks, clip_rank_change
 from .config import GARDConfig
 from .lora import peft_format
@@ -52,8 +53,11 @@ class GARD:
         if not isinstance(config, GARDConfig):
             raise TypeError(f"config must be a GARDConfig, got {type(config).__name__}")
         distributed.reject_wrapped(model)
+        # Collective under torch.distributed: every process must build GARD at the same point.
+        distributed.check_same_config(config.to_dict())
         # Every check runs before the model is touched: a refused config leaves it exactly as it was.
         targets = find_targets(model, config.target_modules)
+        distributed.reject_partitioned(targets)
         shapes = [adapter_shape(target.module) for target in targets]
         costs = [d_in + d_out for d_in, d_out in shapes]
         caps = [min(shape) for shape in shapes]
@@ -71,6 +75,9 @@ class GARD:
         self._params_sum = 0
         self._capturing = False
         self._non_finite_warned = False
+        # FSDP2: nobody else reduces the adapters' gradients (fsdp.py); runs in the optimizer's step pre-hook.
+        self._gradient_sync = fsdp.LoRAGradientSync(model, self.lora_parameters)
+        self._optimizer_hook = None
 
         trainable = [(p, p.requires_grad) for p in model.parameters()]
         self.manager = None
@@ -139,6 +146,7 @@ class GARD:
             TypeError: its state could not follow a rank change (factored or quantised state such
                 as Adafactor's or 8-bit Adam's), refused now rather than at the first resize.
         """
+        fsdp.check_adapters_outside_fsdp(self.manager.layers)
         owned = {id(p) for p in self.lora_parameters()}
         seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = owned - seen
@@ -151,12 +159,57 @@ class GARD:
         # Grown directions recorded in a loaded optimizer state keep their fresh-Adam treatment.
         track_new_directions(optimizer)
         self.optimizer = optimizer
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+        self._optimizer_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        # First in line: the pre-hook that keeps grown directions fresh (optim_state.py) reads the
+        # gradients, which must already be the reduced ones.
+        hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)
+        if hooks is not None and self._optimizer_hook.id in hooks:
+            hooks.move_to_end(self._optimizer_hook.id, last=False)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """Step pre-hook of the attached optimizer: refuse stale parameters, reduce gradients under FSDP2."""
+        self._check_parameters_current()
+        self._gradient_sync.before_optimizer_step()
+
+    def _check_parameters_current(self) -> None:
+        """Raise unless the adapters are GARD's to resize and the attached optimizer holds them.
+
+        A wrapper or `fully_shard` applied after `attach_optimizer` replaces the LoRA factors by
+        new Parameter objects: an optimizer holding the old ones would step tensors the model no
+        longer uses, and nothing would train.
+        """
+        fsdp.check_adapters_outside_fsdp(self.manager.layers)
+        if self.optimizer is None:
+            return
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        stale = [
+            f"{layer.name}.{factor}"
+            for layer in self.manager.layers
+            for factor in ("lora_A", "lora_B")
+            if id(getattr(layer, factor)) not in held
+        ]
+        if stale:
+            raise RuntimeError(
+                f"the attached optimizer does not hold GARD's current LoRA parameters ({len(stale)} of "
+                f"{2 * len(self.manager)}, e.g. {stale[0]!r}): they were replaced after gard.attach_optimizer "
+                "(by fully_shard, a wrapper, or a reload), so it trains nothing. Build the optimizer from "
+                "gard.lora_parameters() after sharding / wrapping and attach it again (gard.attach_optimizer)"
+            )
 
     def step(self) -> Optional[dict[str, Any]]:
         """Close this optimizer step: store its sketches, re-allocate ranks when due.
 
         Returns the re-allocation record when one happened this step, else None.
         """
+        self._check_parameters_current()
+        if self.optimizer is None and self._gradient_sync.needed():
+            raise RuntimeError(
+                "the model is sharded with FSDP2 and no optimizer is attached: GARD averages the adapters' "
+                "gradients over the processes in the attached optimizer's step, so without it they drift apart. "
+                "Call gard.attach_optimizer(optimizer) before the first optimizer step"
+            )
         if self._capturing:
             self.ring.advance()
         self.step_count += 1
@@ -191,6 +244,7 @@ class GARD:
         steps = self.config.window if steps is None else steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
+        self._check_parameters_current()
         # Gradients that existed before are put back afterwards; every one profiling creates is cleared.
         # Backward accumulates into existing .grad tensors in place: keep their values to restore.
         saved = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
@@ -418,8 +472,16 @@ class GARD:
             The adapter config that was written, as a dict.
         Raises:
             ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
+
+        Under torch.distributed every process calls it (it is collective): the adapters are
+        checked to be identical on every process, process 0 writes the directory, and every
+        process returns the written config once it is on disk, or raises process 0's error.
         """
-        return peft_format.write_adapter(self.manager.layers, self.model, path, task_type)
+        fsdp.check_adapters_outside_fsdp(self.manager.layers)
+        fsdp.check_replicated(self._flat_adapters(), "GARD's LoRA factors")
+        config = peft_format.adapter_config(self.manager.layers, self.model, task_type)
+        distributed.on_rank_zero(lambda: peft_format.write_adapter(self.manager.layers, self.model, path, task_type))
+        return config
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path, config: Optional[GARDConfig] = None) -> "GARD":
@@ -464,24 +526,46 @@ class GARD:
         return gard
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run: config, ranks, adapters, ring, EMA, counters, history."""
+        """Everything needed to continue the run: config, ranks, adapters, ring, EMA, counters, history.
+
+        Every tensor has a shape fixed by the model and config, whatever the ranks, so that
+        `torch.distributed.checkpoint.load` can fill the state_dict() of a fresh GARD in place:
+        the factors sit in one zero-padded vector of `budget` values ("adapter_values", layer
+        after layer, A then B, row-major), and the history is a JSON string.
+
+        Under torch.distributed every process calls it (it is collective): the sketch ring holds
+        the processes' mean (which the next re-allocation's mean reproduces), and the adapters are
+        checked to be identical, so every process returns the same state; save it once (process
+        0, or torch.distributed.checkpoint) and load it on every process, at any world size.
+        """
+        fsdp.check_adapters_outside_fsdp(self.manager.layers)
+        adapters = self._flat_adapters()
+        fsdp.check_replicated(adapters, "GARD's LoRA factors")
+        ring = self.ring.state_dict()
+        ring["buffer"], ring["valid"] = distributed.mean_over_processes(ring["buffer"], ring["valid"])
+        ema = self.ema_statistic
         return {
             "config": self.config.to_dict(),
             "names": list(self.manager.names),
             "shapes": [(layer.d_in, layer.d_out) for layer in self.manager.layers],
             "ranks": self.manager.ranks,
-            "adapters": [
-                {"lora_A": layer.lora_A.detach().clone(), "lora_B": layer.lora_B.detach().clone()}
-                for layer in self.manager.layers
-            ],
-            "ring": self.ring.state_dict(),
-            "ema_statistic": None if self.ema_statistic is None else self.ema_statistic.clone(),
+            "adapter_values": torch.cat([adapters, adapters.new_zeros(self.config.budget - adapters.numel())]),
+            "ring": ring,
+            "has_ema_statistic": ema is not None,
+            "ema_statistic": torch.zeros(len(self.manager), dtype=torch.float64, device=self.ring.device)
+            if ema is None else ema.to(torch.float64).clone(),
             "step_count": self.step_count,
             "allocated": self.allocated,
             "params_sum": self._params_sum,
             "generator": self._generator_state.clone(),
-            "history": list(self.history),
+            "history": json.dumps(self.history),
         }
+
+    def _flat_adapters(self) -> torch.Tensor:
+        """Every factor flattened, layer after layer, A then B: [num_lora_params] in the widest factor dtype."""
+        factors = [t.detach() for layer in self.manager.layers for t in (layer.lora_A, layer.lora_B)]
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in factors) else torch.float32
+        return torch.cat([t.reshape(-1).to(dtype) for t in factors])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict() of the same model and config; load the optimizer's state afterwards."""
@@ -504,16 +588,21 @@ class GARD:
                     f"state_dict was saved for a model whose module {name!r} has (d_in, d_out) = "
                     f"{tuple(shape)}, here it has {(layer.d_in, layer.d_out)}"
                 )
-        for layer, adapter in zip(self.manager.layers, state["adapters"]):
-            layer.load_factors(adapter["lora_A"], adapter["lora_B"])
+        fsdp.check_adapters_outside_fsdp(self.manager.layers)
+        factors = _saved_factors(state, self.manager.layers)
+        for layer, (lora_a, lora_b) in zip(self.manager.layers, factors):
+            layer.load_factors(lora_a, lora_b)
         self.ring.load_state_dict(state["ring"])
         ema = state["ema_statistic"]
+        if not state.get("has_ema_statistic", ema is not None):
+            ema = None
         self.ema_statistic = None if ema is None else ema.to(self.ring.device)
         self.step_count = state["step_count"]
         self.allocated = state["allocated"]
         self._params_sum = state["params_sum"]
         self._generator.set_state(state["generator"])
-        self.history = list(state["history"])
+        history = state["history"]
+        self.history = json.loads(history) if isinstance(history, str) else list(history)
         self._set_capture(self._capture_due(self.step_count))
 
 
@@ -550,6 +639,29 @@ def _check_budget_feasible(cfg: GARDConfig, names: list[str], costs: list[int], 
             f"budget {cfg.budget} is below r_min * sum(d_in + d_out) = {floor} for "
             f"{len(costs)} adapted layers; raise the budget to at least {floor} or lower r_min"
         )
+
+
+def _saved_factors(state: dict[str, Any], layers: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) per layer from a state_dict(): the flat "adapter_values" at "ranks", or the per-layer
+    "adapters" list of states saved before the flat layout."""
+    if "adapter_values" not in state:
+        return [(adapter["lora_A"], adapter["lora_B"]) for adapter in state["adapters"]]
+    ranks, values = list(state["ranks"]), state["adapter_values"]
+    if len(ranks) != len(layers):
+        raise ValueError(f"state_dict has ranks for {len(ranks)} adapted modules, this GARD has {len(layers)}")
+    needed = sum(r * (layer.d_in + layer.d_out) for r, layer in zip(ranks, layers))
+    if values.dim() != 1 or values.numel() < needed:
+        raise ValueError(
+            f"state_dict's adapter_values has shape {tuple(values.shape)}, but ranks {ranks} need {needed} values"
+        )
+    factors, offset = [], 0
+    for rank, layer in zip(ranks, layers):
+        lora_a = values[offset : offset + rank * layer.d_in].view(rank, layer.d_in)
+        offset += rank * layer.d_in
+        lora_b = values[offset : offset + layer.d_out * rank].view(layer.d_out, rank)
+        offset += layer.d_out * rank
+        factors.append((lora_a, lora_b))
+    return factors
 
 
 def _normalise(value: Any) -> Any:

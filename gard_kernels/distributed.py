@@ -9,19 +9,31 @@ numbers, and resizes its adapters identically.
 
 DDP's reducer registers gradient hooks and buckets for the parameter shapes it saw when it was
 built; a resize replaces the factors' storage, so the wrapper must be rebuilt after every
-re-allocation (`rebuild_ddp`). See docs/distributed.md.
+re-allocation (`rebuild_ddp`).
+
+Also here, for every engine: the check that all processes build GARD with the same config
+(`check_same_config`, at construction), the refusal of what GARD cannot adapt (DDP / FSDP1
+wrappers, DeepSpeed ZeRO-3 partitions), and process-0-only writing (`on_rank_zero`). FSDP2
+(`fully_shard`) has its own module, fsdp.py. See docs/distributed.md.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
-from typing import Any, Optional, Sequence
+import json
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["is_distributed", "reduce_range_finders", "reduce_window", "reject_wrapped", "rebuild_ddp", "wrap_ddp"]
+__all__ = [
+    "check_same_config", "is_distributed", "mean_over_processes", "on_rank_zero", "reduce_range_finders", "reduce_window",
+    "reject_partitioned", "reject_wrapped", "rebuild_ddp", "wrap_ddp",
+]
+
+_Result = TypeVar("_Result")
 
 # DDP attributes that record constructor arguments under the same name (torch 2.x).
 _DDP_ATTRIBUTES = ("device_ids", "output_device", "dim", "process_group", "find_unused_parameters",
@@ -52,13 +64,87 @@ def reduce_window(
     """
     if not is_distributed(group):
         return sketches, valid
+    mean, valid = mean_over_processes(sketches, valid, group)
+    return torch.where(valid[..., None], mean, 0.0), valid
+
+
+def mean_over_processes(
+    sketches: torch.Tensor, valid: torch.Tensor, group: Optional[dist.ProcessGroup] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The processes' mean of `sketches` [..., k] and the AND of `valid` [...], in one all-reduce.
+
+    Unlike `reduce_window`, invalid entries keep their mean (the ring's open slot is invalid
+    until it closes, and a checkpoint keeps what it holds). New tensors, or the inputs themselves
+    when not distributed.
+    """
+    if not is_distributed(group):
+        return sketches, valid
     # The invalid flag rides along as an extra column, so validity costs no second collective;
     # summed, it counts the processes that rejected the slot (small ints, exact in float32).
-    packed = torch.cat([sketches, (~valid).to(sketches.dtype)[..., None]], dim=-1)  # [L, M, k + 1]
+    packed = torch.cat([sketches, (~valid).to(sketches.dtype)[..., None]], dim=-1)  # [..., k + 1]
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    valid = packed[..., -1] == 0  # [L, M]
-    mean = packed[..., :-1] / dist.get_world_size(group)  # [L, M, k]
-    return torch.where(valid[..., None], mean, 0.0), valid
+    return packed[..., :-1] / dist.get_world_size(group), packed[..., -1] == 0
+
+
+def check_same_config(config: dict[str, Any], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Raise on every process if `config` (GARDConfig.to_dict()) differs between the processes.
+
+    One all-gather of a 63-bit hash; only on a mismatch a second one gathers the configs, to
+    name the fields that differ. A different seed alone matters: the processes' sketches would
+    use unrelated projections, and their mean would be the sketch of no gradient.
+    """
+    if not is_distributed(group):
+        return
+    text = json.dumps(config, sort_keys=True, default=repr)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+    device = _collective_device(group)
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if len({int(t.item()) for t in gathered}) == 1:
+        return
+    configs: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(configs, config, group=group)
+    differ = []
+    for key in sorted(set().union(*configs)):
+        values = [c.get(key) for c in configs]
+        if any(v != values[0] for v in values):
+            differ.append(f"{key}: " + ", ".join(f"process {i} has {v!r}" for i, v in enumerate(values)))
+    raise ValueError(
+        "GARDConfig differs between the processes (" + "; ".join(differ) + "): every process must build GARD "
+        "with the same config and seed, or their sketches, allocations and adapters do not agree"
+    )
+
+
+def on_rank_zero(fn: Callable[[], _Result], group: Optional[dist.ProcessGroup] = None) -> Optional[_Result]:
+    """Run `fn` on process 0 only and share its outcome: every process returns or raises together.
+
+    Returns fn()'s result on process 0 and None on the others (or fn()'s result when not
+    distributed). An exception on process 0 is raised on every process (as a RuntimeError there).
+    """
+    if not is_distributed(group):
+        return fn()
+    result, error = None, None
+    if dist.get_rank(group) == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # shared below, then raised
+            error = exc
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"process 0 failed: {outcome[0]}")
+    return result
+
+
+def _collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """A device the group's backend can reduce on: the CPU unless the backend is NCCL-only."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def reduce_range_finders(finders: Sequence[Any], device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
@@ -91,13 +177,41 @@ def reduce_range_finders(finders: Sequence[Any], device: torch.device, group: Op
 
 
 def reject_wrapped(model: nn.Module) -> None:
-    """Raise if `model` is a DDP / DataParallel wrapper: GARD must change the inner module first."""
+    """Raise if `model` is a DDP / DataParallel wrapper (GARD must change the inner module first)
+    or holds FSDP1 wrappers (their flat parameters hide the layers GARD adapts)."""
+    fsdp1 = _fsdp1_class()
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+        raise TypeError(
+            "GARD got a model with FSDP1 (FullyShardedDataParallel) wrappers, whose flat parameters GARD "
+            "cannot adapt: shard it with FSDP2 instead (torch.distributed.fsdp.fully_shard, or Accelerate with "
+            "fsdp_version: 2) and build GARD afterwards; see docs/distributed.md"
+        )
     if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
         raise TypeError(
             f"GARD got a {type(model).__name__} wrapper. Wrap the plain model with GARD first and with DDP "
             "afterwards (gard_kernels.distributed.wrap_ddp); if DDP already exists, pass ddp_model.module "
             "and then replace the wrapper: ddp_model = gard_kernels.distributed.rebuild_ddp(ddp_model)"
         )
+
+
+def reject_partitioned(targets: Sequence[Any]) -> None:
+    """Raise if a target module's weight is partitioned by DeepSpeed ZeRO-3 (ds_id, or shape [0]).
+
+    Args:
+        targets: manager.Target entries (name, module), checked before any shape is read.
+    """
+    for target in targets:
+        weight = getattr(target.module, "weight", None)
+        if weight is None:
+            continue
+        if hasattr(weight, "ds_id") or weight.numel() == 0:
+            raise ValueError(
+                f"the weight of {target.name!r} is partitioned (shape {tuple(weight.shape)}"
+                f"{', DeepSpeed ds_id ' + str(weight.ds_id) if hasattr(weight, 'ds_id') else ''}): DeepSpeed ZeRO-3 "
+                "is not supported yet (GARD reads each target layer's weight and resizes adapters, which ZeRO's "
+                "partitioned buffers cannot follow); shard with FSDP2 (torch.distributed.fsdp.fully_shard) or use "
+                "DDP, see docs/distributed.md"
+            )
 
 
 def wrap_ddp(module: nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
@@ -148,6 +262,14 @@ def rebuild_ddp(ddp_model: DistributedDataParallel, **overrides: Any) -> Distrib
         # that kept their storage would still fire into stale buckets.
         reducer._remove_autograd_hooks()
     return wrap_ddp(ddp_model.module, **kwargs)
+
+
+def _fsdp1_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return None
+    return FullyShardedDataParallel
 
 
 def _read_ddp_kwargs(ddp_model: DistributedDataParallel) -> dict[str, Any]:

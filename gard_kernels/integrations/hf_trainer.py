@@ -21,7 +21,8 @@ Where each part happens, in the order `Trainer` runs:
    steps and zero_grad, whatever gradient_accumulation_steps is) and calls `gard.step()`.
    The LR scheduler keeps driving the same optimizer: a resize changes parameter shapes and
    state, never the parameter objects or param groups.
-5. Save: `on_save` writes `gard_state.pt` into the checkpoint directory the Trainer just wrote.
+5. Save: `on_save` writes `gard_state.pt` into the checkpoint directory the Trainer just wrote
+   (every process builds the state, which is collective under torch.distributed; process 0 writes it).
 6. Log: `on_log` adds `lora_params` and a summary of the ranks (`lora_rank_min`,
    `lora_rank_mean`, `lora_rank_max`, `lora_rank0_layers`: how many layers have rank 0) to the
    Trainer's log record and to the logs passed on to the callbacks after this one. The rank of
@@ -172,7 +173,11 @@ class GARDCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.gard is None or not state.is_world_process_zero:
+        if self.gard is None:
+            return
+        # Collective under torch.distributed (the processes' mean ring): every process takes part.
+        gard_state = self.gard.state_dict()
+        if not state.is_world_process_zero:
             return
         checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(checkpoint_dir):
@@ -183,7 +188,7 @@ class GARDCallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        torch.save({"gard": self.gard.state_dict()}, os.path.join(checkpoint_dir, GARD_STATE_NAME))
+        torch.save({"gard": gard_state}, os.path.join(checkpoint_dir, GARD_STATE_NAME))
 
     def _require_gard(self, what: str) -> GARD:
         if self.gard is None:
