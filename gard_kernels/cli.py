@@ -122,7 +122,7 @@ def _add_gard_options(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     from .experiments.data import CORPORA
-    from .experiments.runner import PRECISIONS, TrainSettings
+    from .experiments.settings import PRECISIONS, TrainSettings
 
     train = TrainSettings()
     g = p.add_argument_group("model and data")
@@ -158,8 +158,7 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
     import dataclasses
 
     from .config import GARDConfig
-    from .experiments.methods import GardSettings
-    from .experiments.runner import TrainSettings
+    from .experiments.settings import GardSettings, TrainSettings
 
     for name in ("max_len", "batch_size", "steps"):
         if getattr(args, name) < (2 if name == "max_len" else 1):
@@ -200,11 +199,13 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
 
 
 def _check_methods(methods: Sequence[str]) -> None:
-    from .experiments.methods import METHODS
+    from .experiments.presets import method_kind
 
     for method in methods:
-        if method not in METHODS:
-            raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        try:
+            method_kind(method)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def _check_budgets(budgets: Sequence[int]) -> None:
@@ -255,7 +256,8 @@ def _setup_threads(args) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from .experiments.compare import base_evaluation, check_budgets, plan_grid
+    from .experiments.compare import check_budgets, plan_grid
+    from .experiments.workspace import base_evaluation
     from .experiments.runner import finetune
 
     train, gard = _settings(args, [args.method], [args.budget])
@@ -279,59 +281,18 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _compare(
-    args, methods, budgets, seeds, out: Path, title: str, alphas=(), ks=(), windows=(), ablation=None, lrs=(),
-    method_lrs: Optional[dict] = None,
-):
-    """Run a grid. `lrs`: a learning-rate sweep; `method_lrs`: method -> the rate its runs use."""
-    from .experiments.compare import base_evaluation, check_budgets, plan_grid, run_grid, run_lr_sweep, write_results
+def _compare(args, plan, out: Path, title: str):
+    """Run a comparison (compare.run_comparison) with the command line's settings."""
+    from .experiments.compare import run_comparison
 
-    train, gard = _settings(args, list(methods) + list((ablation or {}).get("ablation_methods") or []), budgets)
-    ablation = dict(ablation or {})
-    if method_lrs:
-        runs = [run for method in methods for run in plan_grid([method], budgets, seeds, gard, lr=method_lrs[method])]
-    else:
-        runs = plan_grid(methods, budgets, seeds, gard, alphas, ks, windows, **ablation)
+    train, gard = _settings(args, plan.all_methods(), plan.budgets)
+    plan.runs(gard)  # an unknown or non-spectral ablation method fails here, before the model loads
     progress = not args.no_progress
     _setup_threads(args)
     started = time.perf_counter()
     ws = _workspace(args, progress)
-    check_budgets(ws.model, runs)
-    out.mkdir(parents=True, exist_ok=True)
-    base = base_evaluation(ws, train, out, progress)
-    test = "" if base.get("test_ppl") is None else f", test PPL {base['test_ppl']:.4f} on {base['test_tokens']} tokens"
-    print(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens{test}")
-    sweep = None
-    if lrs:
-        results, sweep = run_lr_sweep(
-            ws, methods, budgets, seeds, lrs, gard, train, out, args.lr_sweep_seed, progress, extend=args.lr_extend,
-        )
-        # Ablation variants at the grid's --lr (they vary GARD's knobs, not the rate).
-        variants = [r for r in runs if r.variant]
-        if variants:
-            results += run_grid(ws, variants, train, out, progress)
-    else:
-        results = run_grid(ws, runs, train, out, progress)
-    settings = {
-        "train": train.to_dict(),
-        "gard": gard.to_dict(),
-        "methods": list(methods),
-        "budgets": list(budgets),
-        "seeds": list(seeds),
-        "lrs": list(lrs),
-        "method_lrs": dict(method_lrs or {}),
-        "alphas": list(alphas),
-        "ks": list(ks),
-        "windows": list(windows),
-        "model": ws.context["model"],
-        "corpus": ws.context["corpus"],
-        "device": ws.context["device"],
-        "data": ws.context["data"],
-        "command": "gard " + " ".join(args.argv),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    summary = write_results(out, results, base, settings, title, sweep)
-    return summary, out
+    record = {"command": "gard " + " ".join(args.argv), "started": started}
+    return run_comparison(ws, plan, gard, train, out, title, record, progress), out
 
 
 def cmd_compare(args) -> int:
@@ -342,19 +303,21 @@ def cmd_compare(args) -> int:
     if args.lr_extend and (not args.lrs or len(args.lrs) < 2):
         raise UsageError("--lr-extend extends a learning-rate sweep: give at least two rates with --lrs")
 
-    summary, out = _compare(
-        args, args.methods, args.budgets, args.seeds, Path(args.out), "GARD comparison",
-        args.alphas or (), args.ks or (), args.windows or (),
+    from .experiments.compare import Comparison
+
+    plan = Comparison(
+        args.methods, args.budgets, args.seeds, args.alphas or (), args.ks or (), args.windows or (),
         {"ablation_seeds": args.ablation_seeds, "ablation_methods": args.ablation_methods, "ablation_budgets": args.ablation_budgets},
-        args.lrs or (),
+        args.lrs or (), lr_sweep_seed=args.lr_sweep_seed, lr_extend=args.lr_extend,
     )
+    summary, out = _compare(args, plan, Path(args.out), "GARD comparison")
     print(results_markdown(summary, "Results"))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}; figures: gard plot {out}")
     return 0
 
 
 def cmd_speed(args) -> int:
-    from .experiments.runner import write_json
+    from .experiments.io import write_json
     from .experiments.speed import measure_modes, speed_markdown
 
     train, gard = _settings(args, [args.method], [args.budget])
@@ -388,7 +351,7 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     from .experiments.compare import write_results
-    from .experiments.plots import load_base, load_runs
+    from .experiments.io import load_base, load_runs
     from .experiments.stats import chosen_rate_runs, results_markdown
 
     run_dir = Path(args.run_dir)
@@ -415,6 +378,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .experiments.compare import Comparison
     from .experiments.models import resolve_model
     from .experiments.plots import plot_all
     from .experiments.stats import results_markdown
@@ -433,7 +397,8 @@ def cmd_demo(args) -> int:
         f"learning rates {rates}; output in {out}"
     )
     started = time.perf_counter()
-    summary, out = _compare(args, preset["methods"], budgets, preset["seeds"], out, "gard demo", method_lrs=method_lrs)
+    plan = Comparison(preset["methods"], budgets, preset["seeds"], method_lrs=method_lrs)
+    summary, out = _compare(args, plan, out, "gard demo")
     written, _ = plot_all(out, out / "figures")
     print()
     print(results_markdown(summary, "gard demo results"))
@@ -444,7 +409,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.methods import METHODS
+    from .experiments.presets import METHODS
 
     parser = _Parser(prog="gard", description="GARD experiments: fine-tune, compare methods, report, plot, demo.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gard_kernels import cli
-from gard_kernels.experiments import models, runner
+from gard_kernels.experiments import models, settings
 
 from .models import tiny_llama
 
@@ -99,7 +99,7 @@ def test_demo_preset_end_to_end(model_dir, tmp_path, capsys):
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
     # The study's settings (TrainSettings' defaults) in the study's precision mode.
-    study = runner.TrainSettings()
+    study = settings.TrainSettings()
     train = results["settings"]["train"]
     assert (train["steps"], train["max_len"], train["batch_size"]) == (study.steps, study.max_len, study.batch_size)
     assert (train["eval_blocks"], train["test_blocks"]) == (study.eval_blocks, study.test_blocks)
@@ -161,7 +161,7 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "gard_kernels", "finetune", "--method", "nope"],
                           capture_output=True, text=True, env=env, cwd=root, timeout=120)
     assert done.returncode == 2
-    from gard_kernels.experiments.methods import METHODS
+    from gard_kernels.experiments.presets import METHODS
 
     assert done.stderr.strip().splitlines() == [f"gard: error: unknown method 'nope'; choose from {', '.join(METHODS)}"]
 

@@ -5,13 +5,17 @@ import math
 import pytest
 import torch
 
-from gard_kernels.experiments import compare, data, methods, plots, runner, stats
+from gard_kernels.experiments import compare, data, evaluation, io, module_names, plots, presets, runner, stats
+from gard_kernels.experiments.baselines import gora, uniform
+from gard_kernels.experiments.method import MethodRun
+from gard_kernels.experiments.settings import GardSettings, TrainSettings
+from gard_kernels.experiments.workspace import base_evaluation, make_workspace
 
 from .models import VOCAB, tiny_gpt2, tiny_llama
 
-TRAIN = runner.TrainSettings(steps=5, batch_size=2, max_len=16, eval_blocks=12, eval_batch_size=4, test_blocks=10)
+TRAIN = TrainSettings(steps=5, batch_size=2, max_len=16, eval_blocks=12, eval_batch_size=4, test_blocks=10)
 # The torch sketch backend: "auto" may JIT-build the C++ kernel, which is not what these tests are about.
-GARD = methods.GardSettings(window=2, interval=2, k_in=4, k_out=4, backend="torch")
+GARD = GardSettings(window=2, interval=2, k_in=4, k_out=4, backend="torch")
 # Tiny Llama: q_proj costs 32 + 32, v_proj 32 + 16 per layer; 2 layers -> 224 per rank unit.
 BUDGET = 500
 
@@ -33,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def workspace():
-    return compare.make_workspace(tiny_llama(), data.ByteTokenizer(VOCAB), "tiny-llama", "pydoc-topics", 16, progress=False)
+    return make_workspace(tiny_llama(), data.ByteTokenizer(VOCAB), "tiny-llama", "pydoc-topics", 16, progress=False)
 
 
 def test_topic_split_is_three_way_disjoint_deterministic_and_complete():
@@ -91,18 +95,18 @@ def test_text_file_and_stdlib_corpora(tmp_path):
 def test_uniform_ranks_fall_back_to_the_last_layers():
     costs = [1152, 768] * 30  # SmolLM2-135M q_proj, v_proj
     caps = [576, 192] * 30
-    ranks, fallback = methods.uniform_ranks(costs, caps, 57_600)
+    ranks, fallback = uniform.uniform_ranks(costs, caps, 57_600)
     assert ranks == [1] * 60 and not fallback
     # r_max bounds uniform LoRA like every other method (it used to be ignored).
-    assert methods.uniform_ranks(costs, caps, 20 * 57_600, r_max=8)[0] == [8] * 60
-    assert methods.uniform_ranks(costs, caps, 20 * 57_600)[0] == [20] * 60
-    ranks, fallback = methods.uniform_ranks(costs, caps, 2_570)
+    assert uniform.uniform_ranks(costs, caps, 20 * 57_600, r_max=8)[0] == [8] * 60
+    assert uniform.uniform_ranks(costs, caps, 20 * 57_600)[0] == [20] * 60
+    ranks, fallback = uniform.uniform_ranks(costs, caps, 2_570)
     assert fallback and ranks[-2:] == [1, 1] and sum(ranks) == 2
     assert sum(r * c for r, c in zip(ranks, costs)) == 1920
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside PEFT's AdaLoRA
-@pytest.mark.parametrize("method", list(methods.METHODS))
+@pytest.mark.parametrize("method", list(presets.METHODS))
 def test_finetune_writes_every_metric_for_every_method(workspace, method, tmp_path):
     metrics = runner.finetune(method, BUDGET, 0, workspace.model, workspace.data, TRAIN, GARD, out_dir=tmp_path, context=workspace.context)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -118,7 +122,7 @@ def test_finetune_writes_every_metric_for_every_method(workspace, method, tmp_pa
     assert set(saved["per_topic_val_ppl"]) <= set(workspace.data.val_topics)
     assert saved["lora_params_final"] <= BUDGET
     if method == "adalora":
-        # AdaLoRA starts at init_r everywhere and prunes to the budget (methods.AdaLoraMethod).
+        # AdaLoRA starts at init_r everywhere and prunes to the budget (baselines/adalora.py).
         assert saved["method_details"]["total_rank_budget"] == BUDGET // 65
     else:
         assert saved["lora_params_mean"] <= BUDGET
@@ -138,8 +142,8 @@ def test_static_profile_spreads_batches_over_the_window(workspace):
 
 
 def test_finetune_on_gpt2(tmp_path):
-    ws = compare.make_workspace(tiny_gpt2(), data.ByteTokenizer(VOCAB), "tiny-gpt2", "pydoc-topics", 16, progress=False)
-    gard = methods.GardSettings(target_modules=["c_attn"], window=2, interval=2, k_in=4, k_out=4, backend="torch")
+    ws = make_workspace(tiny_gpt2(), data.ByteTokenizer(VOCAB), "tiny-gpt2", "pydoc-topics", 16, progress=False)
+    gard = GardSettings(target_modules=["c_attn"], window=2, interval=2, k_in=4, k_out=4, backend="torch")
     for method in ("gard-dynamic", "uniform", "gora", "eva"):
         metrics = runner.finetune(method, 300, 1, ws.model, ws.data, TRAIN, gard)
         assert math.isfinite(metrics["primary_metric"]) and metrics["lora_params_mean"] <= 300
@@ -147,15 +151,15 @@ def test_finetune_on_gpt2(tmp_path):
 
 def test_evaluate_matches_the_models_own_loss(workspace):
     blocks = [("t", workspace.data.train_blocks[i]) for i in range(3)]
-    result = runner.evaluate(workspace.model, blocks, batch_size=2)
+    result = evaluation.evaluate(workspace.model, blocks, batch_size=2)
     ids = workspace.data.train_blocks[:3]
     with torch.no_grad():
         loss = workspace.model(input_ids=ids, labels=ids).loss
     assert result["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
     # Padding a short block next to a long one in the same batch changes nothing.
     short = ("t", workspace.data.train_blocks[0][:7])
-    alone = runner.evaluate(workspace.model, [short])["ppl"]
-    padded = runner.evaluate(workspace.model, [short, ("u", blocks[1][1])], batch_size=2)["per_topic"]["t"]
+    alone = evaluation.evaluate(workspace.model, [short])["ppl"]
+    padded = evaluation.evaluate(workspace.model, [short, ("u", blocks[1][1])], batch_size=2)["per_topic"]["t"]
     assert padded == pytest.approx(alone, rel=1e-5)
 
 
@@ -173,7 +177,7 @@ def test_compare_resumes_and_refuses_mixed_settings(workspace, tmp_path, monkeyp
     second = compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lines.append)
     assert [m["fingerprint"] for m in second] == [m["fingerprint"] for m in first]
     assert "6 of 6 runs already finished" in lines[0]
-    other = runner.TrainSettings(**{**TRAIN.to_dict(), "lr": TRAIN.lr / 3})
+    other = TrainSettings(**{**TRAIN.to_dict(), "lr": TRAIN.lr / 3})
     with pytest.raises(compare.GridMismatchError, match="other settings"):
         compare.run_grid(workspace, runs, other, tmp_path, progress=False)
     summary = compare.write_results(tmp_path, second, {"ppl": 60.0}, {}, "t")
@@ -267,7 +271,7 @@ def test_glance_table_puts_each_groups_seeds_and_paired_differences_in_one_row()
 def test_plots_are_non_empty_pngs(workspace, tmp_path):
     runs = compare.plan_grid(["gard-dynamic", "gard-static", "uniform"], [BUDGET], [0, 1], GARD, alphas=[0.5], ks=[2], windows=[3],
                              ablation_seeds=[0], ablation_methods=["gard-dynamic"])
-    base = compare.base_evaluation(workspace, TRAIN, tmp_path, progress=False)
+    base = base_evaluation(workspace, TRAIN, tmp_path, progress=False)
     compare.run_grid(workspace, runs, TRAIN, tmp_path, progress=False, log=lambda *_: None)
     written, skipped = plots.plot_all(tmp_path)
     assert skipped == [
@@ -357,47 +361,47 @@ def test_backprop_depth_counts_blocks_from_the_earliest_adapted_layer(workspace)
     # GARD sketches every adapted module while capturing, whatever its rank: the whole network.
     gard = runner.finetune("gard-dynamic", 64, 0, workspace.model, workspace.data, TRAIN, GARD)
     assert gard["backprop_blocks_max"] == 2
-    assert methods.block_index("model.layers.12.self_attn.q_proj") == 12 and methods.block_index("lm_head") is None
+    assert module_names.block_index("model.layers.12.self_attn.q_proj") == 12 and module_names.block_index("lm_head") is None
 
 
 def test_gard_method_runs_exactly_gardconfigs_defaults(monkeypatch):
     from gard_kernels.config import GARDConfig
 
-    config = methods.GardSettings().config("gard", 1000, seed=3)
+    config = GardSettings().config("gard", 1000, seed=3)
     assert config.to_dict() == GARDConfig(budget=1000, seed=3).to_dict()
     # Changing a default of GARDConfig changes `gard` (and only the methods without a preset for it).
     monkeypatch.setattr(GARDConfig.__dataclass_fields__["window"], "default", 6)
-    assert methods.GardSettings().config("gard", 1000).window == 6
-    assert methods.GardSettings().config("gard-paper-dynamic", 1000).window == methods.EARLIER_GRID["window"]
+    assert GardSettings().config("gard", 1000).window == 6
+    assert GardSettings().config("gard-paper-dynamic", 1000).window == presets.EARLIER_GRID["window"]
     # Shared overrides beat presets; budget and seed are per run; unknown names are refused.
-    assert methods.GardSettings(window=3).config("gard-paper-static", 1000).window == 3
+    assert GardSettings(window=3).config("gard-paper-static", 1000).window == 3
     with pytest.raises(ValueError, match="unknown GARD option"):
-        methods.GardSettings(M=2)
+        GardSettings(M=2)
     with pytest.raises(ValueError, match="set per run"):
-        methods.GardSettings(budget=5)
+        GardSettings(budget=5)
     with pytest.raises(ValueError, match="alpha must be in"):
-        methods.GardSettings(alpha=1.5).validate(["uniform"], [1000])
+        GardSettings(alpha=1.5).validate(["uniform"], [1000])
 
 
 def test_gora_ranks_follow_the_formula_and_respect_budget_and_bounds():
     costs, caps = [100, 60, 100, 60], [40, 20, 40, 20]
     importance = [4.0, 1.0, 0.0, 5.0]
-    ranks = methods.gora_ranks(importance, costs, caps, 1000, 0, 8)
+    ranks = gora.gora_ranks(importance, costs, caps, 1000, 0, 8)
     exact = [1000 * (v / 10.0) / c for v, c in zip(importance, costs)]  # 4.0, 1.67, 0, 8.33
     assert sum(r * c for r, c in zip(ranks, costs)) <= 1000
     assert ranks[2] == 0 and ranks[3] <= 8 and all(0 <= r for r in ranks)
     assert ranks == [4, 2, 0, 8] or sum(abs(r - round(x)) for r, x in zip(ranks, exact)) <= 1
     # Rounding up everywhere overshoots: units come back from the layers furthest above their share.
-    tight = methods.gora_ranks([1.0, 1.0], [10, 10], [9, 9], 25, 0, 8)
+    tight = gora.gora_ranks([1.0, 1.0], [10, 10], [9, 9], 25, 0, 8)
     assert tight in ([1, 1], [2, 0], [0, 2]) and sum(tight) * 10 <= 25
-    assert methods.gora_ranks([1.0, 1.0], [10, 10], [9, 9], 25, 1, 8) == [1, 1]
+    assert gora.gora_ranks([1.0, 1.0], [10, 10], [9, 9], 25, 1, 8) == [1, 1]
 
 
 def test_gora_init_is_one_projected_gradient_step():
     torch.manual_seed(1)
     a = torch.randn(3, 11, dtype=torch.float64)
     grad = torch.randn(7, 11, dtype=torch.float64)
-    b = methods.gora_init_b(a, grad, lr=0.01, scaling=2.0)
+    b = gora.gora_init_b(a, grad, lr=0.01, scaling=2.0)
     projector = a.T @ torch.linalg.inv(a @ a.T) @ a  # onto A's row space
     expected = -0.01 / math.sqrt(3 / 11) * grad @ projector
     assert torch.allclose(2.0 * b @ a, expected, rtol=1e-10, atol=1e-12)
@@ -418,7 +422,7 @@ def test_gora_profiles_mean_gradients_and_importance(workspace):
         w.requires_grad_(True)
     sums = [torch.zeros_like(w) for w in weights]
     for batch in batches:
-        for total, g in zip(sums, torch.autograd.grad(runner.lm_loss(model, batch), weights)):
+        for total, g in zip(sums, torch.autograd.grad(evaluation.lm_loss(model, batch), weights)):
             total += g
     expected = [float((w.detach() * (s / len(batches))).abs().mean()) for w, s in zip(weights, sums)]
     assert details["importance"] == pytest.approx(expected, rel=1e-3)
@@ -435,7 +439,7 @@ def test_eva_uses_activation_directions_within_the_budget(workspace):
 
 
 def test_bf16_autocast_training_keeps_gard_capture_working(workspace):
-    bf16 = runner.TrainSettings(**{**TRAIN.to_dict(), "precision": "bf16"})
+    bf16 = TrainSettings(**{**TRAIN.to_dict(), "precision": "bf16"})
     metrics = runner.finetune("gard-static", BUDGET, 0, workspace.model, workspace.data, bf16, GARD)
     event = metrics["reallocations"][0]
     assert all(math.isfinite(v) for eigs in event["eigenvalues"] for v in eigs)
@@ -445,7 +449,7 @@ def test_bf16_autocast_training_keeps_gard_capture_working(workspace):
     # The same run in float32 allocates from the same batches: ranks agree, PPL within bf16 noise.
     assert metrics["test_ppl"] == pytest.approx(fp32["test_ppl"], rel=0.05)
     with pytest.raises(ValueError, match="precision must be one of"):
-        runner.TrainSettings(precision="fp8")
+        TrainSettings(precision="fp8")
 
 
 def test_compile_option_runs_the_training_forward_through_torch_compile(workspace, monkeypatch):
@@ -456,7 +460,7 @@ def test_compile_option_runs_the_training_forward_through_torch_compile(workspac
         return model
 
     monkeypatch.setattr(runner.torch, "compile", fake_compile)
-    settings = runner.TrainSettings(**{**TRAIN.to_dict(), "compile": True})
+    settings = TrainSettings(**{**TRAIN.to_dict(), "compile": True})
     metrics = runner.finetune("uniform", BUDGET, 0, workspace.model, workspace.data, settings, GARD)
     assert len(compiled) == 1 and metrics["hyperparameters"]["compile"] is True
 
@@ -503,18 +507,18 @@ def test_gora_init_on_square_conv1d_uses_the_linear_layout():
     from .models import batches as token_batches, tiny_gpt2
 
     model = tiny_gpt2()
-    settings = methods.GardSettings(target_modules=["c_proj"], r_max=4, window=2)
+    settings = GardSettings(target_modules=["c_proj"], r_max=4, window=2)
     lr = 0.01
     reference = _copy_model_for_grads(model)
-    method = methods.build_method("gora", model, 2_000, settings, seed=0, steps=4, lr=lr)
+    method = presets.build_method(MethodRun("gora", model, 2_000, settings, seed=0, steps=4, lr=lr))
     data_batches = [b["input_ids"] for b in token_batches(2, seed=9)]
-    method.prepare(data_batches, runner.lm_loss)
+    method.prepare(data_batches, evaluation.lm_loss)
     for layer in method.manager.layers:
         if layer.rank == 0 or layer.d_in != layer.d_out:
             continue
         conv = reference.get_submodule(layer.name)
         conv.weight.requires_grad_(True)
-        mean = sum(torch.autograd.grad(runner.lm_loss(reference, b), conv.weight)[0] for b in data_batches) / 2
+        mean = sum(torch.autograd.grad(evaluation.lm_loss(reference, b), conv.weight)[0] for b in data_batches) / 2
         g = mean.T.double()  # Conv1D grad [d_in, d_out] -> [d_out, d_in]
         a = layer.lora_A.detach().double()
         projector = a.T @ torch.linalg.inv(a @ a.T) @ a
@@ -536,10 +540,10 @@ def test_gora_ranks_under_a_budget_where_every_share_rounds_to_zero():
     # 10 layers of cost 100 and budget 250: every B s / c = 0.25 rounds to 0; the two most
     # important layers get rank 1 instead of an adapter-free run.
     importance = [0.1, 0.5, 0.2, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
-    ranks = methods.gora_ranks(importance, [100] * 10, [8] * 10, 250, 0, 8)
+    ranks = gora.gora_ranks(importance, [100] * 10, [8] * 10, 250, 0, 8)
     assert ranks == [0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
     # Where the formula grants something, it stands (no top-up).
-    assert methods.gora_ranks([1.0, 0.0], [100, 100], [8, 8], 250, 0, 8) == [2, 0]
+    assert gora.gora_ranks([1.0, 0.0], [100, 100], [8, 8], 250, 0, 8) == [2, 0]
 
 
 def test_committed_study_runs_still_resolve_to_the_settings_they_ran():
@@ -553,6 +557,6 @@ def test_committed_study_runs_still_resolve_to_the_settings_they_ran():
     assert len(files) >= 40
     for path in files:
         run = json.loads(path.read_text(encoding="utf-8"))
-        options = runner._options_read_by(run["method"], methods.GardSettings())
+        options = io.options_read_by(run["method"], GardSettings())
         recorded = run["hyperparameters"]
         assert {k: recorded.get(k) for k in options} == options, path.parent.name

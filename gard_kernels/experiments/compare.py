@@ -1,117 +1,32 @@
-"""Grids of runs over methods × budgets × seeds (and GARD ablation variants), resumable.
+"""Grids of runs over methods × budgets × seeds (and GARD ablation variants), resumable; a whole
+comparison (`gard compare`, `gard demo`) from plan to results.md.
 
-A Workspace holds what every run of a grid shares and is built once: the loaded model, the
-packed data and the base model's validation perplexity. Each run writes
-OUT/<method>_b<budget>_s<seed>[_<variant>]/metrics.json; a run whose metrics.json exists with
-the same fingerprint is skipped, one with another fingerprint stops the grid (mixing settings
-in one table would be wrong).
+Each run writes OUT/<method>_b<budget>_s<seed>[_<variant>]/metrics.json; a run whose
+metrics.json exists with the same fingerprint is skipped, one with another fingerprint stops the
+grid (mixing settings in one table would be wrong). What the runs share is a workspace.Workspace.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import nn
 
-from .data import LMData, build_data, load_corpus
-from .methods import METHODS, SPECTRAL_METHODS, GardSettings, adapted_costs, minimum_budget
-from .models import ModelSource, device_name, load_model, tokenizer_encoder
-from .runner import TrainSettings, evaluate, finetune, fingerprint, run_spec, write_json
+from ..lora.layer import adapter_shape
+from ..lora.manager import match_target_modules
+from .io import fingerprint, read_json, run_spec, write_json
+from .presets import SPECTRAL_METHODS, is_method, method_kind, minimum_budget
+from .runner import finetune
+from .settings import GardSettings, TrainSettings
 from .stats import REFERENCE_METHODS, best_rate, results_markdown, summarize, variant_label
+from .workspace import Workspace, base_evaluation, load_workspace, make_workspace
 
 
 class GridMismatchError(ValueError):
     """An output directory holds a finished run made with other settings."""
-
-
-@dataclass
-class Workspace:
-    """What every run of a grid shares: model, data, and facts for metrics.json."""
-
-    model: nn.Module
-    data: LMData
-    context: dict
-
-
-def make_workspace(
-    model: nn.Module,
-    tokenizer,
-    model_label: str,
-    corpus: str,
-    max_len: int,
-    text_file: Optional[str] = None,
-    val_fraction: float = 0.2,
-    progress: bool = True,
-    test_fraction: float = 0.2,
-) -> Workspace:
-    """Pack the corpus with the model's tokenizer and collect the run-independent context."""
-    documents = load_corpus(corpus, text_file)
-    encode, eos = tokenizer_encoder(tokenizer)
-    label = f"text:{text_file}" if text_file else corpus
-    data = build_data(documents, encode, eos, max_len, label, val_fraction=val_fraction, progress=progress, test_fraction=test_fraction)
-    context = {
-        "model": model_label,
-        "corpus": label,
-        "device": device_name(next(model.parameters()).device),
-        "data": {**data.stats, "val_topic_names": data.val_topics, "test_topic_names": data.test_topics},
-    }
-    return Workspace(model, data, context)
-
-
-def load_workspace(
-    source: ModelSource,
-    corpus: str,
-    max_len: int,
-    text_file: Optional[str] = None,
-    progress: bool = True,
-    byte_tokenizer: bool = False,
-    test_fraction: float = 0.2,
-    device: Optional[torch.device] = None,
-) -> Workspace:
-    """Load the model (tqdm) onto `device` (default: the CPU) and build the workspace
-    (test_fraction 0: the earlier two-way split)."""
-    model, tokenizer = load_model(source, progress=progress, byte_tokenizer=byte_tokenizer, device=device)
-    return make_workspace(model, tokenizer, source.label, corpus, max_len, text_file, progress=progress, test_fraction=test_fraction)
-
-
-def base_evaluation(ws: Workspace, train: TrainSettings, out_dir: Optional[Path], progress: bool = True) -> dict:
-    """Validation and test PPL of the unadapted model on the runs' subsets; cached in OUT/base.json."""
-    key = fingerprint({
-        "model": ws.context["model"], "data": ws.context["data"], "eval_blocks": train.eval_blocks,
-        "test_blocks": train.test_blocks, "max_len": train.max_len,
-    })
-    path = Path(out_dir) / "base.json" if out_dir is not None else None
-    if path is not None and path.is_file():
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("fingerprint") == key:
-            ws.context["base_val_ppl"] = cached["ppl"]
-            ws.context["base_test_ppl"] = cached.get("test_ppl")
-            return cached
-    tick = time.perf_counter()
-    result = evaluate(ws.model, ws.data.eval_subset(train.eval_blocks), train.eval_batch_size, progress, desc="val base model")
-    test = None
-    if train.test_blocks != 0 and ws.data.test_blocks:
-        test = evaluate(ws.model, ws.data.eval_subset(train.test_blocks, "test"), train.eval_batch_size, progress, desc="test base model")
-    base = {
-        "ppl": result["ppl"],
-        "tokens": result["tokens"],
-        "per_topic": result["per_topic"],
-        "test_ppl": None if test is None else test["ppl"],
-        "test_tokens": None if test is None else test["tokens"],
-        "test_per_topic": None if test is None else test["per_topic"],
-        "seconds": time.perf_counter() - tick,
-        "fingerprint": key,
-    }
-    if path is not None:
-        write_json(path, base)
-    ws.context["base_val_ppl"] = base["ppl"]
-    ws.context["base_test_ppl"] = base["test_ppl"]
-    return base
 
 
 @dataclass(frozen=True)
@@ -160,23 +75,13 @@ def plan_grid(
             end in _lr<lr>.
     """
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        method_kind(method)
     tag = "" if lr is None else f"_lr{lr:g}"
-    runs = []
-    for budget in budgets:
-        for method in methods:
-            for seed in seeds:
-                runs.append(GridRun(f"{method}_b{budget}_s{seed}{tag}", method, budget, seed, gard, {}, lr))
-    variants = []
-    for axis, values in (("alpha", alphas), ("k", ks), ("window", windows)):
-        for value in values:
-            fields = ABLATIONS[axis]
-            if any(gard.value(f, m) != value for f in fields for m in ablation_methods if m in METHODS):
-                variants.append((axis, value))
-    for method in ablation_methods if variants else ():
-        if method not in SPECTRAL_METHODS:
-            raise ValueError(f"ablation method {method!r} has no α / k / M; choose from {', '.join(SPECTRAL_METHODS)}")
+    runs = [
+        GridRun(f"{method}_b{budget}_s{seed}{tag}", method, budget, seed, gard, {}, lr)
+        for budget in budgets for method in methods for seed in seeds
+    ]
+    variants = _ablation_variants(gard, alphas, ks, windows, ablation_methods)
     for axis, value in variants:
         fields = ABLATIONS[axis]
         settings = gard.replace(**{f: value for f in fields})
@@ -186,6 +91,25 @@ def plan_grid(
                     name = f"{method}_b{budget}_s{seed}_{axis}{value}{tag}"
                     runs.append(GridRun(name, method, budget, seed, settings, {f: value for f in fields}, lr))
     return runs
+
+
+def _ablation_variants(gard: GardSettings, alphas, ks, windows, ablation_methods: Sequence[str]) -> list[tuple[str, Any]]:
+    """(axis, value) of every variant that differs from the ablated methods' own settings."""
+    known = [m for m in ablation_methods if is_method(m)]
+    variants = []
+    for axis, values in (("alpha", alphas), ("k", ks), ("window", windows)):
+        for value in values:
+            if any(gard.value(f, m) != value for f in ABLATIONS[axis] for m in known):
+                variants.append((axis, value))
+    for method in ablation_methods if variants else ():
+        if method not in SPECTRAL_METHODS:
+            raise ValueError(f"ablation method {method!r} has no α / k / M; choose from {', '.join(SPECTRAL_METHODS)}")
+    return variants
+
+
+def adapted_costs(model: nn.Module, target_modules: Sequence[str]) -> list[int]:
+    """d_in + d_out of every target module of an unwrapped model, in model order."""
+    return [sum(adapter_shape(model.get_submodule(full))) for full in match_target_modules(model, target_modules)]
 
 
 def check_budgets(model: nn.Module, runs: Sequence[GridRun]) -> None:
@@ -217,17 +141,11 @@ def run_grid(
     results = []
     todo = []
     for run in runs:
-        path = out_dir / run.name / "metrics.json"
-        key = fingerprint(run_spec(run.method, run.budget, run.seed, run.train(train), run.gard, ws.context))
-        if path.is_file():
-            done = json.loads(path.read_text(encoding="utf-8"))
-            if done.get("fingerprint") != key:
-                raise GridMismatchError(
-                    f"{path} was made with other settings; use another --out directory (or delete that run)"
-                )
-            results.append(done)
-        else:
+        done = _finished(ws, run, train, out_dir / run.name / "metrics.json")
+        if done is None:
             todo.append(run)
+        else:
+            results.append(done)
     if len(todo) < len(runs):
         log(f"resuming: {len(runs) - len(todo)} of {len(runs)} runs already finished in {out_dir}")
     for run in tqdm(todo, desc="grid", unit="run", disable=not progress or len(todo) < 2):
@@ -243,6 +161,21 @@ def run_grid(
         )
         results.append(metrics)
     return results
+
+
+def _finished(ws: Workspace, run: GridRun, train: TrainSettings, path: Path) -> Optional[dict]:
+    """The metrics of `run` when `path` holds it finished with the same settings (None: not run yet).
+
+    Raises:
+        GridMismatchError: `path` holds a run made with other settings.
+    """
+    if not path.is_file():
+        return None
+    key = fingerprint(run_spec(run.method, run.budget, run.seed, run.train(train), run.gard, ws.context))
+    done = read_json(path)
+    if done.get("fingerprint") != key:
+        raise GridMismatchError(f"{path} was made with other settings; use another --out directory (or delete that run)")
+    return done
 
 
 def run_lr_sweep(
@@ -283,20 +216,37 @@ def run_lr_sweep(
     sweep_runs = [run for lr in lrs for run in plan_grid(methods, budgets, [sweep_seed], gard, lr=lr)]
     swept = run_grid(ws, sweep_runs, train, out_dir, progress, log)
     for _ in range(extend):
-        more = []
-        for method in methods:
-            for budget in budgets:
-                mine = [m for m in swept if m["method"] == method and m["budget"] == budget]
-                tried = sorted(m["hyperparameters"]["lr"] for m in mine)
-                best = best_rate(mine)["hyperparameters"]["lr"]
-                if best == tried[-1]:
-                    more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[-1] / lrs[-2]:.3g}"))
-                elif best == tried[0]:
-                    more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[0] / lrs[1]:.3g}"))
+        more = _beyond_the_edges(swept, methods, budgets, lrs, sweep_seed, gard)
         if not more:
             break
         log("best rate at an edge of the sweep, trying beyond it: " + ", ".join(run.name for run in more))
         swept += run_grid(ws, more, train, out_dir, progress, log)
+    chosen, records = _choose_rates(swept, methods, budgets)
+    final_runs = []
+    for (method, budget), lr in chosen.items():
+        final_runs += plan_grid([method], [budget], list(seeds), gard, lr=lr)
+    log("chosen learning rates (validation): " + ", ".join(f"{m} b={b}: {lr:g}" for (m, b), lr in chosen.items()))
+    return run_grid(ws, final_runs, train, out_dir, progress, log), records
+
+
+def _beyond_the_edges(swept, methods, budgets, lrs, sweep_seed, gard) -> list[GridRun]:
+    """For each method and budget whose best rate is the highest (lowest) it tried, a run one
+    outer step above (below) it."""
+    more = []
+    for method in methods:
+        for budget in budgets:
+            mine = [m for m in swept if m["method"] == method and m["budget"] == budget]
+            tried = sorted(m["hyperparameters"]["lr"] for m in mine)
+            best = best_rate(mine)["hyperparameters"]["lr"]
+            if best == tried[-1]:
+                more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[-1] / lrs[-2]:.3g}"))
+            elif best == tried[0]:
+                more += plan_grid([method], [budget], [sweep_seed], gard, lr=float(f"{best * lrs[0] / lrs[1]:.3g}"))
+    return more
+
+
+def _choose_rates(swept, methods, budgets) -> tuple[dict[tuple[str, int], float], list[dict]]:
+    """(method, budget) -> the rate chosen on validation, and one record per swept run."""
     records, chosen = [], {}
     for method in methods:
         for budget in budgets:
@@ -308,11 +258,90 @@ def run_lr_sweep(
                     "method": method, "budget": budget, "lr": m["hyperparameters"]["lr"],
                     "val_ppl": m["best_mean_val_ppl"], "test_ppl": m.get("test_ppl"), "chosen": m is best,
                 })
-    final_runs = []
-    for (method, budget), lr in chosen.items():
-        final_runs += plan_grid([method], [budget], list(seeds), gard, lr=lr)
-    log("chosen learning rates (validation): " + ", ".join(f"{m} b={b}: {lr:g}" for (m, b), lr in chosen.items()))
-    return run_grid(ws, final_runs, train, out_dir, progress, log), records
+    return chosen, records
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A whole comparison: its grid, an optional learning-rate sweep, and ablation variants.
+
+    Args:
+        lrs: a learning-rate sweep (run_lr_sweep); empty: every run at TrainSettings.lr.
+        method_lrs: method -> the rate its runs use (the demo); no ablation with it.
+        ablation: plan_grid's ablation_seeds / ablation_methods / ablation_budgets.
+        lr_sweep_seed, lr_extend: run_lr_sweep's sweep_seed and extend.
+    """
+
+    methods: Sequence[str]
+    budgets: Sequence[int]
+    seeds: Sequence[int]
+    alphas: Sequence[float] = ()
+    ks: Sequence[int] = ()
+    windows: Sequence[int] = ()
+    ablation: dict = field(default_factory=dict)
+    lrs: Sequence[float] = ()
+    method_lrs: Optional[dict] = None
+    lr_sweep_seed: Optional[int] = None
+    lr_extend: int = 0
+
+    def all_methods(self) -> list[str]:
+        """The methods whose options must validate: the grid's and the ablated ones."""
+        return list(self.methods) + list(self.ablation.get("ablation_methods") or [])
+
+    def runs(self, gard: GardSettings) -> list[GridRun]:
+        """The grid's runs (without the sweep's extra rates, which depend on results)."""
+        if self.method_lrs:
+            return [run for method in self.methods for run in plan_grid([method], self.budgets, self.seeds, gard, lr=self.method_lrs[method])]
+        return plan_grid(self.methods, self.budgets, self.seeds, gard, self.alphas, self.ks, self.windows, **self.ablation)
+
+    def to_dict(self) -> dict:
+        """What results.json records of the plan."""
+        return {
+            "methods": list(self.methods), "budgets": list(self.budgets), "seeds": list(self.seeds), "lrs": list(self.lrs),
+            "method_lrs": dict(self.method_lrs or {}), "alphas": list(self.alphas), "ks": list(self.ks), "windows": list(self.windows),
+        }
+
+
+def run_comparison(
+    ws: Workspace, plan: Comparison, gard: GardSettings, train: TrainSettings, out: Path, title: str,
+    record: Optional[dict] = None, progress: bool = True, log=print,
+) -> dict:
+    """Evaluate the base model, run (or resume) every run of `plan`, write results.md / results.json.
+
+    Args:
+        record: extra facts for results.json's settings (e.g. the command line); a "started"
+            entry (time.perf_counter() before the workspace was built) becomes wall_seconds.
+    Returns:
+        The summary of stats.summarize.
+    """
+    runs = plan.runs(gard)
+    check_budgets(ws.model, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_evaluation(ws, train, out, progress)
+    test = "" if base.get("test_ppl") is None else f", test PPL {base['test_ppl']:.4f} on {base['test_tokens']} tokens"
+    log(f"base model (no adaptation): val PPL {base['ppl']:.4f} on {base['tokens']} tokens{test}")
+    sweep = None
+    if plan.lrs:
+        results, sweep = run_lr_sweep(
+            ws, plan.methods, plan.budgets, plan.seeds, plan.lrs, gard, train, out, plan.lr_sweep_seed, progress,
+            log, extend=plan.lr_extend,
+        )
+        # Ablation variants at the grid's --lr (they vary GARD's knobs, not the rate).
+        variants = [r for r in runs if r.variant]
+        if variants:
+            results += run_grid(ws, variants, train, out, progress, log)
+    else:
+        results = run_grid(ws, runs, train, out, progress, log)
+    extra = dict(record or {})
+    started = extra.pop("started", None)
+    settings = {
+        "train": train.to_dict(), "gard": gard.to_dict(), **plan.to_dict(),
+        **{key: ws.context[key] for key in ("model", "corpus", "device", "data")},
+        **extra,
+    }
+    if started is not None:
+        settings["wall_seconds"] = time.perf_counter() - started
+    return write_results(out, results, base, settings, title, sweep)
 
 
 RUN_KEYS = (
@@ -343,16 +372,13 @@ def write_results(
 
 
 __all__ = [
+    "Comparison",
     "GridMismatchError",
     "GridRun",
-    "Workspace",
-    "base_evaluation",
     "check_budgets",
-    "load_workspace",
-    "make_workspace",
     "plan_grid",
+    "run_comparison",
     "run_grid",
     "run_lr_sweep",
-    "variant_label",
     "write_results",
 ]

@@ -17,52 +17,26 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from .io import load_base, load_runs
+from .module_names import block_index, short_name
+from .presets import method_order
 from .stats import PAPER_RESULT, chosen_rate_runs, mean_ci, variant_label
-
-_METHOD_ORDER = [
-    "gard", "gard-paper-dynamic", "gard-paper-static", "gard-dynamic", "gard-static", "grad-norm", "grad-norm-static",
-    "update-rank", "update-rank-static", "update-nuclear", "update-nuclear-static", "energy-rank", "energy-rank-static",
-    "gard-gora-init", "grad-norm-gora-init", "random", "gora", "eva", "adalora", "uniform",
-]
-
-
-def load_runs(run_dir: Path) -> list[dict]:
-    """Every metrics.json under run_dir (itself included), sorted by path."""
-    paths = sorted(Path(run_dir).rglob("metrics.json"))
-    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
-
-
-def load_base(run_dir: Path) -> Optional[dict]:
-    """The base model's evaluation `gard compare` cached in run_dir/base.json (None if absent)."""
-    path = Path(run_dir) / "base.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _order(method: str) -> tuple:
-    return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), method)
 
 
 def _representative(runs: list[dict]) -> Optional[dict]:
-    """The GARD run the layer-level figures show: gard-dynamic if present, default settings,
+    """The GARD run the layer-level figures show: the first method in registry order, default settings,
     largest budget, lowest seed; otherwise any run with re-allocations."""
     candidates = [r for r in runs if r.get("reallocations") and not r.get("variant")]
     if not candidates:
         candidates = [r for r in runs if r.get("reallocations")]
     if not candidates:
         return None
-    return min(candidates, key=lambda r: (_order(r["method"]), -r["budget"], r["seed"], variant_label(r.get("variant", {}))))
+    return min(candidates, key=lambda r: (method_order(r["method"]), -r["budget"], r["seed"], variant_label(r.get("variant", {}))))
 
 
 def _reported(run: dict, runs: list[dict]) -> float:
     """Test PPL when every run of the grid has one, else validation PPL (older runs)."""
     return run["test_ppl"] if all(r.get("test_ppl") is not None for r in runs) else run["primary_metric"]
-
-
-def _short(name: str) -> str:
-    """model.layers.12.self_attn.q_proj -> 12.q_proj."""
-    parts = name.split(".")
-    digits = [p for p in parts if p.isdigit()]
-    return f"{digits[-1]}.{parts[-1]}" if digits else parts[-1]
 
 
 def plot_all(run_dir: Path, out_dir: Optional[Path] = None) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -133,7 +107,7 @@ def _plot_gradient_spectrum(run: dict, path: Path) -> Optional[str]:
     image = ax_h.imshow(np.log10(np.maximum(energy, 1e-30)), aspect="auto", cmap="magma", interpolation="nearest")
     ax_h.set_xticks(range(len(steps)), [str(s) for s in steps])
     stride = max(1, len(names) // 30)
-    ax_h.set_yticks(range(0, len(names), stride), [_short(n) for n in names[::stride]], fontsize=6)
+    ax_h.set_yticks(range(0, len(names), stride), [short_name(n) for n in names[::stride]], fontsize=6)
     ax_h.set_xlabel("re-allocation at step" + (" (static profile = 0)" if any(e.get("profile") for e in events) else ""))
     ax_h.set_ylabel("adapted module")
     ax_h.set_title("gradient spectral energy log10 tr(C_l)")
@@ -161,7 +135,7 @@ def _plot_rank_per_layer(runs: list[dict], rep: Optional[dict], path: Path) -> O
 
     anchor = rep or max(runs, key=lambda r: r["budget"])
     same = [r for r in runs if r["budget"] == anchor["budget"] and r["seed"] == anchor["seed"] and not r.get("variant")]
-    same = sorted({r["method"]: r for r in same}.values(), key=lambda r: _order(r["method"]))
+    same = sorted({r["method"]: r for r in same}.values(), key=lambda r: method_order(r["method"]))
     if not same:
         return "no runs"
     names = anchor["adapted_modules"]
@@ -173,7 +147,7 @@ def _plot_rank_per_layer(runs: list[dict], rep: Optional[dict], path: Path) -> O
         ax.set_ylabel(run["method"], rotation=0, ha="right", fontsize=8)
         ax.set_ylim(0, max(1, max(ranks)) + 0.5)
     stride = max(1, len(names) // 40)
-    axes[-1, 0].set_xticks(range(0, len(names), stride), [_short(n) for n in names[::stride]], rotation=90, fontsize=6)
+    axes[-1, 0].set_xticks(range(0, len(names), stride), [short_name(n) for n in names[::stride]], rotation=90, fontsize=6)
     fig.suptitle(f"final rank per adapted module, budget {anchor['budget']}, seed {anchor['seed']} (blue q_proj, orange v_proj)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -206,7 +180,7 @@ def _plot_ppl_vs_params(runs: list[dict], base: Optional[dict], path: Path) -> O
             groups.setdefault((r["method"], r["budget"]), []).append(r)
     split = "test" if all(r.get("test_ppl") is not None for r in runs) else "validation"
     fig, ax = plt.subplots(figsize=(7, 5))
-    methods = sorted({m for m, _ in groups}, key=_order)
+    methods = sorted({m for m, _ in groups}, key=method_order)
     for i, method in enumerate(methods):
         xs, ys, es = [], [], []
         for (m, budget), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
@@ -300,7 +274,7 @@ def _plot_per_topic_ppl(runs: list[dict], base: Optional[dict], path: Path) -> O
     fig, axes = plt.subplots(len(budgets), 1, figsize=(max(8, 0.5 * len(topics) + 3), 3.6 * len(budgets) + 1), squeeze=False)
     for ax, budget in zip(axes[:, 0], budgets):
         pool = [r for r in plain if r["budget"] == budget]
-        methods = sorted({r["method"] for r in pool}, key=_order)
+        methods = sorted({r["method"] for r in pool}, key=method_order)
         width = 0.8 / max(1, len(methods))
         for i, method in enumerate(methods):
             members = [r for r in pool if r["method"] == method]
@@ -324,11 +298,6 @@ def _plot_per_topic_ppl(runs: list[dict], base: Optional[dict], path: Path) -> O
 PROFILE_METHODS = ("gard", "gora", "uniform")
 
 
-def _block(name: str) -> Optional[int]:
-    digits = [p for p in name.split(".") if p.isdigit()]
-    return int(digits[-1]) if digits else None
-
-
 def _plot_rank_profiles(runs: list[dict], path: Path) -> Optional[str]:
     """Rank per transformer block and projection of PROFILE_METHODS, one panel per budget, for
     the lowest seed of each (other seeds can choose other modules: their metrics' final_ranks)."""
@@ -348,7 +317,7 @@ def _plot_rank_profiles(runs: list[dict], path: Path) -> Optional[str]:
             run = min(mine, key=lambda r: r["seed"])
             color, marker = styles[method]
             for proj, line in (("q_proj", "-"), ("v_proj", "--")):
-                items = sorted((_block(n), rank) for n, rank in run["final_ranks"].items() if n.endswith(proj) and _block(n) is not None)
+                items = sorted((block_index(n), rank) for n, rank in run["final_ranks"].items() if n.endswith(proj) and block_index(n) is not None)
                 if items:
                     ax.plot([b for b, _ in items], [rank for _, rank in items], line, color=color, marker=marker,
                             markersize=3, label=f"{method} {proj} ({run['lora_params_final']} params)")
@@ -370,7 +339,7 @@ def _plot_lr_sweep(sweep: list[dict], path: Path) -> Optional[str]:
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         pool = [rec for rec in sweep if rec["budget"] == budget]
-        for i, method in enumerate(sorted({rec["method"] for rec in pool}, key=_order)):
+        for i, method in enumerate(sorted({rec["method"] for rec in pool}, key=method_order)):
             mine = sorted((rec for rec in pool if rec["method"] == method), key=lambda rec: rec["lr"])
             line = ax.plot([rec["lr"] for rec in mine], [rec["val_ppl"] for rec in mine], marker="os^Dv<>p"[i % 8], label=method)
             chosen = [rec for rec in mine if rec["chosen"]]
@@ -387,4 +356,4 @@ def _plot_lr_sweep(sweep: list[dict], path: Path) -> Optional[str]:
     return None
 
 
-__all__ = ["load_runs", "plot_all", "variant_label"]
+__all__ = ["plot_all"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from .methods import GardSettings
-from .runner import TrainSettings, finetune
+from .runner import finetune
+from .settings import GardSettings, TrainSettings
 
 # Mode name -> TrainSettings fields.
 MODES = {

@@ -1,0 +1,108 @@
+"""AdaLoRA (Zhang et al., 2023) through PEFT, its rank budget converted from our parameter budget."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from ...lora.layer import adapter_shape
+from ...lora.manager import match_target_modules
+from ..method import Method, MethodRun
+
+# AdaLoRA's hyperparameters that do not depend on the run (PEFT's names): the EMA factors of its
+# sensitivity scores, and its orthogonality penalty.
+FIXED = {"deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5}
+
+
+class AdaLoraMethod(Method):
+    """PEFT's AdaLoRA with its final parameter count held within our parameter budget.
+
+    AdaLoRA budgets ranks, not parameters: after pruning it keeps `target_bgt` singular triplets
+    in total, each costing d_in + d_out + 1 parameters (a column of A, a row of B, one entry of
+    E). Which modules keep them is its choice, so the total rank is converted conservatively,
+    target_bgt = floor(budget / max cost), so the final count is within the budget wherever the
+    triplets land. The per-module average target_r of AdaLoraConfig is an int and cannot express
+    e.g. 2 triplets over 60 modules, so target_bgt is set on the rank allocator directly.
+
+    Schedule (adalora_schedule): init_r = ceil(1.5 * target_bgt / modules) (>= 1), tinit =
+    steps // 5, tfinal = max(1, steps // 4) (>= 1 so the final masking happens inside the run),
+    deltaT = 1, total_step = steps; update_and_allocate(step) after every optimizer step.
+    lora_alpha = scaling * init_r, so its update scale alpha / r equals GARD's constant `scaling`.
+    Before pruning ends it holds more than the budget: metrics report its mean and final counts.
+    """
+
+    def __init__(self, run: MethodRun):
+        from peft import AdaLoraConfig, get_peft_model
+
+        self.name = run.name
+        target_modules = run.settings.value("target_modules")
+        self.names = match_target_modules(run.model, target_modules)
+        self._cost = {full: sum(adapter_shape(run.model.get_submodule(full))) + 1 for full in self.names}
+        costs = list(self._cost.values())
+        total_rank = run.budget // max(costs)
+        if total_rank < 1:
+            raise ValueError(f"adalora: budget {run.budget} is below one triplet of the largest module ({max(costs)} parameters)")
+        schedule = adalora_schedule(total_rank, len(self.names), run.steps, run.settings.value("scaling"))
+        config = AdaLoraConfig(
+            target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
+            target_r=1,
+            lora_dropout=0.0,
+            **schedule,
+            **FIXED,
+        )
+        self.model = get_peft_model(run.model, config)
+        self.model.base_model.rankallocator.target_bgt = total_rank
+        self.peft_config = config
+        self.init_r = schedule["init_r"]
+        self.details = {
+            "total_rank_budget": total_rank,
+            "triplet_costs": sorted(set(costs)),
+            **{key: schedule[key] for key in ("init_r", "tinit", "tfinal")},
+            "deltaT": FIXED["deltaT"],
+            "total_step": schedule["total_step"],
+            "orth_reg_weight": FIXED["orth_reg_weight"],
+            "lora_alpha": schedule["lora_alpha"],
+        }
+
+    @classmethod
+    def minimum_budget(cls, costs: Sequence[int], settings, name: str) -> int:
+        # One triplet (d_in + d_out + 1) of the largest module: see the conversion above.
+        return max(costs) + 1
+
+    def parameters(self):
+        return [p for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def after_optimizer_step(self, step):
+        self.model.base_model.update_and_allocate(step)
+
+    def ranks(self):
+        pattern = self.model.peft_config["default"].rank_pattern
+        if not pattern:
+            return {name: self.init_r for name in self.names}
+        ranks = {}
+        for key, mask in pattern.items():
+            module = key.split(".lora_E")[0]
+            if module not in self._cost and module.startswith("base_model.model."):
+                module = module[len("base_model.model."):]
+            ranks[module] = int(sum(bool(m) for m in mask))
+        return {name: ranks.get(name, self.init_r) for name in self.names}
+
+    def backprop_modules(self):
+        # Masked triplets still sit in the graph: backward reaches every adapted module.
+        return list(self.names)
+
+    def num_params(self):
+        return sum(rank * self._cost[name] for name, rank in self.ranks().items())
+
+
+def adalora_schedule(total_rank: int, modules: int, steps: int, scaling: float) -> dict:
+    """AdaLoRA's run-dependent settings (see AdaLoraMethod), by PEFT's names."""
+    if steps < 3:
+        raise ValueError(f"adalora needs at least 3 steps (warm-up, pruning, final phase), got {steps}")
+    init_r = max(1, math.ceil(1.5 * total_rank / modules))
+    if init_r * modules <= total_rank:
+        init_r += 1
+    tinit = steps // 5
+    tfinal = max(1, steps // 4)
+    if tinit >= steps - tfinal:
+        tinit = 0
+    return {"init_r": init_r, "tinit": tinit, "tfinal": tfinal, "total_step": steps, "lora_alpha": scaling * init_r}
