@@ -78,6 +78,9 @@ def _headline(method: Method, trace: "Trace", test: Optional[dict], train: "Trai
         "total_elapsed_seconds": time.perf_counter() - trace.start,
         "train_seconds": trace.train_seconds,
         "profile_seconds": trace.profile_seconds,
+        # Peak RSS of the profile and of the optimizer steps (memory.PeakMemory; None off Linux).
+        **trace.profile_memory.to_dict("profile"),
+        **trace.train_memory.to_dict("train"),
         "eval_seconds": trace.eval_seconds,
         "train_tokens": train_tokens,
         "tokens_per_second": train_tokens / trace.train_seconds if trace.train_seconds > 0 else None,
