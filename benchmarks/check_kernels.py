@@ -9,7 +9,7 @@ the target's per-block limit, or more registers per block than an SM holds.
 Usage:
     python benchmarks/check_kernels.py [--all] [--jobs N] [--markdown docs/benchmarks.md]
 
-Variants come from the launchers' own heuristics (triton_impl._block_k and _launch_config), so a
+Variants come from the launchers' own heuristics (triton_impl.launch_plan and SIGN_TILE_WIDTHS), so a
 heuristic change changes what is compiled. The default set covers every value each launcher can
 choose on every axis: every dtype with every square sketch tile (BLOCK_KI = BLOCK_KO in 16..64)
 and the two most lopsided ones (16 x 64, 64 x 16), num_warps and PRECISION following from them
@@ -77,15 +77,10 @@ def _triton_impl():
 def _launcher_configs(ti, dtype, block_k: int) -> set[tuple[int, int, int]]:
     """(BLOCK_N, BLOCK_D, num_warps) that sketch_triton's heuristic picks for some N on some GPU."""
     configs = set()
-    saved = ti._sm_count
-    try:
-        for sms in SM_COUNTS:
-            ti._sm_count = lambda index, sms=sms: sms
-            for n in (2**e for e in range(0, 25)):
-                bn, bd, _, warps = ti._launch_config(n, dtype, block_k, torch.device("cuda", 0))
-                configs.add((bn, bd, warps))
-    finally:
-        ti._sm_count = saved
+    for sms in SM_COUNTS:
+        for n in (2**e for e in range(0, 25)):
+            plan = ti.launch_plan("sketch", n, dtype, block_k, sms=sms)
+            configs.add((plan.block_n, plan.block_d, plan.num_warps))
     return configs
 
 
@@ -97,13 +92,13 @@ def _covering_tile(bki: int, bko: int, block_ks: list[int]) -> bool:
 
 def sketch_variants(ti, exhaustive: bool) -> list[Variant]:
     """Every _sketch_kernel variant sketch_triton can launch (default: the covering subset)."""
-    block_ks = sorted({ti._block_k(k) for k in range(1, ti._MAX_BLOCK_K + 1)})
+    block_ks = list(ti.SIGN_TILE_WIDTHS)
     # sketch_triton: one program per tile stores or adds directly (ATOMIC off, ACCUMULATE as asked);
     # several programs either write partials (both off) or add with atomics (ATOMIC on).
     flag_sets = [(False, False), (False, True), (True, False)]
     corner_ks = {block_ks[0], block_ks[-1]}
     variants = []
-    for dtype, (bki, bko), arch in itertools.product(ti._ACCEPTED_DTYPES, itertools.product(block_ks, repeat=2), ARCHS):
+    for dtype, (bki, bko), arch in itertools.product(ti.ACCEPTED_DTYPES, itertools.product(block_ks, repeat=2), ARCHS):
         # --all adds the mixed pairs the default set leaves out.
         if not (exhaustive or _covering_tile(bki, bko, block_ks)):
             continue
@@ -132,7 +127,7 @@ def sketch_variants(ti, exhaustive: bool) -> list[Variant]:
 
 def small_kernel_variants(ti) -> list[Variant]:
     """_sketch_reduce_kernel and _projection_kernel as sketch_triton / projection_triton launch them."""
-    block_ks = sorted({ti._block_k(k) for k in range(1, ti._MAX_BLOCK_K + 1)})
+    block_ks = list(ti.SIGN_TILE_WIDTHS)
     variants = []
     reduce_blocks = sorted({min(b, 32) for b in block_ks})
     for arch, bm, bk, accumulate in itertools.product(ARCHS, reduce_blocks, reduce_blocks, (False, True)):
@@ -153,10 +148,11 @@ def small_kernel_variants(ti) -> list[Variant]:
 def split_variants(ti) -> list[Variant]:
     """_split_project_kernel and _split_outer_kernel (sketch_triton's algorithm="split") at every
     shape its heuristic picks: each dtype with each sign-tile width."""
-    block_ks = sorted({ti._block_k(k) for k in range(1, ti._MAX_BLOCK_K + 1)})
+    block_ks = list(ti.SIGN_TILE_WIDTHS)
     variants = []
-    for dtype, bk, arch in itertools.product(ti._ACCEPTED_DTYPES, block_ks, ARCHS):
-        bn, bd, _, warps = ti._split_config(4096, 4096, dtype, bk, torch.device("cpu"))
+    for dtype, bk, arch in itertools.product(ti.ACCEPTED_DTYPES, block_ks, ARCHS):
+        plan = ti.launch_plan("split_project", 4096, dtype, bk, d=4096)
+        bn, bd, warps = plan.block_n, plan.block_d, plan.num_warps
         t = "*" + TRITON_DTYPE[dtype]
         types = dict(a=t, part="*fp32", key="i32", N="i32", D="i32", K="i32", stride_n="i32", stride_ps="i32",
                      stride_pn="i32", d_per_split="i32")
@@ -169,7 +165,8 @@ def split_variants(ti) -> list[Variant]:
         types = dict(part_x="*fp32", part_y="*fp32", o="*fp32", scale="fp32", N="i32", S_IN="i32", S_OUT="i32",
                      K_IN="i32", K_OUT="i32", stride_xs="i32", stride_xn="i32", stride_ys="i32", stride_yn="i32",
                      stride_op="i32", stride_om="i32")
-        bn, warps = ti._outer_config(bki, bko)
+        outer = ti.launch_plan("split_outer", 4096, torch.float32, bki, bko)
+        bn, warps = outer.block_n, outer.num_warps
         consts = dict(BLOCK_N=bn, BLOCK_KI=bki, BLOCK_KO=bko)
         variants.append(Variant("_split_outer_kernel", arch, f"BN={bn} KI={bki} KO={bko}", tuple(types.items()),
                                 tuple(consts.items()), ("part_x", "part_y", "o"), warps))

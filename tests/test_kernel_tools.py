@@ -48,8 +48,8 @@ def test_default_set_covers_every_value_the_launcher_can_choose(ti):
 
 
 def test_launcher_widest_tile_is_the_checked_one(ti):
-    # k up to 128 is what the heuristic is checked for; wider tiles than _MAX_BLOCK_K never launch.
-    assert max(ti._block_k(k) for k in range(1, 129)) == ti._MAX_BLOCK_K
+    # k up to 128 is what the heuristic is checked for; wider tiles than MAX_BLOCK_K never launch.
+    assert max(ti.sign_tile_width(k) for k in range(1, 129)) == ti.MAX_BLOCK_K == max(ti.SIGN_TILE_WIDTHS)
     widths = {_axes(v)["block_ki"] for v in check_kernels.sketch_variants(ti, exhaustive=False)}
     assert widths == {16, 32, 64}
 
@@ -87,3 +87,19 @@ def test_roofline_counts_and_bounds():
     assert roofline.match_gpu("NVIDIA RTX 6000 Ada Generation") is roofline.GPUS["RTX 6000 Ada"]
     assert roofline.match_gpu("NVIDIA H200") is roofline.GPUS["H200"]
     assert roofline.match_gpu("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_launch_plan_is_the_launchers_public_heuristic(ti):
+    import torch
+
+    # H200 (132 SMs), bf16, 16-column tiles: 128-feature chunks, 4 warps, one 64-token block per program.
+    assert ti.launch_plan("sketch", 8192, torch.bfloat16, 16, sms=132) == ti.LaunchPlan(64, 128, 128, 4)
+    # Few tokens: the token block halves (once) so more SMs get work.
+    assert ti.launch_plan("sketch", 2048, torch.bfloat16, 16, sms=132).block_n == 32
+    # The interpreter (no GPU): at most 4 programs.
+    assert ti.launch_plan("sketch", 8192, torch.float32, 64).programs == 4
+    assert ti.launch_plan("split_outer", 4096, torch.float32, 64, 64) == ti.LaunchPlan(32, None, 4, 16)
+    with pytest.raises(ValueError, match="needs the side's feature count d"):
+        ti.launch_plan("split_project", 4096, torch.float32, 16)
+    with pytest.raises(ValueError, match="kernel must be"):
+        ti.launch_plan("fused", 4096, torch.float32, 16)

@@ -21,8 +21,8 @@ from .io import fingerprint, read_json, run_spec, write_json
 from .presets import SPECTRAL_METHODS, is_method, method_kind, minimum_budget
 from .runner import finetune
 from .settings import GardSettings, TrainSettings
-from .stats import REFERENCE_METHODS, best_rate, results_markdown, summarize, variant_label
-from .workspace import Workspace, base_evaluation, load_workspace, make_workspace
+from .stats import REFERENCE_METHODS, best_rate, results_markdown, summarize
+from .workspace import Workspace, base_evaluation
 
 
 class GridMismatchError(ValueError):

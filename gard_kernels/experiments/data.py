@@ -218,24 +218,7 @@ def build_data(
         raise ValueError("documents must have unique topic names")
     train_topics, val_topics, test_topics = split_topics(names, val_fraction, split_seed, test_fraction)
     held_out = {**{t: "val" for t in val_topics}, **{t: "test" for t in test_topics}}
-    from tqdm.auto import tqdm
-
-    train_stream: list[int] = []
-    blocks: dict[str, list[tuple[str, torch.Tensor]]] = {"val": [], "test": []}
-    tokens = {"val": 0, "test": 0}
-    for topic, text in tqdm(sorted(documents), desc="tokenising", unit="topic", disable=not progress):
-        ids = list(encode(text)) + [eos_token_id]
-        split = held_out.get(topic)
-        if split is None:
-            train_stream.extend(ids)
-            continue
-        tokens[split] += len(ids)
-        # Full blocks, plus the tail when it is long enough to score (>= max_len / 4 tokens).
-        for start in range(0, len(ids), max_len):
-            piece = ids[start : start + max_len]
-            if len(piece) == max_len or len(piece) >= max(2, max_len // 4) or start == 0:
-                if len(piece) >= 2:
-                    blocks[split].append((topic, torch.tensor(piece, dtype=torch.long)))
+    train_stream, blocks, tokens = _tokenise(documents, encode, eos_token_id, held_out, max_len, progress)
     n_train = len(train_stream) // max_len
     if n_train == 0:
         raise ValueError(
@@ -263,6 +246,33 @@ def build_data(
         "split_seed": split_seed,
     }
     return LMData(corpus, train_topics, val_topics, train_blocks, blocks["val"], max_len, stats, test_topics, blocks["test"])
+
+
+def _tokenise(
+    documents: Sequence[tuple[str, str]], encode: Callable[[str], list[int]], eos_token_id: int,
+    held_out: dict[str, str], max_len: int, progress: bool,
+) -> tuple[list[int], dict[str, list[tuple[str, torch.Tensor]]], dict[str, int]]:
+    """(one token stream of the training topics, (topic, block) per held-out split, tokens per
+    held-out split); `held_out` maps a topic to "val" or "test"."""
+    from tqdm.auto import tqdm
+
+    train_stream: list[int] = []
+    blocks: dict[str, list[tuple[str, torch.Tensor]]] = {"val": [], "test": []}
+    tokens = {"val": 0, "test": 0}
+    for topic, text in tqdm(sorted(documents), desc="tokenising", unit="topic", disable=not progress):
+        ids = list(encode(text)) + [eos_token_id]
+        split = held_out.get(topic)
+        if split is None:
+            train_stream.extend(ids)
+            continue
+        tokens[split] += len(ids)
+        # Full blocks, plus the tail when it is long enough to score (>= max_len / 4 tokens).
+        for start in range(0, len(ids), max_len):
+            piece = ids[start : start + max_len]
+            if len(piece) == max_len or len(piece) >= max(2, max_len // 4) or start == 0:
+                if len(piece) >= 2:
+                    blocks[split].append((topic, torch.tensor(piece, dtype=torch.long)))
+    return train_stream, blocks, tokens
 
 
 def train_batches(data: LMData, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

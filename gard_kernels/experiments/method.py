@@ -22,13 +22,10 @@ the smallest budget at which the method adapts anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .settings import GardSettings
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,8 @@ class MethodRun:
     name: str
     model: nn.Module
     budget: int
-    settings: "GardSettings"
+    # settings.GardSettings (not imported: settings reads the registry, which imports the methods)
+    settings: Any
     seed: int
     steps: int
     lr: float
@@ -75,7 +73,7 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def minimum_budget(cls, costs: Sequence[int], settings: "GardSettings", name: str) -> int:
+    def minimum_budget(cls, costs: Sequence[int], settings: Any, name: str) -> int:
         """Smallest budget at which method `name` adapts at least one module of costs [L] d_in + d_out.
         Default: one rank unit of the cheapest module."""
         return min(costs)

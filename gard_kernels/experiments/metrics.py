@@ -2,20 +2,57 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from .gard_method import GardMethod
+from .memory import PeakMemory
 from .method import Method, MethodRun
 
 if TYPE_CHECKING:
-    from .runner import Trace
     from .settings import TrainSettings
 
 
+@dataclass
+class Trace:
+    """What the training loop records for metrics.json.
+
+    Attributes:
+        names: adapted modules, in model order; blocks: their transformer blocks (None: none).
+        history: one record per step; evals: evaluations during training ({"step", **evaluate()}).
+        depth: transformer blocks the backward pass reached, per step.
+    """
+
+    names: list[str]
+    blocks: list[Optional[int]]
+    start: float = field(default_factory=time.perf_counter)
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    params_sum: int = 0
+    profile_seconds: float = 0.0
+    # Peak resident memory of the profile (method.prepare) and of the optimizer steps (memory.py).
+    profile_memory: PeakMemory = field(default_factory=PeakMemory)
+    train_memory: PeakMemory = field(default_factory=PeakMemory)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    @property
+    def top_block(self) -> int:
+        known = [b for b in self.blocks if b is not None]
+        return max(known) if known else 0
+
+    def backprop_depth(self, reached: Sequence[str]) -> int:
+        """Blocks from the earliest of the `reached` modules to the top (0: none reached)."""
+        blocks = [self.blocks[self.names.index(n)] for n in reached if n in self.names]
+        blocks = [b for b in blocks if b is not None]
+        return self.top_block + 1 - min(blocks) if blocks else 0
+
+
 def run_metrics(
-    run: MethodRun, method: Method, trace: "Trace", test: Optional[dict], train: "TrainSettings", context: dict,
+    run: MethodRun, method: Method, trace: Trace, test: Optional[dict], train: "TrainSettings", context: dict,
     variant: Optional[dict],
 ) -> dict[str, Any]:
     """The metrics dict of metrics.json (the caller adds the run's fingerprint).
@@ -61,7 +98,7 @@ def run_metrics(
     return metrics
 
 
-def _headline(method: Method, trace: "Trace", test: Optional[dict], train: "TrainSettings") -> dict[str, Any]:
+def _headline(method: Method, trace: Trace, test: Optional[dict], train: "TrainSettings") -> dict[str, Any]:
     """The numbers tables compare: perplexities, parameter counts, cost."""
     best = min(trace.evals, key=lambda e: e["ppl"])
     train_tokens = train.steps * train.batch_size * train.max_len

@@ -29,6 +29,10 @@ EARLIER_GRID = {"window": 4, "interval": 4}
 # baselines do not read it but resolve the same value, so every baseline shares one set of bounds.
 BASELINE_PRESET = {"window": 8}
 
+# The GARDConfig fields a method's name sets (`gard-paper-static` is static + spectral): not
+# options of a comparison.
+METHOD_FIELDS = ("mode", "score")
+
 # The GARDConfig fields the non-GARD methods read (their shared bounds; GoRA's profiling window).
 BASELINE_OPTIONS = ("target_modules", "r_min", "r_max", "scaling", "window")
 
@@ -119,7 +123,7 @@ def is_method(name: str) -> bool:
 
 
 def method_kind(name: str) -> str:
-    """"gard", or the baseline that builds method `name` (ValueError when unknown)."""
+    """The kind of method `name`: "gard", or the baseline that builds it (ValueError when unknown)."""
     return method_spec(name)["kind"]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,9 +19,8 @@ from torch import nn
 from .data import LMData, train_batches
 from .evaluation import autocast_context, evaluate, lm_loss, model_device
 from .io import fingerprint, run_spec, write_json
-from .memory import PeakMemory
 from .method import Method, MethodRun
-from .metrics import run_metrics
+from .metrics import Trace, run_metrics
 from .module_names import block_index
 from .presets import build_method, method_options
 from .settings import GardSettings, TrainSettings
@@ -40,42 +38,6 @@ def lr_factor(steps: int, warmup_ratio: float):
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-@dataclass
-class Trace:
-    """What the training loop records for metrics.json.
-
-    Attributes:
-        names: adapted modules, in model order; blocks: their transformer blocks (None: none).
-        history: one record per step; evals: evaluations during training ({"step", **evaluate()}).
-        depth: transformer blocks the backward pass reached, per step.
-    """
-
-    names: list[str]
-    blocks: list[Optional[int]]
-    start: float = field(default_factory=time.perf_counter)
-    history: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    depth: list[int] = field(default_factory=list)
-    params_sum: int = 0
-    profile_seconds: float = 0.0
-    # Peak resident memory of the profile (method.prepare) and of the optimizer steps (memory.py).
-    profile_memory: PeakMemory = field(default_factory=PeakMemory)
-    train_memory: PeakMemory = field(default_factory=PeakMemory)
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-
-    @property
-    def top_block(self) -> int:
-        known = [b for b in self.blocks if b is not None]
-        return max(known) if known else 0
-
-    def backprop_depth(self, reached: Sequence[str]) -> int:
-        """Blocks from the earliest of the `reached` modules to the top (0: none reached)."""
-        blocks = [self.blocks[self.names.index(n)] for n in reached if n in self.names]
-        blocks = [b for b in blocks if b is not None]
-        return self.top_block + 1 - min(blocks) if blocks else 0
 
 
 def finetune(

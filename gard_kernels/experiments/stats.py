@@ -116,35 +116,10 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None, references: Seq
     for run in runs:
         key = (run["method"], run["budget"], variant_label(run.get("variant", {})))
         groups.setdefault(key, []).append(run)
-    rows = []
-    for (method, budget, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        members = sorted(members, key=lambda r: r["seed"])
-        ppl_mean, ppl_ci = mean_ci([_metric(r, metric) for r in members])
-        val_mean, val_ci = mean_ci([r["primary_metric"] for r in members])
-        time_mean, time_ci = mean_ci([r["total_elapsed_seconds"] for r in members])
-        rows.append(
-            {
-                "method": method,
-                "budget": budget,
-                "variant": variant,
-                "n": len(members),
-                "seeds": [r["seed"] for r in members],
-                "lrs": sorted({r.get("hyperparameters", {}).get("lr") for r in members} - {None}),
-                "ppl_mean": ppl_mean,
-                "ppl_ci": ppl_ci,
-                "ppl_per_seed": [_metric(r, metric) for r in members],
-                "val_mean": val_mean,
-                "val_ci": val_ci,
-                "params_mean": sum(r["lora_params_mean"] for r in members) / len(members),
-                "params_final_mean": sum(r["lora_params_final"] for r in members) / len(members),
-                "runtime_mean": time_mean,
-                "runtime_ci": time_ci,
-                "train_seconds_mean": _mean([r.get("train_seconds") for r in members]),
-                "tokens_per_second_mean": _mean([r.get("tokens_per_second") for r in members]),
-                "backprop_blocks_max": max((r.get("backprop_blocks_max") or 0) for r in members),
-                "blocks_total": max((r.get("blocks_total") or 0) for r in members),
-            }
-        )
+    rows = [
+        _group_row(method, budget, variant, sorted(members, key=lambda r: r["seed"]), metric)
+        for (method, budget, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0]))
+    ]
     paired = []
     for reference in references:
         for row in rows:
@@ -161,6 +136,34 @@ def summarize(runs: Sequence[dict], base: Optional[dict] = None, references: Seq
             test = paired_test([mine[s] for s in seeds], [ref[s] for s in seeds])
             paired.append({"reference": reference, "method": row["method"], "budget": row["budget"], "variant": row["variant"], "seeds": seeds, **test})
     return {"metric": metric, "groups": rows, "paired": paired, "references": list(references), "base": base, "paper": PAPER_RESULT}
+
+
+def _group_row(method: str, budget: int, variant: str, members: list[dict], metric: str) -> dict[str, Any]:
+    """One group's aggregates (members sorted by seed)."""
+    ppl_mean, ppl_ci = mean_ci([_metric(r, metric) for r in members])
+    val_mean, val_ci = mean_ci([r["primary_metric"] for r in members])
+    time_mean, time_ci = mean_ci([r["total_elapsed_seconds"] for r in members])
+    return {
+        "method": method,
+        "budget": budget,
+        "variant": variant,
+        "n": len(members),
+        "seeds": [r["seed"] for r in members],
+        "lrs": sorted({r.get("hyperparameters", {}).get("lr") for r in members} - {None}),
+        "ppl_mean": ppl_mean,
+        "ppl_ci": ppl_ci,
+        "ppl_per_seed": [_metric(r, metric) for r in members],
+        "val_mean": val_mean,
+        "val_ci": val_ci,
+        "params_mean": sum(r["lora_params_mean"] for r in members) / len(members),
+        "params_final_mean": sum(r["lora_params_final"] for r in members) / len(members),
+        "runtime_mean": time_mean,
+        "runtime_ci": time_ci,
+        "train_seconds_mean": _mean([r.get("train_seconds") for r in members]),
+        "tokens_per_second_mean": _mean([r.get("tokens_per_second") for r in members]),
+        "backprop_blocks_max": max((r.get("backprop_blocks_max") or 0) for r in members),
+        "blocks_total": max((r.get("blocks_total") or 0) for r in members),
+    }
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -187,6 +190,19 @@ def _delta(test: Optional[dict]) -> str:
     return f"**{cell}**" if excludes_zero else cell
 
 
+def markdown_table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table whose header, separator and rows have the same number of columns.
+
+    Args:
+        header: column titles; align: one letter per column, "l" (left) or "r" (right).
+        rows: one cell per column each.
+    """
+    if len(align) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError(f"a table of {len(header)} columns got alignments {align!r} and rows of {sorted({len(r) for r in rows})} cells")
+    separator = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", separator, *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def glance_markdown(summary: dict) -> list[str]:
     """One row per method and budget with everything a reader compares: the reported PPL with
     its CI and per seed, validation PPL, final parameters (and the mean over steps where it
@@ -195,26 +211,32 @@ def glance_markdown(summary: dict) -> list[str]:
     label = "test PPL" if summary.get("metric", "val") == "test" else "val PPL"
     references = [ref for ref in summary.get("references", REFERENCE_METHODS) if any(p.get("reference", REFERENCE_METHOD) == ref for p in summary["paired"])]
     pairs = {(p.get("reference", REFERENCE_METHOD), p["method"], p["budget"], p["variant"]): p for p in summary["paired"]}
-    lines = [
-        f"| budget | method | lr | {label} (mean ± 95 % CI) | per seed | val PPL | LoRA params | train s | tokens/s | backprop blocks | "
-        + " | ".join(f"Δ vs {ref}" for ref in references) + " |",
-        "|---:|---|---:|---|---|---:|---:|---:|---:|---:|" + "---|" * len(references),
-    ]
+    header = ["budget", "method", "lr", f"{label} (mean ± 95 % CI)", "per seed", "val PPL", "LoRA params", "train s",
+              "tokens/s", "backprop blocks", *(f"Δ vs {ref}" for ref in references)]
+    rows = []
     for row in summary["groups"]:
-        name = row["method"] + (f" ({row['variant']})" if row["variant"] else "")
         ci = "" if math.isnan(row["ppl_ci"]) else f" ± {row['ppl_ci']:.3f}"
-        per_seed = " / ".join(_fmt(v, 3) for v in row["ppl_per_seed"])
-        depth = f"{row['backprop_blocks_max']}/{row['blocks_total']}" if row.get("blocks_total") else ""
         params = f"{row['params_final_mean']:,.0f}"
         if abs(row["params_mean"] - row["params_final_mean"]) > 0.01 * max(row["params_final_mean"], 1):
             params += f" (mean {row['params_mean']:,.0f})"  # e.g. AdaLoRA trains more than it keeps
-        deltas = [_delta(pairs.get((ref, row["method"], row["budget"], row["variant"]))) for ref in references]
-        lines.append(
-            f"| {row['budget']:,} | {name} | {', '.join(f'{lr:.0e}'.replace('e-0', 'e-') for lr in row.get('lrs', []))} | {_fmt(row['ppl_mean'], 3)}{ci} | "
-            f"{per_seed} | {_fmt(row['val_mean'], 3)} | {params} | {_fmt(row.get('train_seconds_mean', math.nan), 0)} | "
-            f"{_fmt(row.get('tokens_per_second_mean', math.nan), 0)} | {depth} | " + " | ".join(deltas) + " |"
-        )
-    return lines
+        rows.append([
+            f"{row['budget']:,}",
+            row["method"] + (f" ({row['variant']})" if row["variant"] else ""),
+            ", ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in row.get("lrs", [])),
+            f"{_fmt(row['ppl_mean'], 3)}{ci}",
+            " / ".join(_fmt(v, 3) for v in row["ppl_per_seed"]),
+            _fmt(row["val_mean"], 3),
+            params,
+            _fmt(row.get("train_seconds_mean", math.nan), 0),
+            _fmt(row.get("tokens_per_second_mean", math.nan), 0),
+            _depth(row),
+            *(_delta(pairs.get((ref, row["method"], row["budget"], row["variant"]))) for ref in references),
+        ])
+    return markdown_table(header, "rlrllrrrrr" + "l" * len(references), rows)
+
+
+def _depth(row: dict) -> str:
+    return f"{row['backprop_blocks_max']}/{row['blocks_total']}" if row.get("blocks_total") else ""
 
 
 def results_markdown(summary: dict, title: str = "Results") -> str:
@@ -222,8 +244,7 @@ def results_markdown(summary: dict, title: str = "Results") -> str:
     validation for older runs) beside validation PPL, real parameter counts, cost (train
     seconds, tokens/s, transformer blocks the backward pass reaches), then paired differences
     against uniform LoRA and GoRA."""
-    metric = summary.get("metric", "val")
-    label = "test PPL" if metric == "test" else "val PPL"
+    label = "test PPL" if summary.get("metric", "val") == "test" else "val PPL"
     lines = [f"# {title}", ""]
     if summary["groups"]:
         lines += [
@@ -235,62 +256,66 @@ def results_markdown(summary: dict, title: str = "Results") -> str:
             "All groups, with the base model and the paper's single run:",
             "",
         ]
-    base = summary.get("base")
-    lines += [
-        f"| method | budget | variant | seeds | lr | {label} (mean ± 95% CI) | val PPL (mean) | LoRA params (final) | "
-        "LoRA params (mean) | train s | tokens/s | backprop blocks |",
-        "|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    if base:
-        shown = base.get("test_ppl") if metric == "test" else base["ppl"]
-        lines.append(f"| base model (no adaptation) | 0 |  | 1 |  | {_fmt(shown)} | {_fmt(base['ppl'])} | 0 | 0 |  |  | 0 |")
-    paper = summary.get("paper")
-    if paper:
-        lines.append(
-            f"| {paper['method']} | {paper['params']:.0f} |  | 1 |  | {paper['ppl']:.4f} (val, other data) |  | n/a | {paper['params']:.0f} | "
-            f"{paper['runtime']:.1f} (total) |  |  |"
-        )
-    for row in summary["groups"]:
-        lrs = ", ".join(f"{lr:g}" for lr in row.get("lrs", []))
-        depth = f"{row['backprop_blocks_max']}/{row['blocks_total']}" if row.get("blocks_total") else ""
-        lines.append(
-            f"| {row['method']} | {row['budget']} | {row['variant']} | {row['n']} | {lrs} | {_ci(row['ppl_mean'], row['ppl_ci'])} | "
-            f"{_fmt(row['val_mean'])} | {row['params_final_mean']:.0f} | {row['params_mean']:.0f} | "
-            f"{_fmt(row.get('train_seconds_mean', math.nan), 1)} | {_fmt(row.get('tokens_per_second_mean', math.nan), 0)} | {depth} |"
-        )
+    lines += _groups_markdown(summary, label)
     lines += [
         "",
         "backprop blocks: how many transformer blocks the backward pass reaches at its deepest (from the earliest "
         "adapted module with rank > 0, or sketching, to the top) / blocks in the model.",
     ]
     for reference in summary.get("references", REFERENCE_METHODS):
-        rows = [r for r in summary["paired"] if r.get("reference", REFERENCE_METHOD) == reference]
-        if not rows:
-            continue
-        lines += [
-            "",
-            f"Paired differences of {label} against {reference} on matching seeds (negative = lower PPL than {reference}); "
-            "p from a two-sided paired t-test.",
-            "",
-            f"| method | budget | variant | pairs | ΔPPL (mean ± 95% CI) | p-value | seeds better than {reference} |",
-            "|---|---:|---|---:|---|---:|---:|",
-        ]
-        for row in rows:
-            ci = "" if math.isnan(row["diff_ci"]) else f" ± {row['diff_ci']:.4f}"
-            lines.append(
-                f"| {row['method']} | {row['budget']} | {row['variant']} | {row['n']} | {row['diff_mean']:+.4f}{ci} | "
-                f"{_fmt_p(row['p_value'])} | {row['wins']}/{row['n']} |"
-            )
+        lines += _paired_markdown(summary, reference, label)
     sweep = summary.get("lr_sweep")
     if sweep:
         lines += [
             "",
             "Learning-rate sweep (validation PPL, sweep seed; the chosen rate in bold; test PPL plays no part):",
             "",
-            "| method | budget | lr | val PPL |",
-            "|---|---:|---:|---:|",
+            *markdown_table(["method", "budget", "lr", "val PPL"], "lrrr", [
+                [rec["method"], str(rec["budget"]), f"{rec['lr']:g}", f"**{_fmt(rec['val_ppl'])}**" if rec["chosen"] else _fmt(rec["val_ppl"])]
+                for rec in sweep
+            ]),
         ]
-        for rec in sweep:
-            value = _fmt(rec["val_ppl"])
-            lines.append(f"| {rec['method']} | {rec['budget']} | {rec['lr']:g} | {f'**{value}**' if rec['chosen'] else value} |")
     return "\n".join(lines) + "\n"
+
+
+def _groups_markdown(summary: dict, label: str) -> list[str]:
+    """Every group, after the base model's row and the paper's single run."""
+    rows = []
+    base = summary.get("base")
+    if base:
+        shown = base.get("test_ppl") if summary.get("metric", "val") == "test" else base["ppl"]
+        rows.append(["base model (no adaptation)", "0", "", "1", "", _fmt(shown), _fmt(base["ppl"]), "0", "0", "", "", "0"])
+    paper = summary.get("paper")
+    if paper:
+        rows.append([paper["method"], f"{paper['params']:.0f}", "", "1", "", f"{paper['ppl']:.4f} (val, other data)", "", "n/a",
+                     f"{paper['params']:.0f}", f"{paper['runtime']:.1f} (total)", "", ""])
+    for row in summary["groups"]:
+        rows.append([
+            row["method"], str(row["budget"]), row["variant"], str(row["n"]), ", ".join(f"{lr:g}" for lr in row.get("lrs", [])),
+            _ci(row["ppl_mean"], row["ppl_ci"]), _fmt(row["val_mean"]), f"{row['params_final_mean']:.0f}", f"{row['params_mean']:.0f}",
+            _fmt(row.get("train_seconds_mean", math.nan), 1), _fmt(row.get("tokens_per_second_mean", math.nan), 0), _depth(row),
+        ])
+    header = ["method", "budget", "variant", "seeds", "lr", f"{label} (mean ± 95% CI)", "val PPL (mean)", "LoRA params (final)",
+              "LoRA params (mean)", "train s", "tokens/s", "backprop blocks"]
+    return markdown_table(header, "lrlrllrrrrrr", rows)
+
+
+def _paired_markdown(summary: dict, reference: str, label: str) -> list[str]:
+    """The paired differences against `reference` (nothing when no group was paired with it)."""
+    pairs = [r for r in summary["paired"] if r.get("reference", REFERENCE_METHOD) == reference]
+    if not pairs:
+        return []
+    rows = [
+        [p["method"], str(p["budget"]), p["variant"], str(p["n"]),
+         f"{p['diff_mean']:+.4f}" + ("" if math.isnan(p["diff_ci"]) else f" ± {p['diff_ci']:.4f}"),
+         _fmt_p(p["p_value"]), f"{p['wins']}/{p['n']}"]
+        for p in pairs
+    ]
+    header = ["method", "budget", "variant", "pairs", "ΔPPL (mean ± 95% CI)", "p-value", f"seeds better than {reference}"]
+    return [
+        "",
+        f"Paired differences of {label} against {reference} on matching seeds (negative = lower PPL than {reference}); "
+        "p from a two-sided paired t-test.",
+        "",
+        *markdown_table(header, "lrlrlrr", rows),
+    ]

@@ -31,6 +31,12 @@ class Target:
     module: nn.Module
 
 
+def matches_target_list(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule for a list of target_modules: `name` is a target, or ends in "." + a target
+    ("q_proj" matches "model.layers.0.self_attn.q_proj", not "model.layers.0.self_attn.xq_proj")."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) -> list[Target]:
     """The modules selected by PEFT-style suffixes or a full-match regex; reads, never changes, the model.
 
@@ -57,7 +63,7 @@ def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) ->
         if isinstance(target_modules, str):
             hit = re.fullmatch(target_modules, name) is not None
         else:
-            hit = any(name == t or name.endswith("." + t) for t in target_modules)
+            hit = matches_target_list(name, target_modules)
         if hit:
             if not _is_adaptable(module):
                 raise ValueError(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .layer import LoRALayer, adapter_shape
-from .manager import match_target_modules
+from .manager import match_target_modules, matches_target_list
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterFile", "adapter_config", "read_adapter", "write_adapter"]
 
@@ -98,7 +98,7 @@ def adapter_config(layers: list[LoRALayer], model: nn.Module, task_type: Optiona
 
     base_names = _unwrapped_module_names(model)
     # PEFT's list semantics would also pick up a module whose name ends with "." + a target.
-    if any(_peft_list_hit(names, n) for n in base_names if n not in ranks):
+    if any(matches_target_list(n, names) for n in base_names if n not in ranks):
         target_modules: list[str] | str = "|".join(re.escape(n) for n in names)
     else:
         target_modules = names
@@ -256,11 +256,6 @@ def _unwrapped_module_names(model: nn.Module) -> list[str]:
     """Module names of the model as it is without GARD (a LoRALayer stands for its base)."""
     inner = [name + "." for name, module in model.named_modules() if isinstance(module, LoRALayer)]
     return [name for name, _ in model.named_modules() if name and not any(name.startswith(p) for p in inner)]
-
-
-def _peft_list_hit(targets: list[str], name: str) -> bool:
-    """PEFT's rule for a list of target_modules."""
-    return name in targets or any(name.endswith("." + t) for t in targets)
 
 
 def _pattern_hit(key: str, name: str) -> bool:

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 
 ALL_BACKENDS = ("reference", "torch", "cpp", "triton", "cuda")
+# What a caller may ask for: a backend, or "auto" (measure and pick; see choose_auto).
+BACKEND_CHOICES = ("auto", *ALL_BACKENDS)
 
 _auto_choice: dict[tuple, str] = {}
 
@@ -39,7 +41,7 @@ def backend_usable(name: str, device_type: str) -> bool:
         return device_type == "cuda" and native.is_available("cuda")
     if name == "triton":
         return _triton_usable(device_type)
-    raise ValueError(f"unknown sketch backend {name!r}; choose one of {('auto',) + ALL_BACKENDS}")
+    raise ValueError(f"unknown sketch backend {name!r}; choose one of {BACKEND_CHOICES}")
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

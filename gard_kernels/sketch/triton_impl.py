@@ -19,8 +19,12 @@ import contextlib
 import functools
 import math
 import os
+from typing import NamedTuple, Optional
 
 import torch
+
+# Absolute: tests load this file on its own (as on a machine without triton), outside the package.
+from gard_kernels.sketch.dtypes import ACCEPTED_DTYPES
 
 try:
     import triton
@@ -29,11 +33,10 @@ except Exception:  # ImportError, or a Triton build that cannot load on this mac
     triton = None
     tl = None
 
-_ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widest sign tile one program holds; larger k is split over grid axes 1 and 2 (re-reading X or dY).
 # 128 spills registers: its [128, 128] float32 accumulator plus the epilogue's pointers exceed 255
 # per thread at 8 warps on sm_80/89/90, and 16 warps spill on sm_80 (benchmarks/check_kernels.py).
-_MAX_BLOCK_K = 64
+MAX_BLOCK_K = 64
 
 
 def _jit(fn=None, **options):
@@ -333,13 +336,68 @@ def _sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _block_k(k: int) -> int:
-    """Sign-tile width for k columns: a power of two >= 16 (tl.dot's minimum), at most _MAX_BLOCK_K."""
-    return min(max(16, triton.next_power_of_2(k)), _MAX_BLOCK_K)
+def sign_tile_width(k: int) -> int:
+    """Sign-tile width for k columns: a power of two >= 16 (tl.dot's minimum), at most MAX_BLOCK_K."""
+    return min(max(16, 1 << max(k - 1, 0).bit_length()), MAX_BLOCK_K)
 
 
-def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_D, programs along tokens, num_warps) for the persistent grid.
+# Every width sign_tile_width returns: the sign tiles a launch can use.
+SIGN_TILE_WIDTHS = tuple(sorted({sign_tile_width(k) for k in range(1, MAX_BLOCK_K + 1)}))
+
+
+class LaunchPlan(NamedTuple):
+    """What the launch heuristic picks for one kernel of sketch_triton.
+
+    Attributes:
+        block_n: tokens per block.
+        block_d: features per chunk (None: the kernel has no feature axis, "split_outer").
+        programs: programs along tokens ("sketch", "split_outer") or feature splits per side
+            ("split_project"), before the caller's overrides.
+        num_warps: warps per program.
+    """
+
+    block_n: int
+    block_d: Optional[int]
+    programs: int
+    num_warps: int
+
+
+def launch_plan(
+    kernel: str, n: int, dtype: torch.dtype, block_ki: int, block_ko: Optional[int] = None, *,
+    d: Optional[int] = None, sms: Optional[int] = None,
+) -> LaunchPlan:
+    """The launch shape sketch_triton's heuristics give one of its kernels (no GPU needed).
+
+    Args:
+        kernel: "sketch" (the fused _sketch_kernel), "split_project" (phase 1 of the split
+            algorithm, one side) or "split_outer" (its phase 2).
+        n: tokens. dtype: the inputs' dtype (one of ACCEPTED_DTYPES).
+        block_ki, block_ko: sign-tile widths (sign_tile_width); "split_project" takes its side's
+            width as block_ki; block_ko defaults to block_ki.
+        d: features of the side ("split_project" only).
+        sms: streaming multiprocessors of the GPU; None: not a GPU (Triton's interpreter).
+    """
+    block_ko = block_ki if block_ko is None else block_ko
+    if kernel == "sketch":
+        return _fused_plan(n, dtype, max(block_ki, block_ko), sms)
+    if kernel == "split_project":
+        if d is None:
+            raise ValueError("launch_plan('split_project', ...) needs the side's feature count d")
+        return _split_plan(n, d, dtype, block_ki, sms)
+    if kernel == "split_outer":
+        block_n, num_warps = _outer_config(block_ki, block_ko)
+        slots = 2 * sms if sms is not None else 4
+        return LaunchPlan(block_n, None, max(1, min(slots, _cdiv(n, block_n))), num_warps)
+    raise ValueError(f"kernel must be 'sketch', 'split_project' or 'split_outer', got {kernel!r}")
+
+
+def _device_sms(device: torch.device) -> Optional[int]:
+    """SMs of a CUDA device; None elsewhere (the interpreter)."""
+    return _sms(device) if device.type == "cuda" else None
+
+
+def _fused_plan(n: int, dtype: torch.dtype, block_k: int, sms: Optional[int]) -> LaunchPlan:
+    """BLOCK_N, BLOCK_D, programs along tokens and num_warps of the fused kernel's persistent grid.
 
     Heuristic rather than autotune: the choice must be cheap on the first call and keep
     interpreter runs quick. BLOCK_N = 64 amortises the per-chunk hash over 64 tokens; it shrinks
@@ -355,20 +413,23 @@ def _launch_config(n: int, dtype: torch.dtype, block_k: int, device: torch.devic
         # 128-feature chunks keep more bytes in flight: on an H200 (bf16, 16 sign columns) they ran
         # 1.2-1.5x faster than 64 (docs/benchmarks.md, "Measured on an H200").
         block_d, num_warps, block_n = (128 if block_k <= 32 else 64), (4 if block_k <= 32 else 8), 64
-    if device.type != "cuda":
+    if sms is None:
         # The interpreter runs programs one after another: few programs, still several blocks each.
-        return block_n, block_d, min(triton.cdiv(n, block_n), 4), num_warps
-    sms = _sms(device)
+        return LaunchPlan(block_n, block_d, min(_cdiv(n, block_n), 4), num_warps)
     # Halve the token block only while fewer than half the SMs would get one: measured on an H200,
     # N = 8192 ran in 56 us with 64-token blocks (128 blocks, 132 SMs) and in 69-80 us with 32.
-    while block_n > 32 and triton.cdiv(n, block_n) < sms // 2:
+    while block_n > 32 and _cdiv(n, block_n) < sms // 2:
         block_n //= 2
     if dtype != torch.float32 and block_k >= 64 and block_n == 32:
         # ptxas caps this shape at 128 registers and spills 8 bytes with 64-feature chunks.
         block_d = 32
     # Several programs per SM hide load latency; fewer when each holds a wide accumulator.
     per_sm = 4 if block_k <= 32 else 2
-    return block_n, block_d, min(triton.cdiv(n, block_n), per_sm * sms), num_warps
+    return LaunchPlan(block_n, block_d, min(_cdiv(n, block_n), per_sm * sms), num_warps)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def sketch_triton(
@@ -422,8 +483,8 @@ def sketch_triton(
         raise ValueError(
             f"sketch_triton expects x [N, d_in] and dy [N, d_out], got {tuple(x.shape)} and {tuple(dy.shape)}"
         )
-    if x.dtype != dy.dtype or x.dtype not in _ACCEPTED_DTYPES:
-        raise TypeError(f"x and dy need one dtype among {_ACCEPTED_DTYPES}, got {x.dtype} and {dy.dtype}")
+    if x.dtype != dy.dtype or x.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"x and dy need one dtype among {ACCEPTED_DTYPES}, got {x.dtype} and {dy.dtype}")
     if out.shape != (k_out, k_in) or out.dtype != torch.float32:
         raise ValueError(f"out must be float32 [{k_out}, {k_in}], got {out.dtype} {tuple(out.shape)}")
     if not (x.device == dy.device == out.device):
@@ -443,17 +504,17 @@ def sketch_triton(
     if algorithm not in ("fused", "split"):
         raise ValueError(f"algorithm must be 'fused' or 'split', got {algorithm!r}")
     if algorithm == "split":
-        if max(k_in, k_out) > _MAX_BLOCK_K:
+        if max(k_in, k_out) > MAX_BLOCK_K:
             raise ValueError(
-                f"the split sketch takes k_in, k_out <= {_MAX_BLOCK_K}, got {k_in}, {k_out}; use algorithm='fused'"
+                f"the split sketch takes k_in, k_out <= {MAX_BLOCK_K}, got {k_in}, {k_out}; use algorithm='fused'"
             )
         return _sketch_split(x, dy, key_in, key_out, k_in, k_out, scale, out, accumulate,
                              block_n, block_d, splits, num_programs, num_warps)
-    bk = block_k or _MAX_BLOCK_K
-    bki, bko = min(_block_k(k_in), bk), min(_block_k(k_out), bk)
-    bn, bd, n_prog, warps = _launch_config(n, x.dtype, max(bki, bko), x.device)
-    bn, bd, num_warps = block_n or bn, block_d or bd, num_warps or warps
-    n_prog = max(1, min(num_programs or n_prog, triton.cdiv(n, bn)))
+    bk = block_k or MAX_BLOCK_K
+    bki, bko = min(sign_tile_width(k_in), bk), min(sign_tile_width(k_out), bk)
+    plan = launch_plan("sketch", n, x.dtype, bki, bko, sms=_device_sms(x.device))
+    bn, bd, num_warps = block_n or plan.block_n, block_d or plan.block_d, num_warps or plan.num_warps
+    n_prog = max(1, min(num_programs or plan.programs, triton.cdiv(n, bn)))
     grid = (n_prog, triton.cdiv(k_out, bko), triton.cdiv(k_in, bki))
     # fp32 inputs need full-precision products (tf32 would miss the 1e-5 target); 16-bit inputs
     # multiply exactly by +-1 on the default tensor-core path.
@@ -508,7 +569,7 @@ def sketch_triton(
 def _reduce_partials(partials: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """out (+)= partials.sum(0) in a fixed order (the deterministic second kernel)."""
     n_prog, k_out, k_in = partials.shape
-    bm, bk = min(_block_k(k_out), 32), min(_block_k(k_in), 32)
+    bm, bk = min(sign_tile_width(k_out), 32), min(sign_tile_width(k_in), 32)
     _sketch_reduce_kernel[(triton.cdiv(k_out, bm), triton.cdiv(k_in, bk))](
         partials,
         out,
@@ -526,10 +587,8 @@ def _reduce_partials(partials: torch.Tensor, out: torch.Tensor, accumulate: bool
     )
 
 
-def _split_config(
-    n: int, d: int, dtype: torch.dtype, block_k: int, device: torch.device
-) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_D, feature splits, num_warps) of the split sketch's phase 1 for one side.
+def _split_plan(n: int, d: int, dtype: torch.dtype, block_k: int, sms: Optional[int]) -> LaunchPlan:
+    """BLOCK_N, BLOCK_D, feature splits and num_warps of the split sketch's phase 1 for one side.
 
     Wide token blocks share each hashed sign tile among more tokens (the hash costs about as much
     as the loads at BLOCK_N = 32); the features are split until there is about one program per
@@ -543,10 +602,10 @@ def _split_config(
         # 64 tokens x 128 features at 8 warps: 128 tokens spill on sm_89 with 128 features, and 4
         # warps need 242-255 registers per thread with 64 (measured alike on the H200: 53 us).
         block_d, num_warps, block_n = (128 if block_k <= 32 else 64), 8, 64
-    slots = _sms(device) if device.type == "cuda" else 4
-    blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(slots, blocks), triton.cdiv(d, 4 * block_d)))
-    return block_n, block_d, splits, num_warps
+    slots = sms if sms is not None else 4
+    blocks = _cdiv(n, block_n)
+    splits = max(1, min(_cdiv(slots, blocks), _cdiv(d, 4 * block_d)))
+    return LaunchPlan(block_n, block_d, splits, num_warps)
 
 
 def _outer_config(block_ki: int, block_ko: int) -> tuple[int, int]:
@@ -568,10 +627,10 @@ def _sketch_split(
     parts = []
     for a, key, k in ((x, key_in, k_in), (dy, key_out, k_out)):
         d = a.shape[1]
-        bk = _block_k(k)
-        bn, bd, n_split, warps = _split_config(n, d, a.dtype, bk, a.device)
-        bn, bd = block_n or bn, block_d or bd
-        n_split = max(1, min(splits or n_split, triton.cdiv(d, bd)))
+        bk = sign_tile_width(k)
+        plan = launch_plan("split_project", n, a.dtype, bk, d=d, sms=_device_sms(a.device))
+        bn, bd, warps = block_n or plan.block_n, block_d or plan.block_d, plan.num_warps
+        n_split = max(1, min(splits or plan.programs, triton.cdiv(d, bd)))
         # Whole chunks per split, so a chunk never straddles two programs.
         per_split = triton.cdiv(triton.cdiv(d, n_split), bd) * bd
         n_split = triton.cdiv(d, per_split)
@@ -584,9 +643,9 @@ def _sketch_split(
             )
         parts.append(part)
     part_x, part_y = parts
-    bn2, warps2 = _outer_config(part_x.shape[2], part_y.shape[2])
-    slots = 2 * _sms(x.device) if x.device.type == "cuda" else 4
-    n_prog = max(1, min(num_programs or slots, triton.cdiv(n, bn2)))
+    outer = launch_plan("split_outer", n, x.dtype, part_x.shape[2], part_y.shape[2], sms=_device_sms(x.device))
+    bn2, warps2 = outer.block_n, outer.num_warps
+    n_prog = max(1, min(num_programs or outer.programs, triton.cdiv(n, bn2)))
     partials = torch.empty(n_prog, k_out, k_in, dtype=torch.float32, device=x.device)
     with _device_guard(x.device):
         _split_outer_kernel[(n_prog,)](
@@ -617,7 +676,7 @@ def projection_triton(key: int, d: int, k: int, device: torch.device | str = "cu
     _check_device(device)
     p = torch.empty(d, k, dtype=torch.float32, device=device)
     # 32 columns: a [64, 64] float32 tile spills 8 bytes on sm_80.
-    bd, bk = 64, min(_block_k(k), 32)
+    bd, bk = 64, min(sign_tile_width(k), 32)
     # Rounded from float64 once, as projection_matrix rounds +-1/sqrt(k): the products match exactly.
     scale = 1.0 / math.sqrt(k)
     with _device_guard(device):
