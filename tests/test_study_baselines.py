@@ -232,3 +232,31 @@ def test_new_baselines_record_their_options_and_profile_memory(workspace):
     spec_old = io.run_spec("gora", 2 * UNIT, 0, train, SETTINGS, {})
     spec_new = io.run_spec("gora-faithful", 2 * UNIT, 0, train, SETTINGS, {})
     assert "method_options" not in spec_old and spec_new["method_options"]["xi"] == "adaptive"
+
+
+def test_gora_on_another_runs_ranks_uses_them_and_refuses_what_it_cannot(tmp_path):
+    import json
+
+    method = _built("gora", 2 * UNIT)
+    names = method.manager.names
+    pattern = {name: (i % 3) for i, name in enumerate(names)}
+    run_dir = tmp_path / f"adalora_b{2 * UNIT}_s0_lr0.03"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"final_ranks": pattern}))
+    template = str(tmp_path / "adalora_b{budget}_s{seed}_lr*" / "metrics.json")
+
+    def run(budget, options):
+        model = tiny_llama()
+        model.requires_grad_(False)
+        return gora.GoraMethod(MethodRun("gora", model, budget, SETTINGS, 0, 4, 1e-2, options))
+
+    method = run(2 * UNIT, {"ranks_from": template})
+    method.prepare(_batches(2), lm_loss)
+    assert method.ranks() == pattern and method.details["ranks_from"].endswith("metrics.json")
+    with pytest.raises(ValueError, match="must match exactly one"):
+        run(3 * UNIT, {"ranks_from": template}).prepare(_batches(2), lm_loss)
+    cost = sum(r * c for r, c in zip(pattern.values(), method.manager.costs))
+    (tmp_path / f"adalora_b{cost - 1}_s0_lr0.03").mkdir()
+    (tmp_path / f"adalora_b{cost - 1}_s0_lr0.03" / "metrics.json").write_text(json.dumps({"final_ranks": pattern}))
+    with pytest.raises(ValueError, match="over the budget"):
+        run(cost - 1, {"ranks_from": template}).prepare(_batches(2), lm_loss)

@@ -80,6 +80,13 @@ METHODS: dict[str, dict[str, Any]] = {
     # with PEFT's usual target rank, pruned to the parameter budget (baselines/*.py).
     "gora-faithful": {"kind": "gora", "config": BASELINE_PRESET, "options": {"fill": True, "xi": "adaptive", "rank_scaling": "rslora"}},
     "adalora-params": {"kind": "adalora", "config": BASELINE_PRESET, "options": {"parameter_budget": True}},
+    # A diagnostic (docs/results.md): static GoRA initialisation on AdaLoRA's final rank pattern
+    # from the q/v study, same budget and seed, so only the ranks' origin differs from `gora`.
+    "gora-on-adalora-ranks": {
+        "kind": "gora",
+        "config": BASELINE_PRESET,
+        "options": {"ranks_from": "docs/metrics/study-*/adalora_b{budget}_s{seed}_lr*/metrics.json"},
+    },
 }
 
 # Earlier names of the two paper methods: accepted everywhere, listed nowhere.

@@ -40,9 +40,13 @@ class GoraMethod(FixedRankMethod):
             "rslora": scale_l = scaling * sqrt(r̄ / r_l) with r̄ = budget / Σ(d_in + d_out), the
             official scripts' rank-stabilised scaling α / sqrt(r) (equal to `scaling` at the
             average rank, so uniform LoRA at r̄ would be unchanged).
+        ranks_from: None, or a glob pattern with {budget} and {seed} naming exactly one earlier
+            run's metrics.json whose final ranks are used instead of GoRA's (a diagnostic: GoRA's
+            initialisation on another method's rank pattern, e.g. AdaLoRA's); refused when the
+            pattern costs more than the budget.
     """
 
-    OPTIONS = {"fill": False, "xi": "lr", "rank_scaling": "constant"}
+    OPTIONS = {"fill": False, "xi": "lr", "rank_scaling": "constant", "ranks_from": None}
 
     def __init__(self, run: MethodRun):
         super().__init__(run)
@@ -57,7 +61,7 @@ class GoraMethod(FixedRankMethod):
             raise ValueError(f"{run.name}: xi must be 'lr', 'adaptive' or a positive number, got {xi!r}")
         self.window = run.settings.value("window", run.name)
         self.scaling = run.settings.value("scaling")
-        self.lr = run.lr
+        self.lr, self.seed = run.lr, run.seed
         self.average_rank = self.budget / sum(self.manager.costs)
         self.details = {"profile_batches": self.window, "init_lr": run.lr, "options": dict(self.options)}
 
@@ -68,8 +72,11 @@ class GoraMethod(FixedRankMethod):
         importance = []
         for layer, grad in zip(layers, means):
             importance.append(float((as_out_in(layer.base, layer.base.weight.detach().double()) * grad).abs().mean()))
-        allocate = gora_fill if self.options["fill"] else gora_ranks
-        plan = allocate(importance, self.manager.costs, self.manager.caps, self.budget, self.r_min, self.r_max)
+        if self.options["ranks_from"]:
+            plan = self._ranks_from(self.options["ranks_from"])
+        else:
+            allocate = gora_fill if self.options["fill"] else gora_ranks
+            plan = allocate(importance, self.manager.costs, self.manager.caps, self.budget, self.r_min, self.r_max)
         # Per layer, the B of a unit step η = 1 (scale * B A = -Ḡ P_A), scaled below.
         unit_b = []
         for layer, rank, grad in zip(layers, plan, means):
@@ -90,6 +97,27 @@ class GoraMethod(FixedRankMethod):
             "init_steps": self.plan([round(s, 8) for s in steps]),
             "scalings": self.plan([round(layer.scaling, 6) for layer in layers]),
         })
+
+    def _ranks_from(self, pattern: str) -> list[int]:
+        """The final ranks of the one run whose metrics.json matches `pattern` (see ranks_from)."""
+        import glob
+        import json
+
+        path = pattern.format(budget=self.budget, seed=self.seed)
+        found = sorted(glob.glob(path))
+        if len(found) != 1:
+            raise ValueError(f"{self.name}: ranks_from {path!r} must match exactly one metrics.json, found {found or 'none'}")
+        with open(found[0], encoding="utf-8") as f:
+            ranks = json.load(f)["final_ranks"]
+        missing = [name for name in self.manager.names if name not in ranks]
+        if missing:
+            raise ValueError(f"{self.name}: {found[0]} has no rank for {missing[:3]} ({len(missing)} modules)")
+        plan = [min(int(ranks[name]), cap) for name, cap in zip(self.manager.names, self.manager.caps)]
+        spent = sum(r * c for r, c in zip(plan, self.manager.costs))
+        if spent > self.budget:
+            raise ValueError(f"{self.name}: the ranks of {found[0]} cost {spent} parameters, over the budget {self.budget}")
+        self.details["ranks_from"] = found[0]
+        return plan
 
     def _steps(self, plan: Sequence[int]) -> list[float]:
         """η_l of every layer for xi "lr" or a number; for "adaptive", the steps of λ = 1."""
