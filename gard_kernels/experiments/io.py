@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from .presets import BASELINE_OPTIONS, method_kind
+from .presets import BASELINE_OPTIONS, method_kind, method_options
 from .settings import GardSettings, TrainSettings
 
 
@@ -21,7 +21,7 @@ def fingerprint(spec: dict) -> str:
 
 def run_spec(method: str, budget: int, seed: int, train: TrainSettings, gard: GardSettings, context: dict) -> dict:
     """Everything that determines a run's result, as one dict (its fingerprint is the resume key)."""
-    return {
+    spec = {
         "method": method,
         "budget": budget,
         "seed": seed,
@@ -33,6 +33,12 @@ def run_spec(method: str, budget: int, seed: int, train: TrainSettings, gard: Ga
         "corpus": context.get("corpus"),
         "data": context.get("data"),
     }
+    # A method's own hyperparameters (presets.method_options): only where it has some, so the
+    # runs of methods without them keep their fingerprints.
+    options = method_options(method)
+    if options:
+        spec["method_options"] = options
+    return spec
 
 
 def options_read_by(method: str, gard: GardSettings) -> dict:

@@ -21,7 +21,7 @@ the smallest budget at which the method adapts anything.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -41,6 +41,8 @@ class MethodRun:
         seed: adapter initialisation seed.
         steps: optimizer steps of the run.
         lr: the run's learning rate (GoRA's initialisation is one gradient step of this size).
+        options: the method's own hyperparameters from its registry entry (presets.METHODS
+            "options"; empty for most), e.g. GoRA's initial step size.
     """
 
     name: str
@@ -51,6 +53,7 @@ class MethodRun:
     seed: int
     steps: int
     lr: float
+    options: dict = field(default_factory=dict)
 
 
 class Method:

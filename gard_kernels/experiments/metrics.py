@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from .gard_method import GardMethod
+from .memory import PeakMemory
 from .method import Method, MethodRun
 
 if TYPE_CHECKING:
@@ -32,6 +33,9 @@ class Trace:
     depth: list[int] = field(default_factory=list)
     params_sum: int = 0
     profile_seconds: float = 0.0
+    # Peak resident memory of the profile (method.prepare) and of the optimizer steps (memory.py).
+    profile_memory: PeakMemory = field(default_factory=PeakMemory)
+    train_memory: PeakMemory = field(default_factory=PeakMemory)
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
 
@@ -111,6 +115,9 @@ def _headline(method: Method, trace: Trace, test: Optional[dict], train: "TrainS
         "total_elapsed_seconds": time.perf_counter() - trace.start,
         "train_seconds": trace.train_seconds,
         "profile_seconds": trace.profile_seconds,
+        # Peak RSS of the profile and of the optimizer steps (memory.PeakMemory; None off Linux).
+        **trace.profile_memory.to_dict("profile"),
+        **trace.train_memory.to_dict("train"),
         "eval_seconds": trace.eval_seconds,
         "train_tokens": train_tokens,
         "tokens_per_second": train_tokens / trace.train_seconds if trace.train_seconds > 0 else None,

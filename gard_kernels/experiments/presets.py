@@ -75,6 +75,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "grad-norm-static-gora-init": _gard(mode="static", score="grad_norm", grow_init="gora", **EARLIER_GRID),
     "update-nuclear-static-gora-init": _gard(mode="static", score="update_nuclear", grow_init="gora", **EARLIER_GRID),
     **{name: {"kind": name, "config": BASELINE_PRESET} for name in BASELINES},
+    # The all-linear study's baselines at their best (docs/results.md): GoRA as its official
+    # code runs it (budget spent, its own adaptive step, rank-stabilised scaling), and AdaLoRA
+    # with PEFT's usual target rank, pruned to the parameter budget (baselines/*.py).
+    "gora-faithful": {"kind": "gora", "config": BASELINE_PRESET, "options": {"fill": True, "xi": "adaptive", "rank_scaling": "rslora"}},
+    "adalora-params": {"kind": "adalora", "config": BASELINE_PRESET, "options": {"parameter_budget": True}},
+    # A diagnostic (docs/results.md): static GoRA initialisation on AdaLoRA's final rank pattern
+    # from the q/v study, same budget and seed, so only the ranks' origin differs from `gora`.
+    "gora-on-adalora-ranks": {
+        "kind": "gora",
+        "config": BASELINE_PRESET,
+        "options": {"ranks_from": "docs/metrics/study-*/adalora_b{budget}_s{seed}_lr*/metrics.json"},
+    },
 }
 
 # Earlier names of the two paper methods: accepted everywhere, listed nowhere.
@@ -104,6 +116,12 @@ def method_spec(name: str) -> dict[str, Any]:
     if spec is None:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return spec
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The method's own hyperparameters (its registry entry's "options"; {} for most methods).
+    They are part of the run's fingerprint only when not empty, so older runs keep theirs."""
+    return dict(method_spec(name).get("options", {}))
 
 
 def is_method(name: str) -> bool:

@@ -22,7 +22,7 @@ from .io import fingerprint, run_spec, write_json
 from .method import Method, MethodRun
 from .metrics import Trace, run_metrics
 from .module_names import block_index
-from .presets import build_method
+from .presets import build_method, method_options
 from .settings import GardSettings, TrainSettings
 
 
@@ -74,7 +74,7 @@ def finetune(
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model)
     model.requires_grad_(False)
-    run = MethodRun(method_name, model, budget, gard, seed, train.steps, train.lr)
+    run = MethodRun(method_name, model, budget, gard, seed, train.steps, train.lr, method_options(method_name))
     method = build_method(run)
     batches = train_batches(data, train.batch_size, train.steps, seed)
     eval_set = data.eval_subset(train.eval_blocks)
@@ -122,8 +122,11 @@ def train_loop(
         with autocast_context(train.precision, device):
             return lm_loss(model, batch)
 
+    trace.profile_memory.start()
     method.prepare(batches, prepare_loss, progress)
+    trace.profile_memory.stop()
     trace.profile_seconds = time.perf_counter() - trace.start
+    trace.train_memory.start()
     bar = tqdm(batches, desc=label, unit="step", disable=not progress, leave=False)
     for step, batch in enumerate(bar):
         record = _train_step(method, train_model, batch, step, optimizer, scheduler, params, train, device, trace)
@@ -134,6 +137,7 @@ def train_loop(
             trace.eval_seconds += time.perf_counter() - tick
             trace.evals.append({"step": step + 1, **result})
             method.model.train()
+    trace.train_memory.stop()
     trace.train_seconds = time.perf_counter() - trace.start - trace.eval_seconds
     return trace
 

@@ -11,6 +11,7 @@ from ..method import Method
 from .adalora import AdaLoraMethod
 from .eva import EvaMethod
 from .gora import GoraMethod
+from .lora_ga import LoraGaMethod
 from .uniform import UniformMethod
 
 # Name -> the Method subclass, in the order tables and figures list them.
@@ -19,6 +20,7 @@ BASELINES: dict[str, type[Method]] = {
     "eva": EvaMethod,
     "adalora": AdaLoraMethod,
     "uniform": UniformMethod,
+    "lora-ga": LoraGaMethod,
 }
 
-__all__ = ["BASELINES", "AdaLoraMethod", "EvaMethod", "GoraMethod", "UniformMethod"]
+__all__ = ["BASELINES", "AdaLoraMethod", "EvaMethod", "GoraMethod", "LoraGaMethod", "UniformMethod"]
