@@ -137,7 +137,9 @@ class GARD:
         Raises:
             ValueError: it does not hold every LoRA factor.
             TypeError: its state could not follow a rank change (factored or quantised state such
-                as Adafactor's or 8-bit Adam's), refused now rather than at the first resize.
+                as Adafactor's or 8-bit Adam's, a paged optimizer), refused now rather than at the
+                first resize. Not checked in static mode once its one allocation has happened
+                (after `profile()`): no resize follows it.
         """
         owned = {id(p) for p in self.lora_parameters()}
         seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -147,10 +149,20 @@ class GARD:
                 f"the optimizer does not hold {len(missing)} of GARD's {len(owned)} LoRA parameters; "
                 "build it from gard.lora_parameters() (rank-0 factors included)"
             )
-        check_optimizer_supported(optimizer)
+        if self.config.mode != "static" or not self.allocated:
+            check_optimizer_supported(optimizer, self._largest_factor_shape())
         # Grown directions recorded in a loaded optimizer state keep their fresh-Adam treatment.
         track_new_directions(optimizer)
         self.optimizer = optimizer
+
+    def _largest_factor_shape(self) -> tuple[int, int]:
+        """Shape of the largest LoRA factor a resize can make (r_max-capped rank by the larger
+        side): the trial parameter of attach_optimizer, so size-dependent state (8-bit) shows."""
+        shapes = [
+            (max(1, min(self.config.r_max, layer.d_in, layer.d_out)), max(layer.d_in, layer.d_out))
+            for layer in self.manager.layers
+        ]
+        return max(shapes, key=lambda shape: shape[0] * shape[1])
 
     def step(self) -> Optional[dict[str, Any]]:
         """Close this optimizer step: store its sketches, re-allocate ranks when due.

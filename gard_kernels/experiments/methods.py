@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import GARDConfig
 from ..controller import GARD
+from ..lora.base_layers import dequantized_bases
 from ..lora.layer import adapter_shape
 from ..lora.manager import LoRAManager, match_target_modules
 
@@ -377,6 +378,10 @@ class GoraMethod(_FixedRankMethod):
         self.details = {"profile_batches": self.window, "init_lr": lr}
 
     def prepare(self, batches, loss_fn, progress=False):
+        with dequantized_bases(self.manager.layers):  # quantised weights can take no gradient
+            self._prepare(batches, loss_fn, progress)
+
+    def _prepare(self, batches, loss_fn, progress=False):
         from tqdm.auto import tqdm
 
         if len(batches) < 1:
