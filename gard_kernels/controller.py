@@ -156,10 +156,13 @@ class GARD:
         self.optimizer = optimizer
 
     def _largest_factor_shape(self) -> tuple[int, int]:
-        """Shape of the largest LoRA factor a resize can make (r_max-capped rank by the larger
-        side): the trial parameter of attach_optimizer, so size-dependent state (8-bit) shows."""
+        """Shape of the largest LoRA factor a resize can make (the highest rank the bounds and the
+        budget allow, by the larger side): attach_optimizer's trial parameter, so that state whose
+        kind depends on the size (8-bit above bitsandbytes' min_8bit_size) shows."""
+        cfg = self.config
         shapes = [
-            (max(1, min(self.config.r_max, layer.d_in, layer.d_out)), max(layer.d_in, layer.d_out))
+            (max(1, min(cfg.r_max, layer.d_in, layer.d_out, cfg.budget // (layer.d_in + layer.d_out))),
+             max(layer.d_in, layer.d_out))
             for layer in self.manager.layers
         ]
         return max(shapes, key=lambda shape: shape[0] * shape[1])

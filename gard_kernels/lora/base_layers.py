@@ -109,8 +109,13 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if kind is None:
         return weight
     functional = sys.modules["bitsandbytes"].functional
-    if kind == "4bit" and getattr(module.weight, "quant_state", None) is not None:
-        return functional.dequantize_4bit(weight, module.weight.quant_state)
+    quant_state = getattr(module.weight, "quant_state", None)
+    if kind == "4bit" and quant_state is not None:
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # An eval-mode forward on some CPUs (AVX512-BF16) repacked the codes for bitsandbytes'
+            # CPU kernel; the inverse gives the standard layout dequantize_4bit reads.
+            weight, quant_state = functional._convert_weight_packed_for_cpu_inverse(weight, quant_state)
+        return functional.dequantize_4bit(weight, quant_state)
     scales = getattr(module.weight, "SCB", None)
     if kind == "8bit" and scales is not None and weight.dtype == torch.int8:
         # LLM.int8 row-wise absmax codes: w = code * SCB / 127.

@@ -174,6 +174,7 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
     """
     name = type(optimizer).__name__
     if getattr(optimizer, "is_paged", False):
+        name = _qualified_name(optimizer)
         # bitsandbytes' pager keeps its own list of the state buffers it allocated: a resized
         # (new) buffer would not be paged, and the old one would stay allocated for the run.
         raise TypeError(
@@ -210,12 +211,19 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
         raise TypeError(f"attach_optimizer: {error}") from None
 
 
+def _qualified_name(optimizer: torch.optim.Optimizer) -> str:
+    """"AdamW" for torch's, "bitsandbytes.optim.adamw.AdamW" for others (the Trainer's 8-bit and
+    paged optimizers are bitsandbytes classes named like torch's)."""
+    cls = type(optimizer)
+    return cls.__name__ if cls.__module__.startswith("torch.") else f"{cls.__module__}.{cls.__name__}"
+
+
 def _check_not_quantised(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Refuse integer (quantised) elementwise state, e.g. bitsandbytes' 8-bit Adam moments."""
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and not value.is_floating_point():
             raise TypeError(
-                f"{type(optimizer).__name__} keeps state[{key!r}] as {value.dtype} (quantised state, e.g. an "
+                f"{_qualified_name(optimizer)} keeps state[{key!r}] as {value.dtype} (quantised state, e.g. an "
                 "8-bit optimizer's blockwise-quantised moments): it cannot follow a rank change. " + _WHAT_WORKS
             )
 
