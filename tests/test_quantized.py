@@ -166,6 +166,12 @@ def test_gard_trains_on_a_quantised_base_and_peft_reloads_it(kind, mode, one_thr
     reloaded = peft.PeftModel.from_pretrained(_model(kind), tmp_path).train()
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
+    # GARD reads the adapter back onto a quantised base (its shape check reads the declared features).
+    continued = _model(kind)
+    again = gk.GARD.from_pretrained(continued, tmp_path, gard.config)
+    assert again.ranks == gard.ranks
+    with torch.no_grad():
+        assert torch.equal(continued(x), model(x))
 
 
 def test_sketches_on_a_quantised_base_match_the_float64_reference(one_thread):
