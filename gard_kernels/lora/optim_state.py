@@ -174,18 +174,19 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
     """
     name = type(optimizer).__name__
     if getattr(optimizer, "is_paged", False):
-        name = _qualified_name(optimizer)
         # bitsandbytes' pager keeps its own list of the state buffers it allocated: a resized
         # (new) buffer would not be paged, and the old one would stay allocated for the run.
         raise TypeError(
-            f"{name} is a paged optimizer: its state buffers are held by bitsandbytes' pager, which does "
-            f"not follow a rank change. {_WHAT_WORKS}"
+            f"{_qualified_name(optimizer)} is a paged optimizer: its state buffers are held by bitsandbytes' "
+            f"pager, which does not follow a rank change. {_WHAT_WORKS}"
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for param in params:
         _check_not_quantised(optimizer, optimizer.state.get(param, {}))
     check_remappable(optimizer, params)
-    probe = torch.nn.Parameter(torch.zeros(probe_shape))
+    # On the parameters' device: some optimizers only step there (bitsandbytes without a CPU backend).
+    device = params[0].device if params else None
+    probe = torch.nn.Parameter(torch.zeros(probe_shape, device=device))
     accepted = inspect.signature(type(optimizer).__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     # defaults may hold derived entries the constructor does not take (AdamW's decoupled_weight_decay).
