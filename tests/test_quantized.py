@@ -306,6 +306,9 @@ def llama_dir(tmp_path_factory):
 
 
 def _load(path, kind):
+    """The tiny Llama loaded quantised. from_pretrained returns it in eval mode, where a 4-bit
+    forward on a CPU with AVX512-BF16 repacks the codes for a kernel that needs in_features of at
+    least 64 and out_features divisible by 32: run it in training mode."""
     if kind == "nf4":
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
@@ -371,3 +374,19 @@ def test_trainer_refuses_a_paged_8bit_optimizer_before_the_first_step(llama_dir,
         trainer.train()
     assert trainer.state.global_step == 0 and callback.gard.step_count == 0
 
+
+
+def test_trainer_keeps_a_paged_8bit_optimizer_in_static_mode_after_profiling(llama_dir, tmp_path, one_thread):
+    model = _load(llama_dir, "nf4")
+    config = gk.GARDConfig(
+        budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=2, grow_init="gradient", backend="torch"
+    )
+    callback = GARDCallback(config)
+    callback.prepare(model)
+    model.train()  # as the Trainer will (see _load)
+    event = callback.gard.profile(batches(2, seed=2))  # the one allocation, before the optimizer exists
+    trainer = _trainer(tmp_path, model, callback, optim="paged_adamw_8bit", max_steps=3)
+    trainer.train()
+    gard = callback.gard
+    assert gard.step_count == 3 and gard.manager.ranks == event["ranks"]
+    assert getattr(gard.optimizer, "is_paged", False) and gard.optimizer.state

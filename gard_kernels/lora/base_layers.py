@@ -32,7 +32,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _bnb_kind(module: nn.Module) -> str | None:
-    """"4bit" / "8bit" for a bitsandbytes quantised Linear, else None."""
+    """The kind of a bitsandbytes quantised Linear ("4bit" or "8bit"), None for any other module."""
     for cls in type(module).__mro__:
         if cls.__module__.split(".")[0] != "bitsandbytes":
             continue

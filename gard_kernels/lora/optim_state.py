@@ -213,8 +213,8 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
 
 
 def _qualified_name(optimizer: torch.optim.Optimizer) -> str:
-    """"AdamW" for torch's, "bitsandbytes.optim.adamw.AdamW" for others (the Trainer's 8-bit and
-    paged optimizers are bitsandbytes classes named like torch's)."""
+    """The class name for torch's optimizers, with its module for others: the Trainer's 8-bit and
+    paged optimizers are bitsandbytes classes named like torch's (bitsandbytes.optim.adamw.AdamW)."""
     cls = type(optimizer)
     return cls.__name__ if cls.__module__.startswith("torch.") else f"{cls.__module__}.{cls.__name__}"
 
