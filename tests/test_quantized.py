@@ -116,6 +116,23 @@ def test_shapes_come_from_the_declared_features(kind, one_thread):
         assert rel_error(layer(x), expected) < 1e-5
 
 
+def test_dense_weight_reads_codes_repacked_for_cpu_inference(one_thread):
+    # An eval-mode forward without gradients on a CPU with AVX512-BF16 repacks the codes of a layer
+    # with in_features >= 64 and out_features divisible by 32 (elsewhere nothing changes).
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 96)
+    layer = bnb.nn.Linear4bit(64, 96, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")
+    before = dense_weight(layer)
+    with torch.no_grad():
+        layer.eval()(torch.randn(3, 64))
+    assert adapter_shape(layer) == (64, 96)
+    # The repacking keeps the block scales in bf16 (relative rounding 2^-9); a misread layout
+    # would be off by ~100 %.
+    assert rel_error(dense_weight(layer), before) < 5e-3
+
+
 def test_unknown_quantised_layers_are_refused_by_name():
     class QuantLinear(nn.Module):
         """A GPTQ-style layer: packed int32 codes, not an nn.Linear."""

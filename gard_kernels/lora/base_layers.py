@@ -100,8 +100,13 @@ def adapter_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as a dense float tensor in Linear layout [d_out, d_in] (a new tensor
-    for a quantised layer, dequantised as its forward pass does; a detached view otherwise)."""
+    """The layer's weight as a dense float tensor in Linear layout [d_out, d_in]: for a quantised
+    layer a new, dequantised tensor (for NF4 / FP4 exactly the one its CPU forward multiplies
+    by), otherwise a detached view.
+
+    Raises:
+        TypeError: integer codes without the scales to dequantise them.
+    """
     weight = module.weight.detach()
     if _is_conv1d(module):
         return weight.T
@@ -120,6 +125,9 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if kind == "8bit" and scales is not None and weight.dtype == torch.int8:
         # LLM.int8 row-wise absmax codes: w = code * SCB / 127.
         return functional.int8_vectorwise_dequant(weight, scales)
+    if not weight.is_floating_point():
+        raise TypeError(f"{type(module).__name__} holds {weight.dtype} codes without their quantisation state")
+    # Not quantised yet (bitsandbytes quantises on the move to a device): still the dense weight.
     return weight
 
 
