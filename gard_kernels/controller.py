@@ -144,7 +144,9 @@ class GARD:
         Raises:
             ValueError: it does not hold every LoRA factor.
             TypeError: its state could not follow a rank change (factored or quantised state such
-                as Adafactor's or 8-bit Adam's), refused now rather than at the first resize.
+                as Adafactor's or 8-bit Adam's, a paged optimizer), refused now rather than at the
+                first resize. Not checked in static mode once its one allocation has happened
+                (after `profile()`): no resize follows it.
         """
         fsdp.check_adapters_outside_fsdp(self.manager.layers)
         owned = {id(p) for p in self.lora_parameters()}
@@ -155,7 +157,8 @@ class GARD:
                 f"the optimizer does not hold {len(missing)} of GARD's {len(owned)} LoRA parameters; "
                 "build it from gard.lora_parameters() (rank-0 factors included)"
             )
-        check_optimizer_supported(optimizer)
+        if self.config.mode != "static" or not self.allocated:
+            check_optimizer_supported(optimizer, self._largest_factor_shape())
         # Grown directions recorded in a loaded optimizer state keep their fresh-Adam treatment.
         track_new_directions(optimizer)
         self.optimizer = optimizer
@@ -197,6 +200,18 @@ class GARD:
                 "(by fully_shard, a wrapper, or a reload), so it trains nothing. Build the optimizer from "
                 "gard.lora_parameters() after sharding / wrapping and attach it again (gard.attach_optimizer)"
             )
+
+    def _largest_factor_shape(self) -> tuple[int, int]:
+        """Shape of the largest LoRA factor a resize can make (the highest rank the bounds and the
+        budget allow, by the larger side): attach_optimizer's trial parameter, so that state whose
+        kind depends on the size (8-bit above bitsandbytes' min_8bit_size) shows."""
+        cfg = self.config
+        shapes = [
+            (max(1, min(cfg.r_max, layer.d_in, layer.d_out, cfg.budget // (layer.d_in + layer.d_out))),
+             max(layer.d_in, layer.d_out))
+            for layer in self.manager.layers
+        ]
+        return max(shapes, key=lambda shape: shape[0] * shape[1])
 
     def step(self) -> Optional[dict[str, Any]]:
         """Close this optimizer step: store its sketches, re-allocate ranks when due.

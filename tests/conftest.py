@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+# No test downloads anything; bitsandbytes would otherwise try to fetch a CPU kernel from the
+# model hub when it is imported (tests/test_quantized.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton's interpreter runs the kernels on the CPU; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -195,6 +195,14 @@ def _samples(count: int) -> list[dict]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
+def _saved_model(ns: dict) -> dict:
+    """The Hub name or path of the base model: the tiny Llama saved in the working directory."""
+    path = Path("tiny-llama")
+    if not path.is_dir():
+        _fresh_model().save_pretrained(path)
+    return {"model_id": str(path)}
+
+
 def _training_run(ns: dict) -> dict:
     """A GARD run three optimizer steps in (with the stand-in cfg: one re-allocation done)."""
     model, cfg = need(ns, "model"), need(ns, "cfg")
@@ -216,6 +224,7 @@ def _loss(ns: dict) -> dict:
 STAND_INS: dict[str, Callable[[dict], dict]] = {
     "model": lambda ns: {"model": _fresh_model()},
     "load_model": lambda ns: {"load_model": _fresh_model},
+    "model_id": _saved_model,
     # 24 steps: the examples' interval=20 reaches their first re-allocation.
     "loader": lambda ns: {"loader": batches(24)},
     "batches": lambda ns: {"batches": batches(8)},
@@ -292,6 +301,12 @@ def _check_peft_outputs(ns: dict) -> None:
     assert "lora" not in " ".join(name for name, _ in ns["merged"].named_modules()).lower()
 
 
+def _check_qlora(ns: dict) -> None:
+    gard = ns["model"].model.layers[0].self_attn.q_proj
+    assert type(gard.base).__name__ == "Linear4bit" and gard.rank > 0
+    assert ns["callback"].gard.step_count > 0 and Path("out-qlora/adapter/adapter_config.json").is_file()
+
+
 def _check_own_checkpoint(ns: dict) -> None:
     assert ns["gard"].manager.ranks == ns["state"]["gard"]["ranks"]
     assert ns["gard"].step_count == ns["state"]["gard"]["step_count"] > 0
@@ -309,6 +324,7 @@ HOOKS = [
          why="the test's temporary directory, not the file system root"),
     Hook("integrations.md", "PeftModel.from_pretrained", after=_check_peft_outputs),
     Hook("integrations.md", "run.pt", after=_check_own_checkpoint),
+    Hook("integrations.md", "out-qlora/adapter", after=_check_qlora),
 ]
 
 

@@ -43,7 +43,8 @@ def suggest_lora_config(
     sum r * (d_in + d_out) <= budget.
 
     Args:
-        model: a torch model with nn.Linear or transformers Conv1D target modules.
+        model: a torch model with nn.Linear (bitsandbytes 4-bit and 8-bit included) or transformers
+            Conv1D target modules.
         batches: iterable of model inputs; dicts go to model(**batch) unless loss_fn is given.
         budget: LoRA parameter budget (GARDConfig.budget).
         target_modules: names / suffixes or a full-match regex (GARDConfig.target_modules).

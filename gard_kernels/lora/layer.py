@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base_layers import _is_conv1d, adapter_shape, lora_added_in_output_dtype
 from .capture import CaptureHandle, lora_capture
 from .optim_state import (
     check_remappable,
@@ -25,23 +26,6 @@ GROW_INITS = ("zero", "gradient", "gora")
 # Expected norm of a row of the PEFT init: uniform(-b, b) over d_in entries, b = 1/sqrt(d_in),
 # has E||a||^2 = d_in b^2 / 3 = 1/3 whatever d_in; gradient-initialised rows get the same norm.
 _INIT_ROW_NORM = 1.0 / math.sqrt(3.0)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 style Conv1D (weight [d_in, d_out]), recognised by name so that
-    # transformers is never imported here.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def adapter_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear (weight [d_out, d_in]) or transformers Conv1D ([d_in, d_out])."""
-    if isinstance(module, nn.Linear):
-        d_out, d_in = module.weight.shape
-        return d_in, d_out
-    if _is_conv1d(module):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out
-    raise TypeError(f"LoRA adapts nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 @dataclass(frozen=True)
@@ -83,8 +67,9 @@ class LoRALayer(nn.Module):
     in backward; otherwise the branch is plain torch ops.
 
     Args:
-        base: nn.Linear (weight [d_out, d_in]) or transformers Conv1D (weight [d_in, d_out]).
-            Its weight and bias are frozen.
+        base: nn.Linear (weight [d_out, d_in]; bitsandbytes Linear4bit / Linear8bitLt included,
+            see base_layers.py) or transformers Conv1D (weight [d_in, d_out]). Its weight and
+            bias are frozen.
         rank: initial rank r >= 0 (0: the layer adds nothing and has zero-size factors).
         scaling: constant multiplier of B A (default 1.0).
         name: the module's name in the model, for records and messages.
@@ -106,6 +91,7 @@ class LoRALayer(nn.Module):
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A = nn.Parameter(_init_rows(rank, d_in, None, weight.device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, device=weight.device, dtype=dtype))
+        self._cast_lora_first = lora_added_in_output_dtype(base)
 
     def extra_repr(self) -> str:
         return (
@@ -132,11 +118,18 @@ class LoRALayer(nn.Module):
             # frozen adapter whose input does not require grad. It is zero-size and not a Parameter.
             anchor = torch.empty(0, device=x.device, requires_grad=True)
             lora = lora_capture(x, self.lora_A, self.lora_B, self.scaling, self.capture, anchor)
-            return y + lora.to(y.dtype)
+            return self._add(y, lora)
         if self.rank == 0:
             return y
         lora = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
-        return y + (lora * self.scaling).to(y.dtype)
+        return self._add(y, lora * self.scaling)
+
+    def _add(self, y: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        # As PEFT adds it (base_layers.lora_added_in_output_dtype), so that a PEFT reload of the
+        # export computes the same logits on bf16 / fp16 and quantised bases.
+        if self._cast_lora_first:
+            return y + lora.to(y.dtype)
+        return (y + lora).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, [d_out, d_in] (Linear layout; transpose it for a Conv1D base)."""

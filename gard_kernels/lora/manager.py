@@ -67,8 +67,9 @@ def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) ->
         if hit:
             if not _is_adaptable(module):
                 raise ValueError(
-                    f"target module {name!r} is a {type(module).__name__}; GARD adapts nn.Linear and "
-                    "transformers Conv1D only: narrow target_modules"
+                    f"target module {name!r} is a {type(module).__name__}; GARD adapts nn.Linear and transformers "
+                    "Conv1D only (bitsandbytes Linear4bit / Linear8bitLt included), not other quantised layers "
+                    "(GPTQ, AWQ, HQQ, ...): narrow target_modules or load the model unquantised"
                 )
             hits.add(id(module))
     if not hits:

@@ -52,6 +52,15 @@ NEW_KEY = "gard_new_directions"
 # A tracked element is released once both bias-correction ratios are this close to 1.
 _RELEASE_TOLERANCE = 1e-3
 
+# What to use instead of an optimizer whose state cannot follow a resize.
+_WHAT_WORKS = (
+    "Use torch.optim.AdamW (the Hugging Face Trainer's optim=\"adamw_torch\"): the LoRA factors are small, so "
+    "8 bytes of state per LoRA parameter cost little next to the base model. In static mode "
+    "(mode=\"static\") any optimizer works when attached after gard.profile(...): no resize follows "
+    "the one allocation."
+)
+
+
 # optimizer -> the parameters whose state holds NEW_KEY. The optimizer's step pre-hook, installed
 # once, only looks at these, so it costs a dictionary look-up when nothing waits.
 _waiting: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -146,44 +155,77 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.
         optimizer.state.pop(param, None)
 
 
-def check_optimizer_supported(optimizer: torch.optim.Optimizer) -> None:
+def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tuple[int, int] = (3, 2)) -> None:
     """Raise now if `optimizer`'s state could not follow a rank change later.
 
     Optimizers create state lazily, so factored or quantised state (Adafactor's row/column
     factors, 8-bit Adam's blockwise scales) would otherwise only surface at the first resize,
-    mid-run. The check runs one step of the same class with the same defaults on a throwaway
-    [3, 2] parameter and checks the state it creates, plus the state the optimizer already has.
+    mid-run. The check runs one step of the same class with the same options on a throwaway
+    parameter of `probe_shape` and checks the state it creates, plus the state the optimizer
+    already has. bitsandbytes' 8-bit optimizers keep 32-bit state below `min_8bit_size` elements
+    (4096 by default): pass the shape of the largest LoRA factor, so the trial meets the state
+    the real factors will get.
 
+    Args:
+        optimizer: the optimizer to check.
+        probe_shape: shape of the trial parameter (default (3, 2)).
     Raises:
         TypeError: naming the optimizer and what works instead.
     """
+    name = type(optimizer).__name__
+    if getattr(optimizer, "is_paged", False):
+        # bitsandbytes' pager keeps its own list of the state buffers it allocated: a resized
+        # (new) buffer would not be paged, and the old one would stay allocated for the run.
+        raise TypeError(
+            f"{_qualified_name(optimizer)} is a paged optimizer: its state buffers are held by bitsandbytes' "
+            f"pager, which does not follow a rank change. {_WHAT_WORKS}"
+        )
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:
+        _check_not_quantised(optimizer, optimizer.state.get(param, {}))
     check_remappable(optimizer, params)
-    probe = torch.nn.Parameter(torch.zeros(3, 2))
+    # On the parameters' device: some optimizers only step there (bitsandbytes without a CPU backend).
+    device = params[0].device if params else None
+    probe = torch.nn.Parameter(torch.zeros(probe_shape, device=device))
     accepted = inspect.signature(type(optimizer).__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     # defaults may hold derived entries the constructor does not take (AdamW's decoupled_weight_decay).
     options = {k: v for k, v in optimizer.defaults.items() if takes_any or k in accepted}
+    # bitsandbytes keeps the options that decide 8-bit state (optim_bits, min_8bit_size) outside
+    # `defaults`, in an `args` namespace its constructors take back as is.
+    if "args" in accepted and hasattr(optimizer, "args"):
+        options["args"] = optimizer.args
     try:
         trial = type(optimizer)([probe], **options)
         probe.grad = torch.ones_like(probe)
         trial.step()
     except Exception as error:  # any failure means the probe says nothing; refuse clearly
         raise TypeError(
-            f"GARD cannot verify that {type(optimizer).__name__}'s state can follow rank changes (a trial "
+            f"GARD cannot verify that {name}'s state can follow rank changes (a trial "
             f"step on a small parameter failed: {error}). Use an optimizer with elementwise state "
             "(torch.optim.AdamW, Adam, SGD, RMSprop, ...)"
         ) from error
+    _check_not_quantised(optimizer, trial.state[probe])
     try:
         check_remappable(trial, [probe])
     except TypeError as error:
         raise TypeError(f"attach_optimizer: {error}") from None
-    for key, value in trial.state[probe].items():
+
+
+def _qualified_name(optimizer: torch.optim.Optimizer) -> str:
+    """The class name for torch's optimizers, with its module for others: the Trainer's 8-bit and
+    paged optimizers are bitsandbytes classes named like torch's (bitsandbytes.optim.adamw.AdamW)."""
+    cls = type(optimizer)
+    return cls.__name__ if cls.__module__.startswith("torch.") else f"{cls.__module__}.{cls.__name__}"
+
+
+def _check_not_quantised(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Refuse integer (quantised) elementwise state, e.g. bitsandbytes' 8-bit Adam moments."""
+    for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and not value.is_floating_point():
             raise TypeError(
-                f"{type(optimizer).__name__} keeps state[{key!r}] as {value.dtype} (quantised state): slicing "
-                "it along the rank dimension is not meaningful. Use an optimizer with floating-point "
-                "elementwise state (torch.optim.AdamW, Adam, SGD, ...)"
+                f"{_qualified_name(optimizer)} keeps state[{key!r}] as {value.dtype} (quantised state, e.g. an "
+                "8-bit optimizer's blockwise-quantised moments): it cannot follow a rank change. " + _WHAT_WORKS
             )
 
 

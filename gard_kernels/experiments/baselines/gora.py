@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ...lora.base_layers import dequantized_bases
 from ..method import MethodRun
 from .fixed_rank import FixedRankMethod, trim_to_budget
 from .gradient_profile import as_out_in, mean_weight_gradients
@@ -66,6 +67,10 @@ class GoraMethod(FixedRankMethod):
         self.details = {"profile_batches": self.window, "init_lr": run.lr, "options": dict(self.options)}
 
     def prepare(self, batches, loss_fn, progress=False):
+        with dequantized_bases(self.manager.layers):  # quantised weights can take no gradient
+            self._prepare(batches, loss_fn, progress)
+
+    def _prepare(self, batches, loss_fn, progress=False):
         layers = self.manager.layers
         used = batches[: self.window]
         means = mean_weight_gradients(self.model, [layer.base for layer in layers], used, loss_fn, progress, "gora profiling")
