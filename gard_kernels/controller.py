@@ -6,7 +6,6 @@ scores, integer ranks under the budget, and resizes of the adapters and the opti
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from typing import Any, Callable, Iterable, Optional
@@ -546,7 +545,9 @@ class GARD:
         Every tensor has a shape fixed by the model and config, whatever the ranks, so that
         `torch.distributed.checkpoint.load` can fill the state_dict() of a fresh GARD in place:
         the factors sit in one zero-padded vector of `budget` values ("adapter_values", layer
-        after layer, A then B, row-major), and the history is a JSON string.
+        after layer, A then B, row-major), and the history is a tuple, which the checkpoint
+        stores as one object (it would split a list of records into entries a fresh, shorter
+        history has no place for).
 
         Under torch.distributed every process calls it (it is collective): the sketch ring holds
         the processes' mean (which the next re-allocation's mean reproduces), and the adapters are
@@ -573,7 +574,7 @@ class GARD:
             "allocated": self.allocated,
             "params_sum": self._params_sum,
             "generator": self._generator_state.clone(),
-            "history": json.dumps(self.history),
+            "history": tuple(self.history),
         }
 
     def _flat_adapters(self) -> torch.Tensor:
@@ -616,8 +617,7 @@ class GARD:
         self.allocated = state["allocated"]
         self._params_sum = state["params_sum"]
         self._generator.set_state(state["generator"])
-        history = state["history"]
-        self.history = json.loads(history) if isinstance(history, str) else list(history)
+        self.history = list(state["history"])
         self._set_capture(self._capture_due(self.step_count))
 
 
