@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import GARDConfig
+from ..config import GARDConfig, default_r_max
 from ..controller import GARD
 from ..lora.layer import adapter_shape
 from ..lora.manager import LoRAManager, match_target_modules
@@ -27,7 +27,7 @@ from ..lora.manager import LoRAManager, match_target_modules
 # GARDConfig's defaults before the study of docs/results.md chose the recommended ones. Every
 # earlier method pins them, so its name still means the run it meant (and its finished runs
 # keep their fingerprints).
-EARLIER_DEFAULTS = {"mode": "dynamic", "score": "spectral", "window": 8, "grow_init": "zero"}
+EARLIER_DEFAULTS = {"mode": "dynamic", "score": "spectral", "window": 8, "grow_init": "zero", "r_max": 8}
 
 # The settings of the first grids (docs/results.md) that differ from those defaults: the paper
 # gives no window or interval, and these were the experiments' choice for short runs.
@@ -35,7 +35,9 @@ EARLIER_GRID = {"window": 4, "interval": 4}
 
 # GoRA profiles this many batches (its finished runs used the earlier default window). The other
 # baselines do not read it but resolve the same value, so every baseline shares one set of bounds.
-BASELINE_PRESET = {"window": 8}
+# r_max: the earlier default, as for the earlier GARD methods; only `gard` scales it with the
+# budget (GARDConfig.r_max). Set r_max (--r-max) to bound every method alike above average rank 2.
+BASELINE_PRESET = {"window": 8, "r_max": 8}
 
 
 def _gard(**fields: Any) -> dict[str, Any]:
@@ -215,7 +217,8 @@ class GardMethod(Method):
         self.name, self.model = name, model
         self.config = settings.config(name, budget, seed, steps)
         self.gard = GARD(model, self.config)
-        self.details = {"gard_config": self.config.to_dict()}
+        # GARD's config: r_max=None resolved to the bound the run used.
+        self.details = {"gard_config": self.gard.config.to_dict()}
 
     def parameters(self):
         return self.gard.lora_parameters()
@@ -256,8 +259,10 @@ class _FixedRankMethod(Method):
     def __init__(self, name: str, model: nn.Module, budget: int, settings: GardSettings, seed: int):
         self.name, self.model, self.budget = name, model, budget
         self.generator = torch.Generator().manual_seed(seed)
-        self.r_min, self.r_max = settings.value("r_min"), settings.value("r_max")
         self.manager = LoRAManager(model, settings.value("target_modules"), 0, settings.value("scaling"))
+        self.r_min = settings.value("r_min")
+        # The method's own bound (its preset pins the earlier 8; r_max=None scales with the budget).
+        self.r_max = settings.value("r_max", name) or default_r_max(budget, self.manager.costs)
 
     def parameters(self):
         return self.manager.parameters()
