@@ -655,13 +655,15 @@ def _guard_foreign_optimizer_steps(gard: GARD) -> None:
     owned = frozenset(id(p) for p in gard.lora_parameters())
 
     def check(optimizer, args, kwargs) -> None:
-        this = ref()
-        if this is None or this.optimizer is None or optimizer.state is this.optimizer.state:
+        attached = getattr(ref(), "optimizer", None)
+        # The attached optimizer, or a wrapper sharing its state (accelerate's AcceleratedOptimizer).
+        if attached is None or optimizer.state is attached.state:
             return
         if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
+            # No reference to GARD in this frame: the traceback must not keep it alive.
             raise RuntimeError(
                 f"this {type(optimizer).__name__} holds GARD's LoRA parameters but is not the optimizer "
-                f"attached with gard.attach_optimizer (a {type(this.optimizer).__name__}); only the attached "
+                f"attached with gard.attach_optimizer (a {type(attached).__name__}); only the attached "
                 "optimizer's state follows GARD's rank changes. Step the attached optimizer, or attach this "
                 "one with gard.attach_optimizer(optimizer)"
             )
