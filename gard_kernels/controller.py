@@ -17,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import distributed
 from .allocate import allocate_ranks, clip_rank_change
-from .config import R_MAX_FLOOR, GARDConfig
+from .config import R_MAX_FLOOR, GARDConfig, default_r_max
 from .lora import peft_format
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
@@ -605,14 +605,13 @@ class GARD:
 
 def _resolve_r_max(cfg: GARDConfig, costs: list[int]) -> GARDConfig:
     """cfg with r_max=None replaced by its budget-scaled value, checked against r_init."""
-    resolved = cfg.with_resolved_r_max(costs)
-    if cfg.r_max is None and cfg.r_init is not None and cfg.r_init > resolved.r_max:
+    if cfg.r_max is None and cfg.r_init is not None and cfg.r_init > default_r_max(cfg.budget, costs):
         raise ValueError(
-            f"r_init={cfg.r_init} is above r_max={resolved.r_max}, which r_max=None resolves to at budget "
+            f"r_init={cfg.r_init} is above r_max={default_r_max(cfg.budget, costs)}, which r_max=None resolves to at budget "
             f"{cfg.budget} (max(8, 4 x the average rank {cfg.budget} // {sum(costs)})); set r_max >= {cfg.r_init} "
             "or lower r_init"
         )
-    return resolved
+    return cfg.with_resolved_r_max(costs)
 
 
 # Share of the budget that the rank bounds may leave out of reach before GARD warns.
