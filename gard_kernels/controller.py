@@ -366,9 +366,13 @@ class GARD:
                 message = f"GARD skipped the re-allocation at step {self.step_count}: {junk}; the ranks stay as they are"
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 return {"step": self.step_count, "skipped": message}
+            retry = (
+                "then allocate from finite batches with gard.profile(batches)" if skip_junk
+                else "then call profile() again with finite batches"
+            )
             raise ValueError(
                 f"GARD cannot allocate ranks at step {self.step_count}: {junk}. Find what makes the loss "
-                "non-finite (learning rate, precision, data) and run the steps again; GARD is as it was before the call"
+                f"non-finite (learning rate, precision, data), {retry}; GARD is as it was before the call"
             )
         distributed.reduce_range_finders([h.range_finder for h in self.handles], self.ring.device)
         found = valid.sum(dim=1).cpu()

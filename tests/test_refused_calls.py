@@ -145,9 +145,14 @@ def test_static_allocation_from_junk_steps_is_refused_unchanged():
             model.zero_grad()
         _backward(model, data[3], nan=True)
         before = _state(gard)
-        with pytest.raises(ValueError, match=r"cannot allocate ranks at step 4: only 0 of the window's 4 step\(s\)"):
+        with pytest.raises(ValueError, match=r"cannot allocate ranks at step 4: only 0 of the window's 4 step\(s\).*gard.profile\(batches\)"):
             gard.step()
     _assert_same_state(gard, before)
+    # The way on that the message gives: the allocation from finite batches.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        event = gard.profile(batches(4, seed=5))
+    assert gard.allocated and event["params"] > 0 and gard.step_count == 3
 
 
 def test_dynamic_window_of_junk_skips_the_reallocation_and_says_so():
