@@ -254,9 +254,9 @@ def _check_budgets(budgets: Sequence[int]) -> None:
 
 
 def _workspace(args, progress: bool, runs=()):
-    """Resolve the model first (cheap, fails fast), check `runs` against its shapes, then load it
-    and pack the data."""
-    from .experiments.compare import load_workspace
+    """Resolve the model first (cheap, fails fast), check `runs` against its shapes (before the
+    load where that is cheap, else right after it), then load it and pack the data."""
+    from .experiments.compare import check_budgets, load_workspace
     from .experiments.models import resolve_model
     from .experiments.preflight import check_runs_before_loading
 
@@ -265,7 +265,8 @@ def _workspace(args, progress: bool, runs=()):
     device = _device(args.device)
     source = resolve_model(args.model)
     check_runs_before_loading(source, runs)
-    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction, device=device)
+    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction, device=device,
+                          check=lambda model: check_budgets(model, runs))
 
 
 def _device(spec: str):

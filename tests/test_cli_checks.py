@@ -1,11 +1,12 @@
 """The command line checks what it can before the model loads, takes --target-modules as a regex
 as documented, and its help says what the demo does."""
 import json
+from pathlib import Path
 
 import pytest
 
 from gard_kernels import cli
-from gard_kernels.experiments import compare
+from gard_kernels.experiments import compare, models
 
 from .models import tiny_llama
 
@@ -51,6 +52,25 @@ def run_cli(args, capsys):
 def test_runs_are_checked_against_the_models_shapes_before_it_loads(args, message, model_dir, no_loading, capsys):
     code, out, err = run_cli([*args, "--model", model_dir, *FAST], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_without_a_skeleton_the_runs_are_checked_before_the_data_is_packed(model_dir, monkeypatch, capsys):
+    """A .gguf model gets no skeleton (reading its config costs a third of the load): its runs are
+    checked right after the weights load, before anything else."""
+    from gard_kernels.experiments import preflight
+
+    def no_skeleton(source):
+        raise AssertionError("a skeleton was built")
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("the data was packed before the runs were checked")
+
+    monkeypatch.setattr(preflight, "skeleton_model", no_skeleton)
+    monkeypatch.setattr(compare, "make_workspace", no_packing)
+    monkeypatch.setattr(models, "resolve_model", lambda spec: models.ModelSource(Path(model_dir), "model.gguf"))
+    monkeypatch.setattr(compare, "load_model", lambda source, **kwargs: (tiny_llama(), None))
+    code, out, err = run_cli(["compare", "--methods", "uniform", "--budgets", "10", "--seeds", "0", "--model", model_dir, *FAST], capsys)
+    assert code == 2 and "budget 10 is below the minimum of uniform on this model (48 parameters" in err, err
 
 
 @pytest.mark.parametrize(
