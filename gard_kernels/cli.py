@@ -43,6 +43,25 @@ DEMO_PRESET = {
 }
 
 
+def _demo_description() -> str:
+    from .experiments.settings import TrainSettings
+
+    train = TrainSettings()
+    return (
+        "Fine-tunes SmolLM2-135M-Instruct with three methods, the recommended GARD (gard), GoRA and uniform "
+        f"LoRA, at the paper's budget of {PAPER_BUDGET} LoRA parameters (q_proj and v_proj) on the pydoc-topics "
+        f"corpus: each {train.steps} AdamW steps of {train.batch_size} x {train.max_len} tokens under bf16 autocast, "
+        f"seed 0, at the learning rate the study chose for it ({_demo_rates()}); the flags below change any of "
+        "these. About 15 minutes on a 2-core CPU, model load included. Writes each run's metrics.json, "
+        "results.md / results.json and PNG figures into --out (default runs/demo/<timestamp>) and prints the "
+        "results table; the full study is docs/results.md."
+    )
+
+
+def _demo_rates() -> str:
+    return ", ".join(f"{method} {rate:g}" for method, rate in DEMO_PRESET["lrs"].items())
+
+
 class UsageError(ValueError):
     """A mistake on the command line; reported in one line with exit status 2."""
 
@@ -58,11 +77,23 @@ SYMBOL_FLAGS = {"ema": ["--beta"], "interval": ["--tau"], "window": ["--M"]}
 
 
 def _option_type(annotation: str):
-    """Argument type of a GARDConfig field from its annotation (a string under PEP 563)."""
+    """Argument type of a GARDConfig field from its annotation (a string under PEP 563); an
+    Optional field also takes `none`, for None."""
     for name, kind in (("int", int), ("float", float), ("bool", None), ("str", str)):
-        if annotation in (name, f"Optional[{name}]"):
+        if annotation == name:
             return kind
+        if annotation == f"Optional[{name}]" and kind is not None:
+            return _or_none(kind)
     return str
+
+
+def _or_none(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    # argparse names the type in its error ("invalid int value").
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_gard_options(p: argparse.ArgumentParser) -> None:
@@ -85,9 +116,13 @@ def _add_gard_options(p: argparse.ArgumentParser) -> None:
         text = f"{symbol}: {f.metadata['help']}" if symbol else f.metadata["help"]
         flag = f"--{f.name.replace('_', '-')}"
         if f.name == "target_modules":
+            text += (" Here: plain names (q_proj v_proj), or one value with other characters, read as that "
+                     "regular expression (e.g. '.*\\.(q|v)_proj').")
             g.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
             continue
         kind = _option_type(str(f.type))
+        if "Optional" in str(f.type):
+            text += " (on the command line: none for None)"
         if kind is not None:
             g.add_argument(flag, *SYMBOL_FLAGS.get(f.name, []), dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
     g.add_argument("--k", dest="k", type=int, default=argparse.SUPPRESS, help="k: sets k_in = k_out (sketch size per side)")
@@ -114,7 +149,7 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="fraction of topics held out for test (validation: 0.2); 0 reproduces the earlier train / validation split")
     g = p.add_argument_group("training (shared by every method)")
     g.add_argument("--lr", type=float, default=defaults.get("lr", train.lr),
-                   help=f"learning rate of every run (default {train.lr:g}" + ("; the demo: each method's rate from DEMO_PRESET)" if "lr" in defaults else ")"))
+                   help=f"learning rate of every run (default {train.lr:g}" + (f"; the demo: each method's rate chosen by the study, {_demo_rates()})" if "lr" in defaults else ")"))
     g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", train.batch_size), help=explained("batch_size"))
     g.add_argument("--steps", type=int, default=defaults.get("steps", train.steps), help=explained("steps"))
     g.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio, help=explained("warmup_ratio"))
@@ -137,6 +172,7 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
     import dataclasses
 
     from .config import GARDConfig
+    from .experiments.preflight import target_modules_argument
     from .experiments.presets import METHOD_FIELDS
     from .experiments.settings import PER_RUN_FIELDS, GardSettings, SettingError
 
@@ -161,6 +197,8 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
     if hasattr(args, "k"):
         options.setdefault("k_in", args.k)
         options.setdefault("k_out", args.k)
+    if "target_modules" in options:
+        options["target_modules"] = target_modules_argument(options["target_modules"])
     gard = GardSettings(**options)
     gard.validate(methods, budgets)
     return train, gard
@@ -201,16 +239,21 @@ def _check_budgets(budgets: Sequence[int]) -> None:
             raise UsageError(f"budget must be a positive number of LoRA parameters, got {budget}")
 
 
-def _workspace(args, progress: bool):
-    """Resolve the model first (cheap, fails fast), then load it and pack the data."""
-    from .experiments.workspace import load_workspace
+def _workspace(args, progress: bool, runs=()):
+    """Resolve the model first (cheap, fails fast), check `runs` against its shapes (before the
+    load where that is cheap, else right after it), then load it and pack the data."""
+    from .experiments.compare import check_budgets
     from .experiments.models import resolve_model
+    from .experiments.preflight import check_runs_before_loading
+    from .experiments.workspace import load_workspace
 
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise UsageError(f"--text-file {args.text_file!r} does not exist")
     device = _device(args.device)
     source = resolve_model(args.model)
-    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction, device=device)
+    check_runs_before_loading(source, runs)
+    return load_workspace(source, args.corpus, args.max_len, args.text_file, progress, args.tokenizer == "bytes", args.test_fraction, device=device,
+                          check=lambda model: check_budgets(model, runs))
 
 
 def _device(spec: str):
@@ -251,8 +294,9 @@ def cmd_finetune(args) -> int:
     out = Path(args.out or f"runs/finetune/{args.method}_b{args.budget}_s{args.seed}")
     progress = not args.no_progress
     _setup_threads(args)
-    ws = _workspace(args, progress)
-    check_budgets(ws.model, plan_grid([args.method], [args.budget], [args.seed], gard))
+    runs = plan_grid([args.method], [args.budget], [args.seed], gard)
+    ws = _workspace(args, progress, runs)
+    check_budgets(ws.model, runs)
     base_evaluation(ws, train, out, progress)
     metrics = finetune(args.method, args.budget, args.seed, ws.model, ws.data, train, gard, out_dir=out, context=ws.context, progress=progress)
     test = metrics["test_ppl"]
@@ -273,11 +317,11 @@ def _compare(args, plan, out: Path, title: str):
     from .experiments.compare import run_comparison
 
     train, gard = _settings(args, plan.all_methods(), plan.budgets)
-    plan.runs(gard)  # an unknown or non-spectral ablation method fails here, before the model loads
+    runs = plan.runs(gard)  # an unknown or non-spectral ablation method fails here, before the model loads
     progress = not args.no_progress
     _setup_threads(args)
     started = time.perf_counter()
-    ws = _workspace(args, progress)
+    ws = _workspace(args, progress, runs)
     record = {"command": "gard " + " ".join(args.argv), "started": started}
     return run_comparison(ws, plan, gard, train, out, title, record, progress), out
 
@@ -304,13 +348,14 @@ def cmd_compare(args) -> int:
 
 
 def cmd_speed(args) -> int:
+    from .experiments.compare import plan_grid
     from .experiments.io import write_json
     from .experiments.speed import measure_modes, speed_markdown
 
     train, gard = _settings(args, [args.method], [args.budget])
     progress = not args.no_progress
     _setup_threads(args)
-    ws = _workspace(args, progress)
+    ws = _workspace(args, progress, plan_grid([args.method], [args.budget], [args.seed], gard))
     records = measure_modes(ws, args.modes, args.method, args.budget, args.seed, train, gard, progress=progress)
     print(speed_markdown(records))
     if args.out:
@@ -460,7 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "every baseline's difference from the recommended configuration)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M at the paper's budget (<= 15 min on a 2-core CPU)")
+    p = sub.add_parser(
+        "demo",
+        help="recommended GARD vs uniform LoRA and GoRA on SmolLM2-135M at the paper's budget (<= 15 min on a 2-core CPU)",
+        description=_demo_description(),
+    )
     p.add_argument("--budget", type=int, default=None, help=f"LoRA parameter budget (default {PAPER_BUDGET}, the paper's)")
     p.add_argument("--out", default=None, help="output directory (default runs/demo/<timestamp>)")
     _add_common(p, {**DEMO_PRESET, "lr": None})

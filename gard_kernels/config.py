@@ -37,12 +37,21 @@ class GARDConfig:
         '"static" profiles `window` steps, allocates once and re-initialises the adapters (paper §3.3); '
         '"dynamic" re-allocates every `interval` steps after `warmup` (§3.4).')})
     r_min: int = field(default=0, metadata={"help": "smallest rank of any layer (0 lets a layer drop out entirely)"})
-    r_max: int = field(default=8, metadata={"help": "largest rank of any layer (also capped at min(d_in, d_out) per layer)"})
+    r_max: Optional[int] = field(default=None, metadata={"help": (
+        "largest rank of any layer (also capped at min(d_in, d_out) per layer). None (the default) scales "
+        "with the budget: max(8, 4 x the average rank the budget allows, budget // sum(d_in + d_out) over the "
+        "target layers), resolved when GARD is built and shown in `gard.config` (8 at the small q/v budgets "
+        "of docs/results.md; 32 at all-linear average rank 8)")})
     r_init: Optional[int] = field(default=None, metadata={"help": (
         "provisional rank of every layer while profiling; None takes the largest uniform rank within the "
         "budget and [r_min, r_max] (0 under tight budgets: rank-0 layers are still profiled)")})
     window: int = field(default=4, metadata={"symbol": "M", "help": (
         "the number of per-step sketches per layer a score is computed from (static mode: the profiling steps)")})
+    min_valid_steps: Optional[int] = field(default=None, metadata={"fingerprint": "omit_at_default", "help": (
+        "fewest steps of a window with finite gradients that an allocation is made from; None: "
+        "max(2, window // 2) (at most the steps the window holds). Below it, profile() and static mode's "
+        "allocation raise, and dynamic mode skips that re-allocation with a warning (NaN / Inf losses give "
+        "no gradient information).")})
     k_in: int = field(default=16, metadata={"help": "sketch columns on the input side; the sketch of one step has k_in * k_out entries"})
     k_out: int = field(default=16, metadata={"help": "sketch rows on the output side"})
     alpha: float = field(default=0.9, metadata={"symbol": "α", "help": "energy threshold of the effective rank, in (0, 1)"})
@@ -117,16 +126,24 @@ class GARDConfig:
             value = getattr(self, name)
             require(value in choices, f"{name} must be one of {choices}, got {value!r}")
         require(is_int(self.r_min) and self.r_min >= 0, f"r_min must be an int >= 0, got {self.r_min!r}")
-        require(
-            is_int(self.r_max) and self.r_max >= max(self.r_min, 1),
-            f"r_max must be an int >= max(r_min, 1), got r_max={self.r_max!r}, r_min={self.r_min}",
-        )
-        if self.r_init is not None:
+        if self.r_max is not None:
             require(
-                is_int(self.r_init) and self.r_min <= self.r_init <= self.r_max,
-                f"r_init must be None or an int in [r_min, r_max] = [{self.r_min}, {self.r_max}], got {self.r_init!r}",
+                is_int(self.r_max) and self.r_max >= max(self.r_min, 1),
+                f"r_max must be an int >= max(r_min, 1), or None to scale it with the budget; got r_max={self.r_max!r}, "
+                f"r_min={self.r_min}",
+            )
+        if self.r_init is not None:
+            upper = "r_max" if self.r_max is None else self.r_max
+            require(
+                is_int(self.r_init) and self.r_min <= self.r_init and (self.r_max is None or self.r_init <= self.r_max),
+                f"r_init must be None or an int in [r_min, r_max] = [{self.r_min}, {upper}], got {self.r_init!r}",
             )
         require(is_int(self.window) and self.window >= 2, f"window must be an int >= 2, got {self.window!r}")
+        if self.min_valid_steps is not None:
+            require(
+                is_int(self.min_valid_steps) and 2 <= self.min_valid_steps <= self.window,
+                f"min_valid_steps must be None or an int in [2, window] = [2, {self.window}], got {self.min_valid_steps!r}",
+            )
         for name in ("k_in", "k_out"):
             value = getattr(self, name)
             require(is_int(value) and value > 0, f"{name} must be a positive int, got {value!r}")
@@ -154,5 +171,36 @@ class GARDConfig:
         """Steps before the first dynamic re-allocation."""
         return self.window if self.warmup is None else self.warmup
 
+    def required_valid_steps(self, filled: int) -> int:
+        """Fewest finite steps an allocation needs from a window that holds `filled` closed steps."""
+        wanted = self.min_valid_steps if self.min_valid_steps is not None else max(2, self.window // 2)
+        return max(2, min(wanted, filled))
+
+    def with_resolved_r_max(self, costs: Sequence[int]) -> "GARDConfig":
+        """This config with r_max=None replaced by its budget-scaled value (see `r_max`); itself otherwise.
+
+        Args:
+            costs: d_in + d_out of every target layer.
+        """
+        if self.r_max is not None:
+            return self
+        return dataclasses.replace(self, r_max=default_r_max(self.budget, costs))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# r_max=None resolves to max(R_MAX_FLOOR, R_MAX_PER_AVERAGE x the budget's average rank): the
+# all-linear study bounds ranks to [0, 4 x average]; the floor keeps r_max 8 at the q/v budgets.
+R_MAX_FLOOR = 8
+R_MAX_PER_AVERAGE = 4
+
+
+def default_r_max(budget: int, costs: Sequence[int]) -> int:
+    """max(8, 4 x budget / sum(costs)), rounded down: the rank bound r_max=None stands for.
+
+    Args:
+        budget: LoRA parameter budget.
+        costs: d_in + d_out of every target layer (non-empty).
+    """
+    return max(R_MAX_FLOOR, R_MAX_PER_AVERAGE * budget // sum(costs))

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import distributed, fsdp
 from .allocate import allocate_ranks, clip_rank_change
-from .config import GARDConfig
+from .config import R_MAX_FLOOR, GARDConfig, default_r_max
 from .lora import peft_format
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
@@ -60,8 +62,10 @@ class GARD:
         shapes = [adapter_shape(target.module) for target in targets]
         costs = [d_in + d_out for d_in, d_out in shapes]
         caps = [min(shape) for shape in shapes]
+        config = _resolve_r_max(config, costs)
         _check_budget_feasible(config, [t.name for t in targets], costs, caps)
         r_init = _initial_rank(config, costs)
+        _warn_unspendable(config, costs, caps)
         self.model = model
         self.config = config
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -104,6 +108,7 @@ class GARD:
             for param, flag in trainable:
                 param.requires_grad_(flag)
             raise
+        _guard_foreign_optimizer_steps(self)
 
     def _follow_device(self, device: torch.device) -> None:
         """The model moved after GARD was built (e.g. a Trainer's model.to("cuda")): move the ring
@@ -215,7 +220,9 @@ class GARD:
     def step(self) -> Optional[dict[str, Any]]:
         """Close this optimizer step: store its sketches, re-allocate ranks when due.
 
-        Returns the re-allocation record when one happened this step, else None.
+        Returns the re-allocation record when one happened this step, else None. A step that
+        raises leaves GARD as it was before the call (counters, ring, ranks), so calling it again
+        after fixing the cause gives the run that was meant.
         """
         self._check_parameters_current()
         if self.optimizer is None and self._gradient_sync.needed():
@@ -224,22 +231,62 @@ class GARD:
                 "gradients over the processes in the attached optimizer's step, so without it they drift apart. "
                 "Call gard.attach_optimizer(optimizer) before the first optimizer step"
             )
+        due = self._reallocation_due(self.step_count + 1)
+        if due and self.config.mode == "static":
+            # Static mode re-initialises every layer at its allocation: that always needs the optimizer.
+            self._require_optimizer()
+        saved = self._save_state() if due else None
         if self._capturing:
             self.ring.advance()
         self.step_count += 1
         event = None
-        if self._reallocation_due(self.step_count):
-            event = self._reallocate(require_optimizer=True)
+        if due:
+            try:
+                event = self._reallocate(require_optimizer=True)
+            except BaseException:
+                self._restore_state(saved)
+                raise
         self._set_capture(self._capture_due(self.step_count))
         params = self.num_lora_params
         if params > self.config.budget:
             raise RuntimeError(f"internal error: {params} LoRA parameters exceed the budget {self.config.budget}")
         self._params_sum += params
         record = {"step": self.step_count, "ranks": self.manager.ranks, "params": params}
+        if event is not None and "skipped" in event:
+            record["reallocation_skipped"] = event["skipped"]
+            event = None
         if event is not None:
             record["reallocation"] = event
         self.history.append(record)
         return event
+
+    def _require_optimizer(self) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(
+                "GARD must resize adapters at this step but no optimizer is attached: call "
+                "gard.attach_optimizer(optimizer) after creating it from gard.lora_parameters()"
+            )
+
+    def _save_state(self) -> tuple:
+        """What step() and profile() change before they can fail, to put back when they do.
+
+        The layers and their optimizer state need nothing here: a resize is all or nothing
+        (_resize_layers), and it is the last thing that can fail.
+        """
+        return (self.step_count, self.ring.state_dict(), self.ema_statistic, self._generator.get_state(),
+                self._generator_state, self._non_finite_warned, self.allocated, self._capturing)
+
+    def _restore_state(self, saved: tuple, rearm: bool = False) -> None:
+        """Undo to `saved` (_save_state). rearm: the capture handles were switched since (profile()):
+        switch them back as the last public call left them, drawing the same random directions."""
+        (self.step_count, ring, self.ema_statistic, generator, generator_before_arming, self._non_finite_warned,
+         self.allocated, capturing) = saved
+        self.ring.load_state_dict(ring)
+        if rearm:
+            self._generator.set_state(generator_before_arming)
+            self._set_capture(capturing)
+        else:
+            self._generator.set_state(generator)
 
     def profile(self, batches: Iterable[Any], steps: Optional[int] = None, loss_fn: Optional[Callable] = None) -> dict:
         """Profiling passes without optimizer steps, then one allocation.
@@ -259,29 +306,41 @@ class GARD:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
         self._check_parameters_current()
+        if self.config.grow_init == "gora" and self.optimizer is None:
+            # Refused before the first batch is taken: the caller's iterator and GARD stay as they are.
+            raise RuntimeError(
+                "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
+                "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
+            )
+        saved = self._save_state()
         # Gradients that existed before are put back afterwards; every one profiling creates is cleared.
         # Backward accumulates into existing .grad tensors in place: keep their values to restore.
-        saved = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
+        grads = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
         batch_iter = iter(batches)
         try:
-            for done in range(steps):
-                # next() only as often as needed: the caller's iterator loses exactly `steps` batches.
-                batch = next(batch_iter, _EXHAUSTED)
-                if batch is _EXHAUSTED:
-                    raise ValueError(
-                        f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps"
-                    )
-                # A gradient-initialised grow reads the range finder of the last profiled batch.
-                self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient())
-                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
-                loss.backward()
-                self.ring.advance()
-        finally:
-            for param, grad, value in saved:
-                if grad is not None:
-                    grad.copy_(value)
-                param.grad = grad
-        event = self._reallocate(require_optimizer=False)
+            try:
+                for done in range(steps):
+                    # next() only as often as needed: the caller's iterator loses exactly `steps` batches.
+                    batch = next(batch_iter, _EXHAUSTED)
+                    if batch is _EXHAUSTED:
+                        raise ValueError(
+                            f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps"
+                        )
+                    # A gradient-initialised grow reads the range finder of the last profiled batch.
+                    self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient())
+                    loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                    loss.backward()
+                    self.ring.advance()
+            finally:
+                for param, grad, value in grads:
+                    if grad is not None:
+                        grad.copy_(value)
+                    param.grad = grad
+            event = self._reallocate(require_optimizer=False, skip_junk=False)
+        except BaseException:
+            # A refused profile leaves GARD as it was (the batches it took are spent).
+            self._restore_state(saved, rearm=True)
+            raise
         self._set_capture(self._capture_due(self.step_count))
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
@@ -362,11 +421,27 @@ class GARD:
             return torch.ones(len(self.manager), dtype=torch.float64)
         return torch.rand(len(self.manager), generator=self._generator, dtype=torch.float64)
 
-    def _reallocate(self, require_optimizer: bool) -> dict[str, Any]:
+    def _reallocate(self, require_optimizer: bool, skip_junk: bool = True) -> dict[str, Any]:
+        """Allocate from the window. Too few finite steps: dynamic mode with skip_junk returns
+        {"skipped": why} and changes nothing; otherwise ValueError."""
         cfg = self.config
         sketches, valid = self.ring.window_sketches()
         # Under torch.distributed: the window of the global gradient (a no-op on one process).
         sketches, valid = distributed.reduce_window(sketches, valid)
+        junk = self._junk_window(valid)
+        if junk is not None:
+            if skip_junk and cfg.mode == "dynamic":
+                message = f"GARD skipped the re-allocation at step {self.step_count}: {junk}; the ranks stay as they are"
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                return {"step": self.step_count, "skipped": message}
+            retry = (
+                "then allocate from finite batches with gard.profile(batches)" if skip_junk
+                else "then call profile() again with finite batches"
+            )
+            raise ValueError(
+                f"GARD cannot allocate ranks at step {self.step_count}: {junk}. Find what makes the loss "
+                f"non-finite (learning rate, precision, data), {retry}; GARD is as it was before the call"
+            )
         distributed.reduce_range_finders([h.range_finder for h in self.handles], self.ring.device)
         found = valid.sum(dim=1).cpu()
         # Every layer is scored on the same number of sketches: effective ranks are bounded by it.
@@ -403,11 +478,8 @@ class GARD:
         changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
         if cfg.mode == "static":
             changed = list(range(len(new)))
-        if changed and require_optimizer and self.optimizer is None:
-            raise RuntimeError(
-                "GARD must resize adapters at this step but no optimizer is attached: call "
-                "gard.attach_optimizer(optimizer) after creating it from gard.lora_parameters()"
-            )
+        if changed and require_optimizer:
+            self._require_optimizer()
         discarded = self._resize_layers(changed, new)
         self.allocated = True
         return {
@@ -424,6 +496,21 @@ class GARD:
             "params": self.manager.num_params(new),
             "discarded_update_norm": discarded,
         }
+
+    def _junk_window(self, valid: torch.Tensor) -> Optional[str]:
+        """Why the window's [L, M] validity is too thin to allocate from, or None when it is enough.
+
+        A step counts when any layer's sketch of it is finite: a NaN / Inf loss leaves none.
+        """
+        filled = min(self.config.window, self.ring.steps)
+        required = self.config.required_valid_steps(filled)
+        finite = int(valid.any(dim=0).sum())
+        if finite >= required:
+            return None
+        return (
+            f"only {finite} of the window's {filled} step(s) had finite gradients (the others had NaN or Inf "
+            f"losses or gradients), and an allocation needs at least {required} (GARDConfig.min_valid_steps)"
+        )
 
     def _resize_layers(self, changed: list[int], new: list[int]) -> float:
         """Resize layers `changed` to ranks `new`, all or nothing; returns the discarded update norm.
@@ -525,9 +612,12 @@ class GARD:
                 budget=adapter.num_params,
                 target_modules="|".join(re.escape(n) for n in names),
                 r_init=0,
-                r_max=max(GARDConfig.r_max, adapter.max_rank),
+                r_max=max(R_MAX_FLOOR, adapter.max_rank),
                 scaling=adapter.scalings[names[0]],
             )
+        if config.r_max is None:
+            costs = [sum(adapter_shape(t.module)) for t in find_targets(model, config.target_modules)]
+            config = config.with_resolved_r_max(costs)
         adapter.check_fits(model, config.target_modules, config.r_max, config.budget)
         gard = cls(model, config)
         for name, layer in zip(gard.names, gard.manager.layers):
@@ -619,6 +709,74 @@ class GARD:
         self._generator.set_state(state["generator"])
         self.history = list(state["history"])
         self._set_capture(self._capture_due(self.step_count))
+
+
+def _resolve_r_max(cfg: GARDConfig, costs: list[int]) -> GARDConfig:
+    """cfg with r_max=None replaced by its budget-scaled value, checked against r_init."""
+    if cfg.r_max is None and cfg.r_init is not None and cfg.r_init > default_r_max(cfg.budget, costs):
+        raise ValueError(
+            f"r_init={cfg.r_init} is above r_max={default_r_max(cfg.budget, costs)}, which r_max=None resolves to at budget "
+            f"{cfg.budget} (max(8, 4 x the average rank {cfg.budget} // {sum(costs)})); set r_max >= {cfg.r_init} "
+            "or lower r_init"
+        )
+    return cfg.with_resolved_r_max(costs)
+
+
+# Share of the budget that the rank bounds may leave out of reach before GARD warns.
+_UNSPENDABLE_SHARE = 0.10
+
+
+def _warn_unspendable(cfg: GARDConfig, costs: list[int], caps: list[int]) -> None:
+    """Warn when r_max (and the layers' sizes) keep a meaningful part of the budget from being spent."""
+    reachable = sum(min(cfg.r_max, cap) * cost for cost, cap in zip(costs, caps))
+    if reachable >= (1.0 - _UNSPENDABLE_SHARE) * cfg.budget:
+        return
+    enough = next(
+        (r for r in range(cfg.r_max + 1, max(caps) + 1)
+         if sum(min(r, cap) * cost for cost, cap in zip(costs, caps)) >= cfg.budget),
+        None,
+    )
+    if cfg.r_max >= max(caps):
+        why = f"the {len(costs)} target layers at full rank (min(d_in, d_out) each) hold no more; lower the budget"
+    else:
+        why = f"r_max={cfg.r_max} (and min(d_in, d_out) per layer) bounds the ranks of the {len(costs)} target layers; " + (
+            f"raise r_max to {enough} to make the whole budget reachable, or lower the budget"
+            if enough is not None else "lower the budget"
+        )
+    warnings.warn(
+        f"GARD can spend at most {reachable} of the budget {cfg.budget} ({100.0 * reachable / cfg.budget:.0f} %): {why}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _guard_foreign_optimizer_steps(gard: GARD) -> None:
+    """Refuse, with GARD's message, a step of an optimizer that holds GARD's LoRA factors but is
+    not the attached one: only the attached optimizer's state follows a resize, so the other's
+    state has the old shapes (torch would fail later with a broadcast error, or train wrongly).
+
+    One global optimizer step pre-hook per GARD, holding GARD weakly; removed when GARD is
+    garbage-collected.
+    """
+    ref = weakref.ref(gard)
+    owned = frozenset(id(p) for p in gard.lora_parameters())
+
+    def check(optimizer, args, kwargs) -> None:
+        attached = getattr(ref(), "optimizer", None)
+        # The attached optimizer, or a wrapper sharing its state (accelerate's AcceleratedOptimizer).
+        if attached is None or optimizer.state is attached.state:
+            return
+        if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
+            # No reference to GARD in this frame: the traceback must not keep it alive.
+            raise RuntimeError(
+                f"this {type(optimizer).__name__} holds GARD's LoRA parameters but is not the optimizer "
+                f"attached with gard.attach_optimizer (a {type(attached).__name__}); only the attached "
+                "optimizer's state follows GARD's rank changes. Step the attached optimizer, or attach this "
+                "one with gard.attach_optimizer(optimizer)"
+            )
+
+    handle = register_optimizer_step_pre_hook(check)
+    weakref.finalize(gard, handle.remove)
 
 
 def _initial_rank(cfg: GARDConfig, costs: list[int]) -> int:

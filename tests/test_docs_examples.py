@@ -225,6 +225,7 @@ STAND_INS: dict[str, Callable[[dict], dict]] = {
     "model": lambda ns: {"model": _fresh_model()},
     "load_model": lambda ns: {"load_model": _fresh_model},
     "model_id": _saved_model,
+    "load_base_model": lambda ns: {"load_base_model": _fresh_model},
     # 24 steps: the examples' interval=20 reaches their first re-allocation.
     "loader": lambda ns: {"loader": batches(24)},
     "batches": lambda ns: {"batches": batches(8)},

@@ -14,7 +14,8 @@ class GardMethod(Method):
         self.name, self.model = run.name, run.model
         self.config = run.settings.config(run.name, run.budget, run.seed, run.steps)
         self.gard = GARD(run.model, self.config)
-        self.details = {"gard_config": self.config.to_dict()}
+        # GARD's config: r_max=None resolved to the bound the run used.
+        self.details = {"gard_config": self.gard.config.to_dict()}
 
     @classmethod
     def minimum_budget(cls, costs: Sequence[int], settings, name: str) -> int:

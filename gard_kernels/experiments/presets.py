@@ -19,7 +19,7 @@ from .method import Method, MethodRun
 # GARDConfig's defaults before the study of docs/results.md chose the recommended ones. Every
 # earlier method pins them, so its name still means the run it meant (and its finished runs
 # keep their fingerprints).
-EARLIER_DEFAULTS = {"mode": "dynamic", "score": "spectral", "window": 8, "grow_init": "zero"}
+EARLIER_DEFAULTS = {"mode": "dynamic", "score": "spectral", "window": 8, "grow_init": "zero", "r_max": 8}
 
 # The settings of the first grids (docs/results.md) that differ from those defaults: the paper
 # gives no window or interval, and these were the experiments' choice for short runs.
@@ -27,7 +27,9 @@ EARLIER_GRID = {"window": 4, "interval": 4}
 
 # GoRA profiles this many batches (its finished runs used the earlier default window). The other
 # baselines do not read it but resolve the same value, so every baseline shares one set of bounds.
-BASELINE_PRESET = {"window": 8}
+# r_max: the earlier default, as for the earlier GARD methods; only `gard` scales it with the
+# budget (GARDConfig.r_max). Set r_max (--r-max) to bound every method alike above average rank 2.
+BASELINE_PRESET = {"window": 8, "r_max": 8}
 
 # The GARDConfig fields a method's name sets (`gard-paper-static` is static + spectral): not
 # options of a comparison.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -60,10 +60,14 @@ def load_workspace(
     byte_tokenizer: bool = False,
     test_fraction: float = 0.2,
     device: Optional[torch.device] = None,
+    check: Optional[Callable[[nn.Module], None]] = None,
 ) -> Workspace:
     """Load the model (tqdm) onto `device` (default: the CPU) and build the workspace
-    (test_fraction 0: the earlier two-way split)."""
+    (test_fraction 0: the earlier two-way split). check(model), if given, runs right after the
+    load, before the data is packed."""
     model, tokenizer = load_model(source, progress=progress, byte_tokenizer=byte_tokenizer, device=device)
+    if check is not None:
+        check(model)
     return make_workspace(model, tokenizer, source.label, corpus, max_len, text_file, progress=progress, test_fraction=test_fraction)
 
 

@@ -7,8 +7,9 @@ module, flag and tensor is put back afterwards, also when profiling fails.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,11 +33,12 @@ def suggest_lora_config(
     target_modules: Union[Sequence[str], str],
     loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
     task_type: Optional[str] = None,
+    progress: bool = False,
     **gard_options: Any,
 ):
     """A `peft.LoraConfig` whose per-module ranks static GARD chose from `model`'s gradients.
 
-    Runs forward and backward on the first `window` batches (default 8) in training mode, with
+    Runs forward and backward on the first `window` batches (GARDConfig.window, default 4) in training mode, with
     no optimizer step and no copy of the model, and leaves the model as it was: the same module
     objects, parameter values, buffers, requires_grad flags, gradients and train/eval modes.
     `peft.get_peft_model(model, config)` then has exactly GARD's number of trainable parameters,
@@ -50,15 +52,18 @@ def suggest_lora_config(
         target_modules: names / suffixes or a full-match regex (GARDConfig.target_modules).
         loss_fn: loss_fn(model, batch) -> scalar loss; default model(**batch).loss.
         task_type: PEFT task type of the config (e.g. "CAUSAL_LM"), or None.
-        **gard_options: other GARDConfig fields of static GARD: window, r_min, r_max, r_init,
-            k_in, k_out, alpha, measure, score, scaling, seed, backend.
+        progress: show a progress bar of the profiled batches on stderr (only when it is a
+            terminal); default off.
+        **gard_options: other GARDConfig fields of static GARD: window, min_valid_steps, r_min,
+            r_max, r_init, k_in, k_out, alpha, measure, score, scaling, seed, backend.
     Returns:
         peft.LoraConfig with target_modules, rank_pattern and alpha_pattern keyed by full module
         names (anchored patterns where one name would reach another module; rank-0 modules left
         out), fan_in_fan_out for Conv1D models, lora_dropout 0.
     Raises:
         ValueError: an invalid or dynamic-mode option (a budget below the cheapest module's
-            rank-1 cost included), fewer than `window` batches, or a batch without a loss.
+            rank-1 cost included), fewer than `window` batches, a batch without a loss, or too
+            few batches with a finite loss and gradients (GARDConfig.min_valid_steps).
         TypeError: an option that is not a GARDConfig field, or batches that are not dicts
             without a loss_fn.
     """
@@ -68,13 +73,18 @@ def suggest_lora_config(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     snapshot = _ModelSnapshot(model)
+    bar = _progress_bar(config.window) if progress else None
     try:
         gard = GARD(model, config)
         model.train()
         with torch.enable_grad():
-            gard.profile(batches, steps=config.window, loss_fn=_checked_loss(loss_fn))
+            gard.profile(_counted(batches, bar), steps=config.window, loss_fn=_checked_loss(loss_fn))
+        if bar is not None:
+            bar.update(bar.total - bar.n)
         peft_fields = adapter_config(gard.manager.layers, gard.model, task_type)
     finally:
+        if bar is not None:
+            bar.close()
         snapshot.restore()
     # The exported adapter is for inference; this config is for training from scratch.
     peft_fields.update(inference_mode=False)
@@ -82,6 +92,24 @@ def suggest_lora_config(
     # Unset fields an older PEFT does not have yet (exclude_modules) are left to its defaults.
     known = set(LoraConfig.__dataclass_fields__)
     return LoraConfig(**{k: v for k, v in peft_fields.items() if k in known or v is not None})
+
+
+def _progress_bar(total: int):
+    """A tqdm bar of the profiled batches on stderr, or None where nobody watches (not a terminal),
+    as the command line draws its bars."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="suggest_lora_config: profiling", unit="batch", file=sys.stderr)
+
+
+def _counted(batches: Iterable[Any], bar) -> Iterator[Any]:
+    """`batches`, ticking `bar` (if any) when the next batch is asked for: the previous one is done."""
+    for batch in batches:
+        yield batch
+        if bar is not None:
+            bar.update(1)
 
 
 def _static_config(budget, target_modules, options: dict[str, Any]) -> GARDConfig:

@@ -74,8 +74,14 @@ def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) ->
             hits.add(id(module))
     if not hits:
         candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_adaptable(m)})
+        how = (
+            "; one string is read as a regular expression that must match a full module name (re.fullmatch): "
+            f"pass a list, e.g. [{target_modules!r}], to match names by suffix, or a pattern such as "
+            f"'.*\\.{target_modules}'"
+            if isinstance(target_modules, str) else ""
+        )
         raise ValueError(
-            f"target_modules={target_modules!r} matched no module; adaptable module names end in: "
+            f"target_modules={target_modules!r} matched no module{how}; adaptable module names end in: "
             f"{candidates}"
         )
     # dicts keep insertion order: the order of first appearance in named_modules.

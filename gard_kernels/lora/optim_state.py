@@ -93,8 +93,8 @@ def check_remappable(optimizer: torch.optim.Optimizer | None, params: Iterable[t
                 f"{type(optimizer).__name__} keeps state[{key!r}] ({what}) for a LoRA factor of shape "
                 f"{tuple(param.shape)}: it is neither shaped like the parameter nor a scalar (e.g. "
                 "factored second moments), so it cannot follow a rank change. Use an optimizer with "
-                "elementwise state (torch.optim.AdamW, Adam, SGD, ...), or resize with optimizer=None "
-                "and build a new optimizer after the rank change."
+                "elementwise state (torch.optim.AdamW, Adam, SGD, RMSprop, ...), whose state GARD carries "
+                "through every rank change."
             )
 
 

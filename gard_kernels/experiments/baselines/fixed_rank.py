@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from ...allocate import parameter_count
+from ...config import default_r_max
 from ...lora.manager import LoRAManager
 from ..method import Method, MethodRun
 
@@ -18,8 +19,10 @@ class FixedRankMethod(Method):
         self.name, self.model, self.budget = run.name, run.model, run.budget
         self.generator = torch.Generator().manual_seed(run.seed)
         settings = run.settings
-        self.r_min, self.r_max = settings.value("r_min"), settings.value("r_max")
         self.manager = LoRAManager(run.model, settings.value("target_modules"), 0, settings.value("scaling"))
+        self.r_min = settings.value("r_min")
+        # The method's own bound (its preset pins the earlier 8; r_max=None scales with the budget).
+        self.r_max = settings.value("r_max", run.name) or default_r_max(run.budget, self.manager.costs)
 
     def parameters(self):
         return self.manager.parameters()

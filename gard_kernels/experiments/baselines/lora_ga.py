@@ -2,6 +2,7 @@
 uniform LoRA's ranks."""
 from __future__ import annotations
 
+from ...config import default_r_max
 from ...lora.layer import adapter_shape
 from ...lora.manager import match_target_modules
 from ..method import Method, MethodRun
@@ -33,7 +34,8 @@ class LoraGaMethod(Method):
         shapes = [adapter_shape(run.model.get_submodule(name)) for name in self.names]
         costs = [d_in + d_out for d_in, d_out in shapes]
         caps = [min(shape) for shape in shapes]
-        plan, fallback = uniform_ranks(costs, caps, run.budget, settings.value("r_max"))
+        r_max = settings.value("r_max", run.name) or default_r_max(run.budget, costs)
+        plan, fallback = uniform_ranks(costs, caps, run.budget, r_max)
         if not any(plan):
             raise ValueError(f"{run.name}: budget {run.budget} is below one rank unit of every target module")
         self.plan = dict(zip(self.names, plan))
