@@ -156,3 +156,12 @@ class GARDConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def omitted_at_default_fields() -> frozenset:
+    """Fields marked `metadata["fingerprint"] = "omit_at_default"`: added after experiment runs
+    were committed, with a default that is the earlier behaviour. A run's fingerprint leaves them
+    out at that default (experiments/io.py), so the committed runs keep theirs."""
+    return frozenset(
+        f.name for f in dataclasses.fields(GARDConfig) if f.metadata.get("fingerprint") == "omit_at_default"
+    )
