@@ -204,3 +204,12 @@ def default_r_max(budget: int, costs: Sequence[int]) -> int:
         costs: d_in + d_out of every target layer (non-empty).
     """
     return max(R_MAX_FLOOR, R_MAX_PER_AVERAGE * budget // sum(costs))
+
+
+def omitted_at_default_fields() -> frozenset:
+    """Fields marked `metadata["fingerprint"] = "omit_at_default"`: added after experiment runs
+    were committed, with a default that is the earlier behaviour. A run's fingerprint leaves them
+    out at that default (experiments/io.py), so the committed runs keep theirs."""
+    return frozenset(
+        f.name for f in dataclasses.fields(GARDConfig) if f.metadata.get("fingerprint") == "omit_at_default"
+    )

@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import omitted_at_default_fields
 from .presets import BASELINE_OPTIONS, method_kind, method_options
-from .settings import GardSettings, TrainSettings
+from .settings import GardSettings, TrainSettings, config_default
 
 
 def fingerprint(spec: dict) -> str:
@@ -41,12 +42,20 @@ def run_spec(method: str, budget: int, seed: int, train: TrainSettings, gard: Ga
     return spec
 
 
+OMITTED_AT_DEFAULT = omitted_at_default_fields()
+
+
 def options_read_by(method: str, gard: GardSettings) -> dict:
     """The resolved GARDConfig fields method `method` reads: all of them for GARD methods, the
     shared bounds (presets.BASELINE_OPTIONS) for baselines."""
     options = gard.options(method)
     if method_kind(method) == "gard":
-        return options
+        # Fields added after runs were committed, whose default is the earlier behaviour, are left
+        # out at that default: those runs keep their fingerprints (config.omitted_at_default_fields).
+        return {
+            name: value for name, value in options.items()
+            if not (name in OMITTED_AT_DEFAULT and value == config_default(name))
+        }
     return {name: options[name] for name in BASELINE_OPTIONS}
 
 

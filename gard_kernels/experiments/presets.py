@@ -44,6 +44,11 @@ def _gard(**fields: Any) -> dict[str, Any]:
     return {"kind": "gard", "config": {**EARLIER_DEFAULTS, **fields}}
 
 
+def _candidate(**fields: Any) -> dict[str, Any]:
+    """A static GARD candidate of the all-linear study: profile of 4 steps, `fields` on top."""
+    return {"kind": "gard", "config": {"mode": "static", "window": 4, **fields}}
+
+
 def _paper(mode: str) -> dict[str, Any]:
     """The paper's score (energy effective rank of the window's Gram), §3.4 (dynamic) and §3.3 (static)."""
     return _gard(mode=mode, score="spectral", **EARLIER_GRID)
@@ -76,6 +81,16 @@ METHODS: dict[str, dict[str, Any]] = {
     # second is the candidate the recommended defaults were taken from (same settings).
     "grad-norm-static-gora-init": _gard(mode="static", score="grad_norm", grow_init="gora", **EARLIER_GRID),
     "update-nuclear-static-gora-init": _gard(mode="static", score="update_nuclear", grow_init="gora", **EARLIER_GRID),
+    # The all-linear study's selection candidates (docs/results.md), every choice pinned so a
+    # later change of GARDConfig's defaults leaves their meaning alone: marginal-gain allocation
+    # (per rank unit, from the profile's cross-fitted singular values) against the current
+    # default's proportional nuclear-norm shares, each with a rank-dependent scale (rsLoRA) and
+    # the start from B = 0 or from GoRA's step checked on the profile ("gora_safe").
+    "gard-marginal": _candidate(score="marginal_gain", grow_init="zero", scaling_rule="constant"),
+    "gard-marginal-rslora": _candidate(score="marginal_gain", grow_init="zero", scaling_rule="rslora"),
+    "gard-marginal-rslora-safe": _candidate(score="marginal_gain", grow_init="gora_safe", scaling_rule="rslora"),
+    "gard-marginal-sq-rslora": _candidate(score="marginal_gain_sq", grow_init="zero", scaling_rule="rslora"),
+    "gard-nuclear-rslora": _candidate(score="update_nuclear", grow_init="zero", scaling_rule="rslora"),
     **{name: {"kind": name, "config": BASELINE_PRESET} for name in BASELINES},
     # The all-linear study's baselines at their best (docs/results.md): GoRA as its official
     # code runs it (budget spent, its own adaptive step, rank-stabilised scaling), and AdaLoRA
