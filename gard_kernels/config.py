@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from .lora.layer import GROW_INITS
+from .scores import LAYER_SCORES
 from .spectra import MEASURES
 
 MODES = ("static", "dynamic")
-SCORES = ("spectral", "grad_norm", "uniform", "random", "update_rank", "update_nuclear", "energy_rank")
+SCORES = tuple(LAYER_SCORES)
 SHRINKS = ("norm", "svd")
 
 

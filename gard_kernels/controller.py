@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .allocate import allocate_ranks, clip_rank_change
+from .allocate import allocate_ranks
 from .config import GARDConfig
 from .lora import peft_format
 from .lora.capture import CaptureHandle
@@ -22,9 +22,11 @@ from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
 from .lora.optim_state import check_optimizer_supported, check_remappable, track_new_directions
 from .ring import SketchRing
+from .schedule import make_schedule
+from .scores import LAYER_SCORES, ScoreWindow
 from .sketch import GradientSketch
 from .sketch.hashing import mix32
-from .spectra import effective_rank, equalize_valid_slots, gram_eigenvalues, spectral_scores, summed_sketch_spectrum
+from .spectra import equalize_valid_slots, gram_eigenvalues, spectral_scores
 
 # Sentinel of an exhausted batch iterator in profile().
 _EXHAUSTED = object()
@@ -61,6 +63,7 @@ class GARD:
         r_init = _initial_rank(config, costs)
         self.model = model
         self.config = config
+        self.schedule = make_schedule(config)
         self._generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         device = next(model.parameters()).device
@@ -228,17 +231,11 @@ class GARD:
         Static mode re-initialises every layer at its new rank (up to r_max); a dynamic move
         adds at most delta_max.
         """
-        most = self.config.r_max if self.config.mode == "static" else self.config.delta_max
-        return most + _RANGE_OVERSAMPLE
+        return self.schedule.most_growth() + _RANGE_OVERSAMPLE
 
     def _reallocation_due(self, t: int) -> bool:
         """Whether ranks are re-allocated when the optimizer step count reaches t."""
-        cfg = self.config
-        if cfg.mode == "static":
-            return not self.allocated and t == cfg.window
-        if t < max(cfg.warmup_steps, 1) or t % cfg.interval != 0:
-            return False
-        return cfg.freeze_after is None or t <= cfg.freeze_after
+        return self.schedule.reallocation_due(t, self.allocated)
 
     def _capture_due(self, t: int) -> bool:
         """Whether the step that runs next (index t, 0-based) must write sketches."""
@@ -246,10 +243,7 @@ class GARD:
             # Every rank is 0 (tight budgets start so): nothing trains, and only capture keeps the
             # backward pass running and the spectra fresh, so that layers can grow.
             return True
-        if self.config.mode == "static":
-            return not self.allocated and t < self.config.window
-        # Open the window over the M steps before each re-allocation.
-        return any(self._reallocation_due(s) for s in range(t + 1, t + 1 + self.config.window))
+        return self.schedule.capture_due(t, self.allocated)
 
     def _set_capture(self, on: bool, arm: Optional[bool] = None) -> None:
         """Switch capture on or off for the step that runs next.
@@ -272,28 +266,6 @@ class GARD:
                 else:
                     handle.disarm()
 
-    def _statistic(self, eigs: torch.Tensor, valid: torch.Tensor, sketches: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-layer importance statistic before smoothing and normalisation."""
-        cfg = self.config
-        if cfg.score in ("update_rank", "update_nuclear"):
-            # The summed window sketch: a sketch of the accumulated update Σ_b G_b.
-            sigma2, count = summed_sketch_spectrum(sketches, valid, cfg.k_out, cfg.k_in)
-            if cfg.score == "update_rank":
-                return effective_rank(sigma2, alpha=cfg.alpha, measure=cfg.measure)
-            return sigma2.sqrt().sum(dim=1) / count.clamp_min(1.0)
-        if cfg.score == "energy_rank":
-            count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
-            return (eigs.sum(dim=1) / count).sqrt() * effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
-        if cfg.score == "spectral":
-            return effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
-        if cfg.score == "grad_norm":
-            # E||S||^2 = ||G||^2, and the Gram trace sums ||S_b||^2 over the valid slots.
-            count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
-            return (eigs.sum(dim=1) / count).sqrt()
-        if cfg.score == "uniform":
-            return torch.ones(len(self.manager), dtype=torch.float64)
-        return torch.rand(len(self.manager), generator=self._generator, dtype=torch.float64)
-
     def _reallocate(self, require_optimizer: bool) -> dict[str, Any]:
         cfg = self.config
         sketches, valid = self.ring.window_sketches()
@@ -314,27 +286,18 @@ class GARD:
                 stacklevel=3,
             )
             self._non_finite_warned = True
-        statistic = self._statistic(eigs, valid, sketches)
-        if cfg.mode == "dynamic" and self.ema_statistic is not None:
-            statistic = cfg.ema * self.ema_statistic + (1.0 - cfg.ema) * statistic
+        window = ScoreWindow(sketches.cpu(), valid, eigs, cfg.k_out, cfg.k_in, cfg.alpha, cfg.measure, self._generator)
+        statistic = self.schedule.smooth(self.ema_statistic, LAYER_SCORES[cfg.score](window))
         self.ema_statistic = statistic
         scores = spectral_scores(statistic)
         old = self.manager.ranks
-        # Hysteresis (dynamic only): ties keep the current ranks, and after the first allocation a
-        # unit moves only for a gain above the dead-band. Static mode and the first dynamic
-        # allocation start from the provisional r_init, which no spectrum chose.
-        dynamic = cfg.mode == "dynamic"
+        current, dead_band = self.schedule.hysteresis(old, self.allocated)
         target = allocate_ranks(
             scores.tolist(), self.manager.costs, cfg.budget, r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps,
-            current=old if dynamic else None, dead_band=cfg.dead_band if dynamic and self.allocated else 0.0,
+            current=current, dead_band=dead_band,
         )
-        if cfg.mode == "dynamic":
-            new = clip_rank_change(old, target, self.manager.costs, cfg.budget, cfg.delta_max)
-        else:
-            new = target
-        changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
-        if cfg.mode == "static":
-            changed = list(range(len(new)))
+        new = self.schedule.limit(old, target, self.manager.costs, cfg.budget)
+        changed = self.schedule.layers_to_resize(old, new)
         if changed and require_optimizer and self.optimizer is None:
             raise RuntimeError(
                 "GARD must resize adapters at this step but no optimizer is attached: call "
@@ -368,8 +331,7 @@ class GARD:
         layers = [self.manager.layers[i] for i in changed]
         for layer in layers:
             check_remappable(self.optimizer, (layer.lora_A, layer.lora_B))
-        # Static mode re-initialises every changed layer from rank 0.
-        start = {i: 0 if cfg.mode == "static" else layer.rank for i, layer in zip(changed, layers)}
+        start = {i: self.schedule.start_rank(layer) for i, layer in zip(changed, layers)}
         if self._grows_from_gradient():
             for i, layer in zip(changed, layers):
                 if new[i] > start[i] and not layer.capture.armed:
@@ -388,17 +350,7 @@ class GARD:
         discarded = 0.0
         try:
             for i, layer in zip(changed, layers):
-                if cfg.mode == "static":
-                    # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks
-                    # (A random and B zero, or from the gradient per grow_init).
-                    layer.resize(0, optimizer=self.optimizer)
-                    layer.resize(new[i], grow_init=cfg.grow_init, optimizer=self.optimizer, generator=self._generator)
-                else:
-                    change = layer.resize(
-                        new[i], grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=self.optimizer,
-                        generator=self._generator,
-                    )
-                    discarded += change.discarded_norm
+                discarded += self.schedule.resize(layer, new[i], self.optimizer, self._generator)
         except BaseException:
             for layer, snapshot in zip(layers, snapshots):
                 layer.restore(snapshot, self.optimizer)
