@@ -21,6 +21,8 @@ from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
 from .lora.optim_state import check_optimizer_supported, check_remappable, track_new_directions
+from .lora.scaling import RankScaling
+from .marginal_gain import GAIN_SCORES, allocate_marginal
 from .ring import SketchRing
 from .schedule import make_schedule
 from .scores import LAYER_SCORES, ScoreWindow
@@ -30,6 +32,8 @@ from .spectra import equalize_valid_slots, gram_eigenvalues, spectral_scores
 
 # Sentinel of an exhausted batch iterator in profile().
 _EXHAUSTED = object()
+# Halvings of GoRA's step that grow_init="gora_safe" tries before it drops the step.
+_SAFE_INIT_HALVINGS = 6
 # Extra random directions of the range finder beyond the largest growth (grow_init "gradient", "gora").
 _RANGE_OVERSAMPLE = 8
 
@@ -81,6 +85,10 @@ class GARD:
             # Base weights get no gradients: backward computes only what the adapters and capture need.
             model.requires_grad_(False)
             self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
+            # scale(r) per scaling_rule; every rule gives `scaling` at the budget's average rank.
+            rank_scaling = RankScaling(config.scaling, config.scaling_rule, config.budget / sum(costs))
+            for layer in self.manager.layers:
+                layer.rank_scaling = rank_scaling
             self.ring = SketchRing(len(self.manager), config.window, config.k_in * config.k_out, device=device)
             self.handles = []
             for index, layer in enumerate(self.manager.layers):
@@ -160,6 +168,11 @@ class GARD:
 
         Returns the re-allocation record when one happened this step, else None.
         """
+        if self._needs_profile() and not self.allocated:
+            what = f"score={self.config.score!r}" if self.config.score in GAIN_SCORES else "grow_init='gora_safe'"
+            raise RuntimeError(
+                f"{what} works on the profile batches: call gard.profile(batches) before the first optimizer step"
+            )
         if self._capturing:
             self.ring.advance()
         self.step_count += 1
@@ -182,7 +195,8 @@ class GARD:
 
         Static mode: the paper's profiling phase and its one allocation. Dynamic mode: the
         starting ranks, moved as at any re-allocation. Takes exactly `steps` batches from
-        `batches` and leaves every parameter's gradient as it found it.
+        `batches` and leaves every parameter's gradient as it found it. The marginal-gain
+        scores pass over the same batches three times (lora/gain_probe.py), keeping them.
 
         Args:
             batches: iterable of model inputs (dicts are passed as keyword arguments).
@@ -194,10 +208,19 @@ class GARD:
         steps = self.config.window if steps is None else steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
+        probing = self.config.score in GAIN_SCORES
+        if probing and distributed.is_distributed():
+            raise ValueError(
+                f"score={self.config.score!r} is not supported under torch.distributed yet (its gain probes "
+                "are not reduced across processes); use a layer score such as 'update_nuclear'"
+            )
         # Gradients that existed before are put back afterwards; every one profiling creates is cleared.
         # Backward accumulates into existing .grad tensors in place: keep their values to restore.
         saved = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
         batch_iter = iter(batches)
+        kept = []  # the batches, when a later pass or check needs them again
+        if probing:
+            self._start_gain_probes(steps)
         try:
             for done in range(steps):
                 # next() only as often as needed: the caller's iterator loses exactly `steps` batches.
@@ -206,11 +229,21 @@ class GARD:
                     raise ValueError(
                         f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps"
                     )
-                # A gradient-initialised grow reads the range finder of the last profiled batch.
-                self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient())
+                # A gradient-initialised grow reads the range finder of the last profiled batch
+                # (of the last pass, when the gain probes pass over the batches again).
+                self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient() and not probing)
+                self._set_probe_half(done, steps)
                 loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
                 loss.backward()
                 self.ring.advance()
+                if self._needs_profile():
+                    kept.append(batch)
+            if probing:
+                self._probe_again(kept, loss_fn)
+        except BaseException:
+            for handle in self.handles:
+                handle.gain_probe.clear()
+            raise
         finally:
             for param, grad, value in saved:
                 if grad is not None:
@@ -218,12 +251,84 @@ class GARD:
                 param.grad = grad
         event = self._reallocate(require_optimizer=False)
         self._set_capture(self._capture_due(self.step_count))
+        if self.config.grow_init == "gora_safe":
+            # Checked on the batches the range finder did not see: the step is a gradient step of
+            # the last batch, and would look good on that batch whatever its size.
+            event["init_step_scale"] = self._check_init_step(kept[:-1], loss_fn)
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
         return event
 
+    def _needs_profile(self) -> bool:
+        """Whether the allocation needs the profile batches (gard.profile), not just the training steps."""
+        return self.config.score in GAIN_SCORES or self.config.grow_init == "gora_safe"
+
+    @torch.no_grad()
+    def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
+        """grow_init="gora_safe": keep GoRA's initial B only as far as it does not raise the loss.
+
+        The mean loss over `kept` (the profile batches but the last) with every B scaled by t in 1,
+        1/2, ..., 1/64 is compared with t = 0 (B = 0, the output of a "gradient" or "zero" init); the first t that
+        is no worse is kept, else 0. Returns t. Only B changes (its optimizer state is still zero).
+        """
+        layers = [layer for layer in self.manager.layers if layer.rank > 0]
+        full = [layer.lora_B.detach().clone() for layer in layers]
+
+        def loss_at(t: float) -> float:
+            for layer, b in zip(layers, full):
+                layer.lora_B.data.copy_(b * t)
+            total = 0.0
+            for batch in kept:
+                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                total += float(loss)
+            return total / max(len(kept), 1)
+
+        start = loss_at(0.0)
+        for t in (2.0**-k for k in range(_SAFE_INIT_HALVINGS + 1)):
+            if loss_at(t) <= start:
+                return t
+        loss_at(0.0)
+        return 0.0
+
+    def _start_gain_probes(self, steps: int) -> None:
+        """Start every layer's gain probe with min(r_max, cap) + oversampling columns."""
+        # Its own stream: the run's generator draws exactly what it draws without the probes.
+        generator = torch.Generator().manual_seed(layer_seed(self.config.seed, len(self.handles)))
+        for layer, handle in zip(self.manager.layers, self.handles):
+            width = min(self.config.r_max, layer.d_in, layer.d_out) + _RANGE_OVERSAMPLE
+            handle.gain_probe.start(width, generator)
+        self._probe_halves = (steps // 2, steps - steps // 2)
+
+    def _set_probe_half(self, done: int, steps: int) -> None:
+        if self.config.score in GAIN_SCORES:
+            for handle in self.handles:
+                handle.gain_probe.set_half(0 if done < steps // 2 else 1)
+
+    def _probe_again(self, kept: list, loss_fn: Optional[Callable]) -> None:
+        """Passes 2 and 3 of the gain probes over the profile batches, sketches off; the range
+        finder of a gradient-initialised grow is armed on the last batch of the last pass."""
+        for last_pass in (False, True):
+            for handle in self.handles:
+                handle.gain_probe.next_pass()
+            for done, batch in enumerate(kept):
+                self._set_capture(False, arm=last_pass and done == len(kept) - 1 and self._grows_from_gradient())
+                self._set_probe_half(done, len(kept))
+                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                loss.backward()
+        for handle in self.handles:
+            handle.gain_probe.stop()
+
+    def _unit_gains(self) -> list[list[float]]:
+        """Per layer, the cross-fitted gains of its rank units (power per score), best first."""
+        power = GAIN_SCORES[self.config.score]
+        gains = []
+        for handle in self.handles:
+            gains.append([float(g) ** power for g in handle.gain_probe.gains(self._probe_halves)])
+            handle.gain_probe.clear()
+        return gains
+
     def _grows_from_gradient(self) -> bool:
-        return self.config.grow_init in ("gradient", "gora")
+        return self.config.layer_grow_init in ("gradient", "gora")
 
     def _range_width(self) -> int:
         """Columns of the range finder: the most directions one layer can gain at once, plus slack.
@@ -257,7 +362,7 @@ class GARD:
         self._capturing = on
         for handle in self.handles:
             handle.enabled = on
-        if self.config.grow_init in ("gradient", "gora"):
+        if self._grows_from_gradient():
             if arm is None:
                 arm = on and self._reallocation_due(self.step_count + 1)
             for handle in self.handles:
@@ -286,16 +391,25 @@ class GARD:
                 stacklevel=3,
             )
             self._non_finite_warned = True
-        window = ScoreWindow(sketches.cpu(), valid, eigs, cfg.k_out, cfg.k_in, cfg.alpha, cfg.measure, self._generator)
-        statistic = self.schedule.smooth(self.ema_statistic, LAYER_SCORES[cfg.score](window))
+        old = self.manager.ranks
+        bounds = dict(r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps)
+        extra = {}
+        if cfg.score in GAIN_SCORES:
+            # Marginal gain: each rank unit has its own worth; a layer's statistic is their sum.
+            gains = self._unit_gains()
+            statistic = torch.tensor([sum(g) for g in gains], dtype=torch.float64)
+            target = allocate_marginal(gains, self.manager.costs, cfg.budget, **bounds)
+            extra["gains"] = gains
+        else:
+            window = ScoreWindow(sketches.cpu(), valid, eigs, cfg.k_out, cfg.k_in, cfg.alpha, cfg.measure, self._generator)
+            statistic = self.schedule.smooth(self.ema_statistic, LAYER_SCORES[cfg.score](window))
+            current, dead_band = self.schedule.hysteresis(old, self.allocated)
+            target = allocate_ranks(
+                spectral_scores(statistic).tolist(), self.manager.costs, cfg.budget, **bounds,
+                current=current, dead_band=dead_band,
+            )
         self.ema_statistic = statistic
         scores = spectral_scores(statistic)
-        old = self.manager.ranks
-        current, dead_band = self.schedule.hysteresis(old, self.allocated)
-        target = allocate_ranks(
-            scores.tolist(), self.manager.costs, cfg.budget, r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps,
-            current=current, dead_band=dead_band,
-        )
         new = self.schedule.limit(old, target, self.manager.costs, cfg.budget)
         changed = self.schedule.layers_to_resize(old, new)
         if changed and require_optimizer and self.optimizer is None:
@@ -318,6 +432,7 @@ class GARD:
             "invalid_total": invalid,
             "params": self.manager.num_params(new),
             "discarded_update_norm": discarded,
+            **extra,
         }
 
     def _resize_layers(self, changed: list[int], new: list[int]) -> float:
@@ -340,7 +455,7 @@ class GARD:
                         "by the capture before this re-allocation"
                     )
         grows = any(new[i] > start[i] for i in changed)
-        if cfg.grow_init == "gora" and grows and self.optimizer is None:
+        if cfg.layer_grow_init == "gora" and grows and self.optimizer is None:
             raise RuntimeError(
                 "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
                 "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
@@ -411,7 +526,7 @@ class GARD:
             if a is None:
                 a, b = layer.lora_A.new_zeros(0, layer.d_in), layer.lora_B.new_zeros(layer.d_out, 0)
             else:
-                b = b * (adapter.scalings[name] / layer.scaling)
+                b = b * (adapter.scalings[name] / layer.scale_at(a.shape[0]))
             layer.load_factors(a, b)
         return gard
 

@@ -62,7 +62,7 @@ class StaticSchedule:
         """Re-initialise `layer` at `rank` (A random and B zero, or from the gradient per grow_init);
         returns the discarded update norm (0: a re-initialisation keeps nothing by design)."""
         layer.resize(0, optimizer=optimizer)
-        layer.resize(rank, grow_init=self.config.grow_init, optimizer=optimizer, generator=generator)
+        layer.resize(rank, grow_init=self.config.layer_grow_init, optimizer=optimizer, generator=generator)
         return 0.0
 
 
@@ -115,7 +115,9 @@ class DynamicSchedule:
     def resize(self, layer: LoRALayer, rank: int, optimizer, generator) -> float:
         """Grow (per grow_init) or shrink (per shrink) in place; returns the discarded update norm."""
         cfg = self.config
-        change = layer.resize(rank, grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=optimizer, generator=generator)
+        change = layer.resize(
+            rank, grow_init=cfg.layer_grow_init, shrink=cfg.shrink, optimizer=optimizer, generator=generator
+        )
         return change.discarded_norm
 
 
