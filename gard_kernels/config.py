@@ -77,7 +77,8 @@ class GARDConfig:
             initialisation, He et al. 2025, for grown directions; this changes the output). Static
             mode's re-initialisation at the allocation follows it too. "gora_safe" (static mode,
             with gard.profile): GoRA's step, then halved (up to 6 times, else dropped: B = 0) until
-            the mean loss over the profile batches is no higher than with B = 0, so it can never
+            the mean loss over the profile batches but the last (the one the gradient came from)
+            is no higher than with B = 0, so it can never
             start worse than "gradient" does; the allocation record holds the factor kept
             ("init_step_scale").
         shrink: which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the
