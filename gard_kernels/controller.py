@@ -73,6 +73,7 @@ class GARD:
         device = next(model.parameters()).device
         self.step_count = 0
         self.allocated = False  # static mode: the one allocation has happened
+        self._probe_halves = (0, 0)  # batches in each half of the profile (marginal-gain scores)
         self.ema_statistic: Optional[torch.Tensor] = None
         self.history: list[dict[str, Any]] = []
         self._params_sum = 0
@@ -267,9 +268,10 @@ class GARD:
     def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
         """grow_init="gora_safe": keep GoRA's initial B only as far as it does not raise the loss.
 
-        The mean loss over `kept` (the profile batches but the last) with every B scaled by t in 1,
-        1/2, ..., 1/64 is compared with t = 0 (B = 0, the output of a "gradient" or "zero" init); the first t that
-        is no worse is kept, else 0. Returns t. Only B changes (its optimizer state is still zero).
+        The mean loss over `kept` (the profile batches but the last) with every B scaled by t in
+        1, 1/2, ..., 1/64 is compared with t = 0 (B = 0, the output of a "gradient" or "zero"
+        init); the first t that is no worse is kept, else 0. Returns t. Only B changes (its
+        optimizer state is still zero after the re-initialisation).
         """
         layers = [layer for layer in self.manager.layers if layer.rank > 0]
         full = [layer.lora_B.detach().clone() for layer in layers]

@@ -1,6 +1,5 @@
 """The marginal-gain allocator (marginal_gain.py) and its gain estimate (lora/gain_probe.py)."""
 import itertools
-import math
 
 import pytest
 import torch
@@ -72,7 +71,8 @@ def test_worth_is_per_parameter_and_zero_gains_are_never_bought():
     # The integer top-up: the best unit does not fit, the next one that does is taken.
     assert allocate_marginal([[5.0, 4.0], [1.0]], [60, 30], 100, r_max=2) == [1, 1]
     # r_min units are granted whatever their gain; gain 0 is never bought.
-    assert allocate_marginal([[0.0, 0.0], [3.0, 0.0]], [10, 10], 100, r_min=1, r_max=2) == [1, 2 - 1]
+    assert allocate_marginal([[0.0, 0.0], [3.0, 0.0]], [10, 10], 100, r_min=1, r_max=2) == [1, 1]
+    assert allocate_marginal([[0.0, 0.0], [3.0, 2.0]], [10, 10], 100, r_min=1, r_max=2) == [1, 2]
 
 
 def test_bad_gains_are_refused_with_what_to_change():

@@ -1,17 +1,14 @@
 """Rank-dependent LoRA scale (GARDConfig.scaling_rule, lora/scaling.py) and the checked GoRA
 initialisation (grow_init="gora_safe")."""
-import math
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gard_kernels as gk
-from gard_kernels.lora.capture import CaptureHandle
 from gard_kernels.lora.layer import LoRALayer
 from gard_kernels.lora.optim_state import rescale_optimizer_state
 from gard_kernels.lora.scaling import RankScaling
-from gard_kernels.sketch import GradientSketch
 
 from .models import VOCAB, batches, tiny_llama
 
