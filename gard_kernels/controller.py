@@ -394,22 +394,8 @@ class GARD:
             )
             self._non_finite_warned = True
         old = self.manager.ranks
-        bounds = dict(r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps)
-        extra = {}
-        if cfg.score in GAIN_SCORES:
-            # Marginal gain: each rank unit has its own worth; a layer's statistic is their sum.
-            gains = self._unit_gains()
-            statistic = torch.tensor([sum(g) for g in gains], dtype=torch.float64)
-            target = allocate_marginal(gains, self.manager.costs, cfg.budget, **bounds)
-            extra["gains"] = gains
-        else:
-            window = ScoreWindow(sketches.cpu(), valid, eigs, cfg.k_out, cfg.k_in, cfg.alpha, cfg.measure, self._generator)
-            statistic = self.schedule.smooth(self.ema_statistic, LAYER_SCORES[cfg.score](window))
-            current, dead_band = self.schedule.hysteresis(old, self.allocated)
-            target = allocate_ranks(
-                spectral_scores(statistic).tolist(), self.manager.costs, cfg.budget, **bounds,
-                current=current, dead_band=dead_band,
-            )
+        window = ScoreWindow(sketches.cpu(), valid, eigs, cfg.k_out, cfg.k_in, cfg.alpha, cfg.measure, self._generator)
+        statistic, target, extra = self._target_ranks(window, old)
         self.ema_statistic = statistic
         scores = spectral_scores(statistic)
         new = self.schedule.limit(old, target, self.manager.costs, cfg.budget)
@@ -436,6 +422,23 @@ class GARD:
             "discarded_update_norm": discarded,
             **extra,
         }
+
+    def _target_ranks(self, window: ScoreWindow, old: list[int]) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
+        """(per-layer statistic, target ranks, extra record fields) of this re-allocation."""
+        cfg = self.config
+        bounds = dict(r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps)
+        if cfg.score in GAIN_SCORES:
+            # Marginal gain: each rank unit has its own worth; a layer's statistic is their sum.
+            gains = self._unit_gains()
+            statistic = torch.tensor([sum(g) for g in gains], dtype=torch.float64)
+            return statistic, allocate_marginal(gains, self.manager.costs, cfg.budget, **bounds), {"gains": gains}
+        statistic = self.schedule.smooth(self.ema_statistic, LAYER_SCORES[cfg.score](window))
+        current, dead_band = self.schedule.hysteresis(old, self.allocated)
+        target = allocate_ranks(
+            spectral_scores(statistic).tolist(), self.manager.costs, cfg.budget, **bounds,
+            current=current, dead_band=dead_band,
+        )
+        return statistic, target, {}
 
     def _resize_layers(self, changed: list[int], new: list[int]) -> float:
         """Resize layers `changed` to ranks `new`, all or nothing; returns the discarded update norm.
