@@ -6,13 +6,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from .lora.layer import GROW_INITS
+from .lora import layer as _layer
+from .lora.scaling import SCALING_RULES
+from .marginal_gain import GAIN_SCORES
+from .scores import LAYER_SCORES
 from .sketch.dispatch import ALL_BACKENDS, BACKEND_CHOICES
 from .spectra import MEASURES
 
 MODES = ("static", "dynamic")
-SCORES = ("spectral", "grad_norm", "uniform", "random", "update_rank", "update_nuclear", "energy_rank")
+SCORES = (*LAYER_SCORES, *GAIN_SCORES)
 SHRINKS = ("norm", "svd")
+# The layer's grow inits, and "gora_safe": GoRA's step, checked on the profile batches.
+GROW_INITS = (*_layer.GROW_INITS, "gora_safe")
 
 
 @dataclass
@@ -63,7 +68,14 @@ class GARDConfig:
         'extra capture cost: "update_rank" (effective rank, by `measure` and `alpha`, of the summed sketch '
         'S = Σ_b S_b: how many directions the update itself has), "update_nuclear" (nuclear norm of S / valid '
         'steps: magnitude and diversity of the mean update), "energy_rank" (gradient norm × the paper\'s '
-        "effective rank of the Gram: magnitude weighted by diversity).")})
+        "effective rank of the Gram: magnitude weighted by diversity). Each is a function of "
+        "scores.LAYER_SCORES, allocated in proportion (allocate.allocate_ranks). Per rank unit instead, static "
+        'mode only: "marginal_gain" (unit j of layer l is worth g_{l,j} / (d_in + d_out), g_{l,j} the j-th '
+        "singular value of the layer's mean gradient over the profile, from a randomized SVD with r_max + 8 "
+        "columns and one power step, cross-fitted between the profile's halves so that noise is worth ~0; the "
+        'best units are granted until the budget is spent, marginal_gain.allocate_marginal) and '
+        '"marginal_gain_sq" (g squared, the ablation). They need gard.profile(batches), which then runs three '
+        "forward/backward passes over the same `window` batches (lora/gain_probe.py).")})
     interval: int = field(default=20, metadata={"symbol": "τ", "help": "steps between re-allocations in dynamic mode"})
     ema: float = field(default=0.7, metadata={"symbol": "β", "help": "smoothing of effective ranks across re-allocations, in [0, 1)"})
     delta_max: int = field(default=2, metadata={"symbol": "Δmax", "help": (
@@ -81,13 +93,23 @@ class GARDConfig:
         'new directions start with B = 0 and A random ("zero") or A along the top singular directions of the '
         'current weight gradient ("gradient"), or with those A rows and B taking one gradient step of the '
         'optimizer\'s lr along them ("gora": GoRA\'s initialisation, He et al. 2025, for grown directions; this '
-        "changes the output). Static mode's re-initialisation at the allocation follows it too.")})
+        "changes the output). Static mode's re-initialisation at the allocation follows it too. \"gora_safe\" "
+        "(static mode, with gard.profile): GoRA's step, then halved (up to 6 times, else dropped: B = 0) until "
+        "the mean loss over the profile batches but the last (the one the gradient came from) is no higher "
+        "than with B = 0, so it can never start worse than \"gradient\" does; the allocation record holds the "
+        'factor kept ("init_step_scale").')})
     shrink: str = field(default="norm", metadata={"help": (
         'which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the best rank-r '
         'approximation of the current update ("svd")')})
     scaling: float = field(default=2.0, metadata={"help": (
-        "constant factor of the LoRA branch, y = W x + scaling * B A x. It does not depend on the rank, so a "
-        "resize never rescales what was learned; PEFT's lora_alpha = scaling * r.")})
+        "factor of the LoRA branch, y = W x + scale(r) * B A x, with scale(r) = scaling at the reference rank "
+        "(see scaling_rule); PEFT's lora_alpha = scale(r) * r per layer.")})
+    scaling_rule: str = field(default="constant", metadata={"fingerprint": "omit_at_default", "help": (
+        'how the scale depends on a layer\'s rank r: scale(r) = scaling * (r_ref / r)^p with p = 0 ("constant": '
+        'a resize never rescales what was learned), 1/2 ("rslora", rank-stabilised) or 1 ("linear", PEFT\'s '
+        "alpha / r), r_ref = budget / Σ(d_in + d_out), the average rank the budget allows (uniform LoRA at "
+        "that rank is the same under every rule). A resize under a rank-dependent rule rescales B (and its "
+        "optimizer state) so that the layer's output does not change.")})
     seed: int = field(default=0, metadata={"help": (
         "run seed; per-layer projection seeds, adapter inits and random scores derive from it")})
     backend: str = field(default="auto", metadata={"help": (
@@ -122,9 +144,20 @@ class GARDConfig:
             ("grow_init", GROW_INITS),
             ("shrink", SHRINKS),
             ("backend", BACKEND_CHOICES),
+            ("scaling_rule", tuple(SCALING_RULES)),
         ):
             value = getattr(self, name)
             require(value in choices, f"{name} must be one of {choices}, got {value!r}")
+        require(
+            self.score not in GAIN_SCORES or self.mode == "static",
+            f"score={self.score!r} allocates once, from passes over the profile batches (gard.profile): "
+            f"use mode='static', or a layer score ({', '.join(LAYER_SCORES)}) for mode='dynamic'",
+        )
+        require(
+            self.grow_init != "gora_safe" or self.mode == "static",
+            "grow_init='gora_safe' checks GoRA's step on the profile batches (gard.profile), which dynamic "
+            "re-allocations do not have: use mode='static', or grow_init='gora' / 'gradient' for mode='dynamic'",
+        )
         require(is_int(self.r_min) and self.r_min >= 0, f"r_min must be an int >= 0, got {self.r_min!r}")
         if self.r_max is not None:
             require(
@@ -165,6 +198,11 @@ class GARDConfig:
             )
         require(is_number(self.scaling) and self.scaling > 0, f"scaling must be positive, got {self.scaling!r}")
         require(is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
+
+    @property
+    def layer_grow_init(self) -> str:
+        """The grow_init LoRALayer.resize runs ("gora_safe" grows as "gora" and is checked afterwards)."""
+        return "gora" if self.grow_init == "gora_safe" else self.grow_init
 
     @property
     def warmup_steps(self) -> int:

@@ -16,20 +16,26 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import distributed, fsdp
-from .allocate import allocate_ranks, clip_rank_change
+from .allocate import allocate_ranks
 from .config import R_MAX_FLOOR, GARDConfig, default_r_max
 from .lora import peft_format
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
 from .lora.optim_state import check_optimizer_supported, check_remappable, track_new_directions
+from .lora.scaling import RankScaling
+from .marginal_gain import GAIN_SCORES, allocate_marginal
 from .ring import SketchRing
+from .schedule import make_schedule
+from .scores import LAYER_SCORES, ScoreWindow
 from .sketch import GradientSketch
 from .sketch.hashing import mix32
-from .spectra import effective_rank, equalize_valid_slots, gram_eigenvalues, spectral_scores, summed_sketch_spectrum
+from .spectra import equalize_valid_slots, gram_eigenvalues, spectral_scores
 
 # Sentinel of an exhausted batch iterator in profile().
 _EXHAUSTED = object()
+# Halvings of GoRA's step that grow_init="gora_safe" tries before it drops the step.
+_SAFE_INIT_HALVINGS = 6
 # Extra random directions of the range finder beyond the largest growth (grow_init "gradient", "gora").
 _RANGE_OVERSAMPLE = 8
 
@@ -68,11 +74,13 @@ class GARD:
         _warn_unspendable(config, costs, caps)
         self.model = model
         self.config = config
+        self.schedule = make_schedule(config)
         self._generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         device = next(model.parameters()).device
         self.step_count = 0
         self.allocated = False  # static mode: the one allocation has happened
+        self._probe_halves = (0, 0)  # batches in each half of the profile (marginal-gain scores)
         self.ema_statistic: Optional[torch.Tensor] = None
         self.history: list[dict[str, Any]] = []
         self._params_sum = 0
@@ -88,6 +96,10 @@ class GARD:
             # Base weights get no gradients: backward computes only what the adapters and capture need.
             model.requires_grad_(False)
             self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
+            # scale(r) per scaling_rule; every rule gives `scaling` at the budget's average rank.
+            rank_scaling = RankScaling(config.scaling, config.scaling_rule, config.budget / sum(costs))
+            for layer in self.manager.layers:
+                layer.rank_scaling = rank_scaling
             self.ring = SketchRing(len(self.manager), config.window, config.k_in * config.k_out, device=device)
             self.handles = []
             for index, layer in enumerate(self.manager.layers):
@@ -224,6 +236,11 @@ class GARD:
         raises leaves GARD as it was before the call (counters, ring, ranks), so calling it again
         after fixing the cause gives the run that was meant.
         """
+        if self._needs_profile() and not self.allocated:
+            what = f"score={self.config.score!r}" if self.config.score in GAIN_SCORES else "grow_init='gora_safe'"
+            raise RuntimeError(
+                f"{what} works on the profile batches: call gard.profile(batches) before the first optimizer step"
+            )
         self._check_parameters_current()
         if self.optimizer is None and self._gradient_sync.needed():
             raise RuntimeError(
@@ -232,8 +249,8 @@ class GARD:
                 "Call gard.attach_optimizer(optimizer) before the first optimizer step"
             )
         due = self._reallocation_due(self.step_count + 1)
-        if due and self.config.mode == "static":
-            # Static mode re-initialises every layer at its allocation: that always needs the optimizer.
+        if due and self.schedule.reinitialises_every_layer:
+            # A static allocation re-initialises every layer: that always needs the optimizer.
             self._require_optimizer()
         saved = self._save_state() if due else None
         if self._capturing:
@@ -293,7 +310,8 @@ class GARD:
 
         Static mode: the paper's profiling phase and its one allocation. Dynamic mode: the
         starting ranks, moved as at any re-allocation. Takes exactly `steps` batches from
-        `batches` and leaves every parameter's gradient as it found it.
+        `batches` and leaves every parameter's gradient as it found it. The marginal-gain
+        scores pass over the same batches three times (lora/gain_probe.py), keeping them.
 
         Args:
             batches: iterable of model inputs (dicts are passed as keyword arguments).
@@ -305,8 +323,14 @@ class GARD:
         steps = self.config.window if steps is None else steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
+        probing = self.config.score in GAIN_SCORES
+        if probing and distributed.is_distributed():
+            raise ValueError(
+                f"score={self.config.score!r} is not supported under torch.distributed yet (its gain probes "
+                "are not reduced across processes); use a layer score such as 'update_nuclear'"
+            )
         self._check_parameters_current()
-        if self.config.grow_init == "gora" and self.optimizer is None:
+        if self.config.layer_grow_init == "gora" and self.optimizer is None:
             # Refused before the first batch is taken: the caller's iterator and GARD stay as they are.
             raise RuntimeError(
                 "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
@@ -317,6 +341,9 @@ class GARD:
         # Backward accumulates into existing .grad tensors in place: keep their values to restore.
         grads = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
         batch_iter = iter(batches)
+        kept = []  # the batches, when a later pass or check needs them again
+        if probing:
+            self._start_gain_probes(steps)
         try:
             try:
                 for done in range(steps):
@@ -326,11 +353,17 @@ class GARD:
                         raise ValueError(
                             f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps"
                         )
-                    # A gradient-initialised grow reads the range finder of the last profiled batch.
-                    self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient())
+                    # A gradient-initialised grow reads the range finder of the last profiled batch
+                    # (of the last pass, when the gain probes pass over the batches again).
+                    self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient() and not probing)
+                    self._set_probe_half(done, steps)
                     loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
                     loss.backward()
                     self.ring.advance()
+                    if self._needs_profile():
+                        kept.append(batch)
+                if probing:
+                    self._probe_again(kept, loss_fn)
             finally:
                 for param, grad, value in grads:
                     if grad is not None:
@@ -339,15 +372,90 @@ class GARD:
             event = self._reallocate(require_optimizer=False, skip_junk=False)
         except BaseException:
             # A refused profile leaves GARD as it was (the batches it took are spent).
+            for handle in self.handles:
+                handle.gain_probe.clear()
             self._restore_state(saved, rearm=True)
             raise
         self._set_capture(self._capture_due(self.step_count))
+        if self.config.grow_init == "gora_safe":
+            # Checked on the batches the range finder did not see: the step is a gradient step of
+            # the last batch, and would look good on that batch whatever its size.
+            event["init_step_scale"] = self._check_init_step(kept[:-1], loss_fn)
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
         return event
 
+    def _needs_profile(self) -> bool:
+        """Whether the allocation needs the profile batches (gard.profile), not just the training steps."""
+        return self.config.score in GAIN_SCORES or self.config.grow_init == "gora_safe"
+
+    @torch.no_grad()
+    def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
+        """grow_init="gora_safe": keep GoRA's initial B only as far as it does not raise the loss.
+
+        The mean loss over `kept` (the profile batches but the last) with every B scaled by t in
+        1, 1/2, ..., 1/64 is compared with t = 0 (B = 0, the output of a "gradient" or "zero"
+        init); the first t that is no worse is kept, else 0. Returns t. Only B changes (its
+        optimizer state is still zero after the re-initialisation).
+        """
+        layers = [layer for layer in self.manager.layers if layer.rank > 0]
+        full = [layer.lora_B.detach().clone() for layer in layers]
+
+        def loss_at(t: float) -> float:
+            for layer, b in zip(layers, full):
+                layer.lora_B.data.copy_(b * t)
+            total = 0.0
+            for batch in kept:
+                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                total += float(loss)
+            return total / max(len(kept), 1)
+
+        start = loss_at(0.0)
+        for t in (2.0**-k for k in range(_SAFE_INIT_HALVINGS + 1)):
+            if loss_at(t) <= start:
+                return t
+        loss_at(0.0)
+        return 0.0
+
+    def _start_gain_probes(self, steps: int) -> None:
+        """Start every layer's gain probe with min(r_max, cap) + oversampling columns."""
+        # Its own stream: the run's generator draws exactly what it draws without the probes.
+        generator = torch.Generator().manual_seed(layer_seed(self.config.seed, len(self.handles)))
+        for layer, handle in zip(self.manager.layers, self.handles):
+            width = min(self.config.r_max, layer.d_in, layer.d_out) + _RANGE_OVERSAMPLE
+            handle.gain_probe.start(width, generator)
+        self._probe_halves = (steps // 2, steps - steps // 2)
+
+    def _set_probe_half(self, done: int, steps: int) -> None:
+        if self.config.score in GAIN_SCORES:
+            for handle in self.handles:
+                handle.gain_probe.set_half(0 if done < steps // 2 else 1)
+
+    def _probe_again(self, kept: list, loss_fn: Optional[Callable]) -> None:
+        """Passes 2 and 3 of the gain probes over the profile batches, sketches off; the range
+        finder of a gradient-initialised grow is armed on the last batch of the last pass."""
+        for last_pass in (False, True):
+            for handle in self.handles:
+                handle.gain_probe.next_pass()
+            for done, batch in enumerate(kept):
+                self._set_capture(False, arm=last_pass and done == len(kept) - 1 and self._grows_from_gradient())
+                self._set_probe_half(done, len(kept))
+                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                loss.backward()
+        for handle in self.handles:
+            handle.gain_probe.stop()
+
+    def _unit_gains(self) -> list[list[float]]:
+        """Per layer, the cross-fitted gains of its rank units (power per score), best first."""
+        power = GAIN_SCORES[self.config.score]
+        gains = []
+        for handle in self.handles:
+            gains.append([float(g) ** power for g in handle.gain_probe.gains(self._probe_halves)])
+            handle.gain_probe.clear()
+        return gains
+
     def _grows_from_gradient(self) -> bool:
-        return self.config.grow_init in ("gradient", "gora")
+        return self.config.layer_grow_init in ("gradient", "gora")
 
     def _range_width(self) -> int:
         """Columns of the range finder: the most directions one layer can gain at once, plus slack.
@@ -355,17 +463,11 @@ class GARD:
         Static mode re-initialises every layer at its new rank (up to r_max); a dynamic move
         adds at most delta_max.
         """
-        most = self.config.r_max if self.config.mode == "static" else self.config.delta_max
-        return most + _RANGE_OVERSAMPLE
+        return self.schedule.most_growth() + _RANGE_OVERSAMPLE
 
     def _reallocation_due(self, t: int) -> bool:
         """Whether ranks are re-allocated when the optimizer step count reaches t."""
-        cfg = self.config
-        if cfg.mode == "static":
-            return not self.allocated and t == cfg.window
-        if t < max(cfg.warmup_steps, 1) or t % cfg.interval != 0:
-            return False
-        return cfg.freeze_after is None or t <= cfg.freeze_after
+        return self.schedule.reallocation_due(t, self.allocated)
 
     def _capture_due(self, t: int) -> bool:
         """Whether the step that runs next (index t, 0-based) must write sketches."""
@@ -373,10 +475,7 @@ class GARD:
             # Every rank is 0 (tight budgets start so): nothing trains, and only capture keeps the
             # backward pass running and the spectra fresh, so that layers can grow.
             return True
-        if self.config.mode == "static":
-            return not self.allocated and t < self.config.window
-        # Open the window over the M steps before each re-allocation.
-        return any(self._reallocation_due(s) for s in range(t + 1, t + 1 + self.config.window))
+        return self.schedule.capture_due(t, self.allocated)
 
     def _set_capture(self, on: bool, arm: Optional[bool] = None) -> None:
         """Switch capture on or off for the step that runs next.
@@ -390,7 +489,7 @@ class GARD:
         self._capturing = on
         for handle in self.handles:
             handle.enabled = on
-        if self.config.grow_init in ("gradient", "gora"):
+        if self._grows_from_gradient():
             if arm is None:
                 arm = on and self._reallocation_due(self.step_count + 1)
             for handle in self.handles:
@@ -398,28 +497,6 @@ class GARD:
                     handle.arm_range_finder(self._range_width(), self._generator)
                 else:
                     handle.disarm()
-
-    def _statistic(self, eigs: torch.Tensor, valid: torch.Tensor, sketches: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-layer importance statistic before smoothing and normalisation."""
-        cfg = self.config
-        if cfg.score in ("update_rank", "update_nuclear"):
-            # The summed window sketch: a sketch of the accumulated update Σ_b G_b.
-            sigma2, count = summed_sketch_spectrum(sketches, valid, cfg.k_out, cfg.k_in)
-            if cfg.score == "update_rank":
-                return effective_rank(sigma2, alpha=cfg.alpha, measure=cfg.measure)
-            return sigma2.sqrt().sum(dim=1) / count.clamp_min(1.0)
-        if cfg.score == "energy_rank":
-            count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
-            return (eigs.sum(dim=1) / count).sqrt() * effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
-        if cfg.score == "spectral":
-            return effective_rank(eigs, alpha=cfg.alpha, measure=cfg.measure)
-        if cfg.score == "grad_norm":
-            # E||S||^2 = ||G||^2, and the Gram trace sums ||S_b||^2 over the valid slots.
-            count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
-            return (eigs.sum(dim=1) / count).sqrt()
-        if cfg.score == "uniform":
-            return torch.ones(len(self.manager), dtype=torch.float64)
-        return torch.rand(len(self.manager), generator=self._generator, dtype=torch.float64)
 
     def _reallocate(self, require_optimizer: bool, skip_junk: bool = True) -> dict[str, Any]:
         """Allocate from the window. Too few finite steps: dynamic mode with skip_junk returns
@@ -430,7 +507,7 @@ class GARD:
         sketches, valid = distributed.reduce_window(sketches, valid)
         junk = self._junk_window(valid)
         if junk is not None:
-            if skip_junk and cfg.mode == "dynamic":
+            if skip_junk and self.schedule.skips_thin_windows:
                 message = f"GARD skipped the re-allocation at step {self.step_count}: {junk}; the ranks stay as they are"
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 return {"step": self.step_count, "skipped": message}
@@ -457,27 +534,13 @@ class GARD:
                 stacklevel=3,
             )
             self._non_finite_warned = True
-        statistic = self._statistic(eigs, valid, sketches)
-        if cfg.mode == "dynamic" and self.ema_statistic is not None:
-            statistic = cfg.ema * self.ema_statistic + (1.0 - cfg.ema) * statistic
+        old = self.manager.ranks
+        window = ScoreWindow(sketches.cpu(), valid, eigs, cfg.k_out, cfg.k_in, cfg.alpha, cfg.measure, self._generator)
+        statistic, target, extra = self._target_ranks(window, old)
         self.ema_statistic = statistic
         scores = spectral_scores(statistic)
-        old = self.manager.ranks
-        # Hysteresis (dynamic only): ties keep the current ranks, and after the first allocation a
-        # unit moves only for a gain above the dead-band. Static mode and the first dynamic
-        # allocation start from the provisional r_init, which no spectrum chose.
-        dynamic = cfg.mode == "dynamic"
-        target = allocate_ranks(
-            scores.tolist(), self.manager.costs, cfg.budget, r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps,
-            current=old if dynamic else None, dead_band=cfg.dead_band if dynamic and self.allocated else 0.0,
-        )
-        if cfg.mode == "dynamic":
-            new = clip_rank_change(old, target, self.manager.costs, cfg.budget, cfg.delta_max)
-        else:
-            new = target
-        changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
-        if cfg.mode == "static":
-            changed = list(range(len(new)))
+        new = self.schedule.limit(old, target, self.manager.costs, cfg.budget)
+        changed = self.schedule.layers_to_resize(old, new)
         if changed and require_optimizer:
             self._require_optimizer()
         discarded = self._resize_layers(changed, new)
@@ -495,6 +558,7 @@ class GARD:
             "invalid_total": invalid,
             "params": self.manager.num_params(new),
             "discarded_update_norm": discarded,
+            **extra,
         }
 
     def _junk_window(self, valid: torch.Tensor) -> Optional[str]:
@@ -512,6 +576,23 @@ class GARD:
             f"losses or gradients), and an allocation needs at least {required} (GARDConfig.min_valid_steps)"
         )
 
+    def _target_ranks(self, window: ScoreWindow, old: list[int]) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
+        """(per-layer statistic, target ranks, extra record fields) of this re-allocation."""
+        cfg = self.config
+        bounds = dict(r_min=cfg.r_min, r_max=cfg.r_max, caps=self.manager.caps)
+        if cfg.score in GAIN_SCORES:
+            # Marginal gain: each rank unit has its own worth; a layer's statistic is their sum.
+            gains = self._unit_gains()
+            statistic = torch.tensor([sum(g) for g in gains], dtype=torch.float64)
+            return statistic, allocate_marginal(gains, self.manager.costs, cfg.budget, **bounds), {"gains": gains}
+        statistic = self.schedule.smooth(self.ema_statistic, LAYER_SCORES[cfg.score](window))
+        current, dead_band = self.schedule.hysteresis(old, self.allocated)
+        target = allocate_ranks(
+            spectral_scores(statistic).tolist(), self.manager.costs, cfg.budget, **bounds,
+            current=current, dead_band=dead_band,
+        )
+        return statistic, target, {}
+
     def _resize_layers(self, changed: list[int], new: list[int]) -> float:
         """Resize layers `changed` to ranks `new`, all or nothing; returns the discarded update norm.
 
@@ -523,8 +604,7 @@ class GARD:
         layers = [self.manager.layers[i] for i in changed]
         for layer in layers:
             check_remappable(self.optimizer, (layer.lora_A, layer.lora_B))
-        # Static mode re-initialises every changed layer from rank 0.
-        start = {i: 0 if cfg.mode == "static" else layer.rank for i, layer in zip(changed, layers)}
+        start = {i: self.schedule.start_rank(layer) for i, layer in zip(changed, layers)}
         if self._grows_from_gradient():
             for i, layer in zip(changed, layers):
                 if new[i] > start[i] and not layer.capture.armed:
@@ -533,7 +613,7 @@ class GARD:
                         "by the capture before this re-allocation"
                     )
         grows = any(new[i] > start[i] for i in changed)
-        if cfg.grow_init == "gora" and grows and self.optimizer is None:
+        if cfg.layer_grow_init == "gora" and grows and self.optimizer is None:
             raise RuntimeError(
                 "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
                 "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
@@ -543,17 +623,7 @@ class GARD:
         discarded = 0.0
         try:
             for i, layer in zip(changed, layers):
-                if cfg.mode == "static":
-                    # Paper §3.3: the provisional adapters are re-initialised at the chosen ranks
-                    # (A random and B zero, or from the gradient per grow_init).
-                    layer.resize(0, optimizer=self.optimizer)
-                    layer.resize(new[i], grow_init=cfg.grow_init, optimizer=self.optimizer, generator=self._generator)
-                else:
-                    change = layer.resize(
-                        new[i], grow_init=cfg.grow_init, shrink=cfg.shrink, optimizer=self.optimizer,
-                        generator=self._generator,
-                    )
-                    discarded += change.discarded_norm
+                discarded += self.schedule.resize(layer, new[i], self.optimizer, self._generator)
         except BaseException:
             for layer, snapshot in zip(layers, snapshots):
                 layer.restore(snapshot, self.optimizer)
@@ -625,7 +695,7 @@ class GARD:
             if a is None:
                 a, b = layer.lora_A.new_zeros(0, layer.d_in), layer.lora_B.new_zeros(layer.d_out, 0)
             else:
-                b = b * (adapter.scalings[name] / layer.scaling)
+                b = b * (adapter.scalings[name] / layer.scale_at(a.shape[0]))
             layer.load_factors(a, b)
         return gard
 

@@ -14,6 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..sketch import GradientSketch
+from .gain_probe import GainProbe
 from .range_finder import RangeFinder
 
 __all__ = ["CaptureHandle", "LoRACaptureFunction", "lora_capture"]
@@ -35,6 +36,7 @@ class CaptureHandle:
         buffer: the `out` given (or assigned later).
         enabled: capture on/off switch (the controller's schedule).
         range_finder: RangeFinder fed by the same backward passes while armed.
+        gain_probe: GainProbe fed by the same backward passes while recording (score="marginal_gain").
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class CaptureHandle:
         self.on_new_device = on_new_device
         self.enabled = True
         self.range_finder = RangeFinder(sketch.d_in, sketch.d_out)
+        self.gain_probe = GainProbe(sketch.d_in, sketch.d_out)
 
     def __repr__(self) -> str:
         return (
@@ -73,8 +76,8 @@ class CaptureHandle:
 
     @property
     def active(self) -> bool:
-        """Whether backward passes have anything to record (a sketch or the range finder)."""
-        return self.capturing or self.range_finder.armed
+        """Whether backward passes have anything to record (a sketch, the range finder or the gain probe)."""
+        return self.capturing or self.range_finder.armed or self.gain_probe.recording
 
     # The range finder's verbs, where the layer and its tests reach them.
     @property
@@ -98,7 +101,7 @@ class CaptureHandle:
         return self.range_finder.top_input_directions(r, exclude)
 
     def record(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        """Backward-time hook: sketch (while capturing) and range finder (while armed).
+        """Backward-time hook: sketch (while capturing), range finder (while armed), gain probe (while recording).
 
         Args:
             x: [..., d_in] the layer input as the branch used it.
@@ -121,6 +124,8 @@ class CaptureHandle:
                 self.sketch(x, dy, out=self.out, backend=self.backend)
             if self.range_finder.armed:
                 self.range_finder.accumulate(x, dy)
+            if self.gain_probe.recording:
+                self.gain_probe.accumulate(x, dy)
 
 
 def _compute_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:

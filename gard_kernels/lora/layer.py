@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from .optim_state import (
     mark_new_directions,
     remap_along,
     remap_optimizer_state,
+    rescale_optimizer_state,
     reset_optimizer_state,
     track_new_directions,
 )
@@ -55,9 +57,11 @@ class LoRALayer(nn.Module):
     y = base(x) + scaling * (x A^T) B^T. A: [r, d_in] and B: [d_out, r] as in PEFT; A starts
     with PEFT's kaiming-uniform(a=sqrt(5)) init, B with zeros, so a new layer computes base(x).
 
-    `scaling` is a constant, independent of the rank: PEFT's alpha / r would rescale the learned
-    update every time r changes. On export to PEFT, set per layer lora_alpha = scaling * r (so
-    PEFT's lora_alpha / r equals `scaling`), e.g. through rank_pattern / alpha_pattern.
+    `scaling` is a constant, independent of the rank, unless `rank_scaling` (a function of the
+    rank, lora/scaling.py) is set: a resize then moves `scaling` to rank_scaling(new rank) and
+    rescales B (and B's optimizer state) so that the output is unchanged by the new scale. On
+    export to PEFT, set per layer lora_alpha = scaling * r (so PEFT's lora_alpha / r equals
+    `scaling`), e.g. through rank_pattern / alpha_pattern.
 
     The adapter lives on the base weight's device, in its dtype when that is float32 / float64
     and in float32 otherwise (PEFT's default for bf16 / fp16 bases).
@@ -83,6 +87,7 @@ class LoRALayer(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.rank = rank
         self.scaling = float(scaling)
+        self.rank_scaling: Callable[[int], float] | None = None
         self.name = name
         self.capture: CaptureHandle | None = None
         for p in base.parameters():
@@ -101,8 +106,9 @@ class LoRALayer(nn.Module):
 
     @property
     def capturing(self) -> bool:
-        """Whether the next forward (with grad enabled) goes through the capture Function."""
-        return self.capture is not None and self.capture.capturing
+        """Whether the next forward (with grad enabled) goes through the capture Function: a sketch,
+        the range finder or the gain probe waits for its backward pass."""
+        return self.capture is not None and self.capture.active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + scaling * (x A^T) B^T.
@@ -152,6 +158,25 @@ class LoRALayer(nn.Module):
             param.grad = None
             _set_data(param, value.detach().to(device=param.device, dtype=param.dtype).clone().contiguous())
         self.rank = rank
+        self.scaling = self.scale_at(rank)
+
+    def scale_at(self, rank: int) -> float:
+        """The scale this layer has at rank `rank`: rank_scaling(rank), or the constant `scaling`."""
+        return self.scaling if self.rank_scaling is None else float(self.rank_scaling(rank))
+
+    @torch.no_grad()
+    def set_scaling(self, scaling: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Change the scale without changing the output: B <- B * old / new, and B's gradient and
+        optimizer state as the gradient of the rescaled B would be (optim_state.rescale_optimizer_state)."""
+        scaling = float(scaling)
+        if scaling == self.scaling:
+            return
+        factor = self.scaling / scaling
+        rescale_optimizer_state(optimizer, self.lora_B, factor)
+        self.lora_B.data.mul_(factor)
+        if self.lora_B.grad is not None:
+            self.lora_B.grad.div_(factor)
+        self.scaling = scaling
 
     def snapshot(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Copies of what a resize changes: the factors, their grads and their optimizer state."""
@@ -166,12 +191,14 @@ class LoRALayer(nn.Module):
             "factors": [p.detach().clone() for p in params],
             "grads": [None if p.grad is None else p.grad.clone() for p in params],
             "state": [copy_state(p) for p in params],
+            "scaling": self.scaling,
         }
 
     @torch.no_grad()
     def restore(self, snapshot: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Undo whatever happened since `snapshot(optimizer)`: factors, grads, optimizer state."""
         self.load_factors(*snapshot["factors"])
+        self.scaling = snapshot["scaling"]
         for param, grad, state in zip((self.lora_A, self.lora_B), snapshot["grads"], snapshot["state"]):
             param.grad = grad
             if optimizer is not None:
@@ -236,6 +263,8 @@ class LoRALayer(nn.Module):
         check_remappable(optimizer, (self.lora_A, self.lora_B))
         if new_rank == old_rank:
             return ResizeRecord(self.name, old_rank, new_rank, tuple(range(old_rank)), None, 0.0)
+        # The new rank's scale first, output unchanged; the resize then works at that scale.
+        self.set_scaling(self.scale_at(new_rank), optimizer)
         if new_rank > old_rank:
             return self._grow(new_rank, grow_init, optimizer, generator)
         if shrink == "norm":

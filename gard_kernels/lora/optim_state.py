@@ -41,6 +41,7 @@ __all__ = [
     "mark_new_directions",
     "remap_along",
     "remap_optimizer_state",
+    "rescale_optimizer_state",
     "reset_optimizer_state",
     "track_new_directions",
 ]
@@ -140,6 +141,43 @@ def remap_optimizer_state(
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             state[key] = remap_along(value, index, new_size, dim)
+
+
+# State keys of torch's elementwise optimizers -> the power of the gradient each one scales with
+# (moments and momentum buffers 1, second moments and accumulated squares 2; ages 0).
+_GRADIENT_POWER = {
+    "exp_avg": 1, "momentum_buffer": 1, "grad_avg": 1,
+    "exp_avg_sq": 2, "max_exp_avg_sq": 2, "square_avg": 2, "sum": 2, "acc_delta": 2,
+    NEW_KEY: 0,
+}
+
+
+def rescale_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, factor: float) -> None:
+    """Make `optimizer`'s state for `param` follow param <- factor * param with the loss unchanged.
+
+    The gradient of the rescaled parameter is the old one / factor, so a state tensor that sums
+    the gradient's k-th powers (SGD momentum and Adam's first moment k = 1, Adam's second moment
+    and Adagrad's sums k = 2) is divided by factor^k: the next step then continues the same
+    averages of gradients of the new parameter. Scalar state (step counters) is kept. Call it
+    BEFORE changing the parameter; everything is checked before anything changes.
+
+    Raises:
+        TypeError: a parameter-shaped state tensor whose relation to the gradient is unknown.
+    """
+    if optimizer is None or param not in optimizer.state:
+        return
+    state = optimizer.state[param]
+    unknown = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in _GRADIENT_POWER]
+    if unknown:
+        raise TypeError(
+            f"{type(optimizer).__name__} keeps state {unknown} for a LoRA factor whose scale changes with its "
+            f"rank (scaling_rule); GARD knows how {sorted(_GRADIENT_POWER)} follow a rescaled parameter. Use "
+            "scaling_rule='constant' or an optimizer such as torch.optim.AdamW"
+        )
+    for key, value in state.items():
+        power = _GRADIENT_POWER.get(key, 0)
+        if power and isinstance(value, torch.Tensor) and value.dim() > 0:
+            value.div_(factor**power)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> None:

@@ -1,0 +1,199 @@
+"""Rank-dependent LoRA scale (GARDConfig.scaling_rule, lora/scaling.py) and the checked GoRA
+initialisation (grow_init="gora_safe")."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import gard_kernels as gk
+from gard_kernels.lora.layer import LoRALayer
+from gard_kernels.lora.optim_state import rescale_optimizer_state
+from gard_kernels.lora.scaling import RankScaling
+
+from .models import VOCAB, batches, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def test_rules_follow_their_definitions():
+    for rule in ("constant", "rslora", "linear"):
+        assert RankScaling(2.0, rule, 8.0)(8) == pytest.approx(2.0)  # every rule is `scaling` at r_ref
+    assert RankScaling(2.0, "constant", 8.0)(32) == 2.0
+    assert RankScaling(2.0, "rslora", 8.0)(32) == pytest.approx(1.0)  # 2 * sqrt(8 / 32)
+    assert RankScaling(2.0, "linear", 8.0)(2) == pytest.approx(8.0)  # 2 * 8 / 2
+    with pytest.raises(ValueError, match="scaling_rule must be one of"):
+        gk.GARDConfig(budget=100, scaling_rule="sqrt")
+
+
+@pytest.mark.parametrize("rule", ["constant", "rslora", "linear"])
+def test_uniform_lora_at_the_budgets_average_rank_is_the_same_under_every_rule(rule):
+    model = tiny_llama()
+    cost = sum(l.d_in + l.d_out for l in gk.GARD(tiny_llama(), gk.GARDConfig(budget=10_000)).manager.layers)
+    gard = gk.GARD(model, gk.GARDConfig(budget=3 * cost, score="uniform", scaling_rule=rule, r_max=3,
+                                        window=2, k_in=4, k_out=4, backend="torch", grow_init="zero"))
+    gard.profile(batches(2), steps=2)
+    assert set(gard.ranks.values()) == {3}
+    assert all(layer.scaling == pytest.approx(2.0) for layer in gard.manager.layers)
+
+
+def _trained_layer(rank, rule, seed=0):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(12, 10).double()
+    layer = LoRALayer(base, 0, scaling=2.0, name="l")
+    layer.rank_scaling = RankScaling(2.0, rule, 4.0)
+    layer.resize(rank, generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=1e-2)
+    x = torch.randn(16, 12, dtype=torch.float64)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        opt.step(), opt.zero_grad()
+    return layer, opt, x
+
+
+@pytest.mark.parametrize("rule", ["rslora", "linear"])
+def test_a_resize_under_a_rank_dependent_scale_keeps_the_output(rule):
+    layer, opt, x = _trained_layer(4, rule)
+    before = layer(x).detach()
+    old_scale = layer.scaling
+    layer.resize(8, optimizer=opt, generator=torch.Generator().manual_seed(1))  # grow: B's new columns 0
+    assert layer.scaling == pytest.approx(2.0 * (4 / 8) ** (0.5 if rule == "rslora" else 1.0)) != old_scale
+    torch.testing.assert_close(layer(x).detach(), before, rtol=1e-12, atol=1e-12)
+    # A norm shrink drops whole directions: the output is that of the kept ones at the old scale.
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    keep = torch.topk(a.norm(dim=1) * b.norm(dim=0), 3).indices.sort().values
+    expected = layer.base(x) + layer.scaling * (x @ a[keep].T) @ b[:, keep].T
+    layer.resize(3, optimizer=opt)
+    torch.testing.assert_close(layer(x).detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_rescaled_optimizer_state_stays_the_average_of_the_new_parameters_gradient():
+    layer, opt, x = _trained_layer(4, "rslora")
+    layer(x).square().sum().backward()
+    grad_before = layer.lora_B.grad.clone()
+    state = {k: v.clone() for k, v in opt.state[layer.lora_B].items()}
+    layer.set_scaling(0.5, optimizer=opt)  # B <- 4 B: its gradient is divided by 4
+    factor = 2.0 / 0.5
+    layer.lora_B.grad = None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.lora_B.grad, grad_before / factor, rtol=1e-10, atol=1e-14)
+    new = opt.state[layer.lora_B]
+    torch.testing.assert_close(new["exp_avg"], state["exp_avg"] / factor, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(new["exp_avg_sq"], state["exp_avg_sq"] / factor**2, rtol=1e-12, atol=0.0)
+    assert float(new["step"]) == float(state["step"])
+
+
+def test_unknown_optimizer_state_is_refused_before_anything_changes():
+    layer, opt, _ = _trained_layer(4, "rslora")
+    opt.state[layer.lora_B]["mystery"] = torch.ones_like(layer.lora_B)
+    b = layer.lora_B.detach().clone()
+    with pytest.raises(TypeError, match="scaling_rule='constant'"):
+        layer.set_scaling(0.5, optimizer=opt)
+    assert torch.equal(layer.lora_B.detach(), b) and layer.scaling != 0.5
+    with pytest.raises(TypeError):
+        rescale_optimizer_state(opt, layer.lora_B, 2.0)
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("rule", ["rslora", "linear"])
+def test_peft_export_is_exact_under_a_rank_dependent_scale(tmp_path, rule):
+    model = tiny_llama()
+    config = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, window=2, interval=2, warmup=2,
+                           delta_max=3, r_max=6, score="random", mode="dynamic", ema=0.0, seed=2,
+                           scaling=1.5, scaling_rule=rule, grow_init="zero")
+    gard = gk.GARD(model, config)
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
+    gard.attach_optimizer(opt)
+    for batch in batches(6, seed=4):
+        model(**batch).loss.backward()
+        opt.step(), gard.step(), opt.zero_grad()
+    live = [layer for layer in gard.manager.layers if layer.rank]
+    assert len({layer.rank for layer in live}) > 1 and len({layer.scaling for layer in live}) > 1
+    gard.save_pretrained(tmp_path)
+    batch = batches(1, seed=8)[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"]).logits
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(input_ids=batch["input_ids"]).logits
+        again = gk.GARD.from_pretrained(tiny_llama(), tmp_path, config)
+        ours = again.model.eval()(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert [l.scaling for l in again.manager.layers if l.rank] == pytest.approx([l.scaling for l in live])
+
+
+# --- grow_init="gora_safe" at rank 32 of a 64-wide layer --------------------------------------
+
+
+def _wide_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+_TABLE = torch.randint(0, VOCAB, (VOCAB, 2), generator=torch.Generator().manual_seed(11))
+
+
+def _markov(count, seed, batch=4, length=16):
+    """Batches of a fixed 2-successor Markov chain: a structure LoRA can learn."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.empty(batch, length, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, VOCAB, (batch,), generator=gen)
+        for t in range(1, length):
+            ids[:, t] = _TABLE[ids[:, t - 1], torch.randint(0, 2, (batch,), generator=gen)]
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _run(grow_init, lr, profile, train=(), held=()):
+    """(loss on `held` after the profile's allocation, after the training steps, init step kept)."""
+    model = _wide_llama()
+    # q_proj and v_proj are 64 x 64: uniform rank 32 on all four.
+    config = gk.GARDConfig(budget=32 * 128 * 4, r_max=32, score="uniform", grow_init=grow_init, window=len(profile),
+                           k_in=4, k_out=4, backend="torch")
+    gard = gk.GARD(model, config)
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=lr)
+    gard.attach_optimizer(opt)
+    event = gard.profile(profile, steps=len(profile))
+    assert set(gard.ranks.values()) == {32}
+
+    def loss():
+        with torch.no_grad():
+            return sum(float(model(**b).loss) for b in held) / len(held)
+
+    at_init = loss()
+    for batch in train:
+        model(**batch).loss.backward()
+        opt.step(), gard.step(), opt.zero_grad()
+    return at_init, loss(), event.get("init_step_scale")
+
+
+@pytest.mark.parametrize("lr", [1e-2])
+def test_gora_safe_never_starts_worse_than_zero_where_gora_does(lr):
+    # Random tokens: the last profile batch's gradient is noise for every other batch, and GoRA's
+    # step along it raises their loss; the checked step keeps B = 0 there.
+    profile = batches(4, batch=4, length=16, seed=1)
+    held = profile[:-1]
+    zero, _, _ = _run("zero", lr, profile, held=held)
+    gora, _, _ = _run("gora", lr, profile, held=held)
+    safe, _, scale = _run("gora_safe", lr, profile, held=held)
+    assert gora > zero and safe <= zero and scale < 1.0
+
+
+def test_gora_safe_keeps_a_useful_step_and_trains_no_worse_than_zero():
+    profile, train, held = _markov(4, seed=1), _markov(5, seed=3), _markov(2, seed=9)
+    zero_init, zero_trained, _ = _run("zero", 1e-2, profile, train, held)
+    safe_init, safe_trained, scale = _run("gora_safe", 1e-2, profile, train, held)
+    assert scale == 1.0 and safe_init < zero_init and safe_trained <= zero_trained
+
+
+def test_gora_safe_needs_the_profile_and_static_mode():
+    with pytest.raises(ValueError, match="gora_safe"):
+        gk.GARDConfig(budget=1000, mode="dynamic", grow_init="gora_safe")
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", backend="torch"))
+    with pytest.raises(RuntimeError, match="profile"):
+        gard.step()
