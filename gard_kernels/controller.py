@@ -180,7 +180,16 @@ class GARD:
         self.optimizer = optimizer
         if self._optimizer_hook is not None:
             self._optimizer_hook.remove()
-        self._optimizer_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        # The hook holds GARD weakly: an optimizer outliving GARD must not keep it (and its global
+        # foreign-optimizer hook) alive.
+        ref = weakref.ref(self)
+
+        def before_step(optimizer, args, kwargs) -> None:
+            gard = ref()
+            if gard is not None:
+                gard._before_optimizer_step(optimizer, args, kwargs)
+
+        self._optimizer_hook = optimizer.register_step_pre_hook(before_step)
         # First in line: the pre-hook that keeps grown directions fresh (optim_state.py) reads the
         # gradients, which must already be the reduced ones.
         hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gard_kernels import cli
-from gard_kernels.experiments import compare, models
+from gard_kernels.experiments import models, workspace
 
 from .models import tiny_llama
 
@@ -28,7 +28,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the runs were checked")
 
-    monkeypatch.setattr(compare, "load_workspace", refuse)
+    monkeypatch.setattr(workspace, "load_workspace", refuse)
 
 
 def run_cli(args, capsys):
@@ -66,9 +66,9 @@ def test_without_a_skeleton_the_runs_are_checked_before_the_data_is_packed(model
         raise AssertionError("the data was packed before the runs were checked")
 
     monkeypatch.setattr(preflight, "skeleton_model", no_skeleton)
-    monkeypatch.setattr(compare, "make_workspace", no_packing)
+    monkeypatch.setattr(workspace, "make_workspace", no_packing)
     monkeypatch.setattr(models, "resolve_model", lambda spec: models.ModelSource(Path(model_dir), "model.gguf"))
-    monkeypatch.setattr(compare, "load_model", lambda source, **kwargs: (tiny_llama(), None))
+    monkeypatch.setattr(workspace, "load_model", lambda source, **kwargs: (tiny_llama(), None))
     code, out, err = run_cli(["compare", "--methods", "uniform", "--budgets", "10", "--seeds", "0", "--model", model_dir, *FAST], capsys)
     assert code == 2 and "budget 10 is below the minimum of uniform on this model (48 parameters" in err, err
 
@@ -81,7 +81,7 @@ def test_without_a_skeleton_the_runs_are_checked_before_the_data_is_packed(model
     ],
 )
 def test_bad_target_module_patterns_are_refused_before_anything(values, message, monkeypatch, capsys):
-    monkeypatch.setattr(compare, "load_workspace", None)
+    monkeypatch.setattr(workspace, "load_workspace", None)
     code, out, err = run_cli(["finetune", "--method", "gard", "--target-modules", *values, "--model", "/nonexistent"], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
 

@@ -214,7 +214,6 @@ def test_stepping_an_optimizer_other_than_the_attached_one_is_refused():
     other.step()
 
 
-@pytest.mark.xfail(strict=True, reason="backend validation in GARDConfig is issue 21's (restructure branch)")
 def test_unknown_backend_is_refused_by_the_config():
     with pytest.raises(ValueError, match="backend"):
         gk.GARDConfig(budget=900, backend="nonsense")

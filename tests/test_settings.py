@@ -55,7 +55,7 @@ def test_train_settings_accept_the_documented_special_values():
 
 @pytest.mark.parametrize("name, bad", [
     ("alpha", "0.9"), ("alpha", None), ("ema", "0.5"), ("scaling", None), ("scaling", float("inf")), ("dead_band", "x"),
-    ("window", 2.0), ("k_in", "16"), ("r_max", None), ("measure", "nope"), ("target_modules", []), ("budget", 1.5),
+    ("window", 2.0), ("k_in", "16"), ("r_max", 0), ("measure", "nope"), ("target_modules", []), ("budget", 1.5),
 ])
 def test_gard_config_refuses_each_bad_field_with_a_value_error(name, bad):
     with pytest.raises(ValueError, match=f"GARDConfig: {name}"):

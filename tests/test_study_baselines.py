@@ -224,7 +224,7 @@ def test_adalora_params_ends_within_the_budget(workspace):
 def test_new_baselines_record_their_options_and_profile_memory(workspace):
     train = TrainSettings(steps=3, batch_size=2, max_len=16, eval_blocks=4, eval_batch_size=4, test_blocks=0)
     metrics = runner.finetune("gora-faithful", 2 * UNIT, 0, workspace.model, workspace.data, train, SETTINGS)
-    assert metrics["method_details"]["options"] == {"fill": True, "xi": "adaptive", "rank_scaling": "rslora"}
+    assert metrics["method_details"]["options"] == {"fill": True, "xi": "adaptive", "rank_scaling": "rslora", "ranks_from": None}
     assert metrics["profile_peak_rss_mib"] is None or metrics["profile_peak_rss_mib"] > 0
     assert metrics["profile_extra_rss_mib"] is None or metrics["profile_extra_rss_mib"] >= 0
     from gard_kernels.experiments import io
