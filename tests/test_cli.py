@@ -20,13 +20,6 @@ FAST = ["--tokenizer", "bytes", "--max-len", "16", "--batch-size", "2", "--steps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(path)
-    return str(path)
-
-
 def run_cli(args, capsys):
     code = cli.main([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -16,13 +16,6 @@ FAST = ["--tokenizer", "bytes", "--max-len", "16", "--batch-size", "2", "--steps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture
 def no_loading(monkeypatch):
     def refuse(*args, **kwargs):

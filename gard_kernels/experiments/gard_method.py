@@ -18,7 +18,7 @@ class GardMethod(Method):
         self.details = {"gard_config": self.gard.config.to_dict()}
 
     @classmethod
-    def minimum_budget(cls, costs: Sequence[int], settings, name: str) -> int:
+    def minimum_budget(cls, costs: Sequence[int], settings, name: str, options: dict) -> int:
         # Every layer holds r_min units; then one more unit must fit somewhere.
         return max(min(costs), settings.value("r_min", name) * sum(costs))
 

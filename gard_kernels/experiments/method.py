@@ -73,9 +73,9 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def minimum_budget(cls, costs: Sequence[int], settings: Any, name: str) -> int:
-        """Smallest budget at which method `name` adapts at least one module of costs [L] d_in + d_out.
-        Default: one rank unit of the cheapest module."""
+    def minimum_budget(cls, costs: Sequence[int], settings: Any, name: str, options: dict) -> int:
+        """Smallest budget at which method `name` (with its registry `options`) adapts at least one
+        module of costs [L] d_in + d_out. Default: one rank unit of the cheapest module."""
         return min(costs)
 
     def parameters(self) -> list[nn.Parameter]:

@@ -164,4 +164,4 @@ def build_method(run: MethodRun) -> Method:
 
 def minimum_budget(name: str, costs: Sequence[int], settings) -> int:
     """Smallest budget at which method `name` adapts at least one module of costs [L] d_in + d_out."""
-    return KINDS[method_kind(name)].minimum_budget(costs, settings, name)
+    return KINDS[method_kind(name)].minimum_budget(costs, settings, name, method_options(name))

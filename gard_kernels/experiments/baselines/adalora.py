@@ -95,12 +95,10 @@ class AdaLoraMethod(Method):
         }
 
     @classmethod
-    def minimum_budget(cls, costs: Sequence[int], settings, name: str) -> int:
+    def minimum_budget(cls, costs: Sequence[int], settings, name: str, options: dict) -> int:
         # One triplet (d_in + d_out + 1): of the cheapest module when the pruning counts
         # parameters, of the largest under the conservative conversion above.
-        from ..presets import method_options
-
-        if method_options(name).get("parameter_budget"):
+        if options.get("parameter_budget"):
             return min(costs) + 1
         return max(costs) + 1
 
