@@ -330,21 +330,8 @@ class GARD:
             The allocation record (also stored in `history`).
         """
         steps = self.config.window if steps is None else steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-            raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
+        self._check_profile_call(steps)
         probing = self.config.score in GAIN_SCORES
-        if probing and distributed.is_distributed():
-            raise ValueError(
-                f"score={self.config.score!r} is not supported under torch.distributed yet (its gain probes "
-                "are not reduced across processes); use a layer score such as 'update_nuclear'"
-            )
-        self._check_parameters_current()
-        if self.config.layer_grow_init == "gora" and self.optimizer is None:
-            # Refused before the first batch is taken: the caller's iterator and GARD stay as they are.
-            raise RuntimeError(
-                "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
-                "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
-            )
         saved = self._save_state()
         # Gradients that existed before are put back afterwards; every one profiling creates is cleared.
         # Backward accumulates into existing .grad tensors in place: keep their values to restore.
@@ -355,24 +342,7 @@ class GARD:
             self._start_gain_probes(steps)
         try:
             try:
-                for done in range(steps):
-                    # next() only as often as needed: the caller's iterator loses exactly `steps` batches.
-                    batch = next(batch_iter, _EXHAUSTED)
-                    if batch is _EXHAUSTED:
-                        raise ValueError(
-                            f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps"
-                        )
-                    # A gradient-initialised grow reads the range finder of the last profiled batch
-                    # (of the last pass, when the gain probes pass over the batches again).
-                    self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient() and not probing)
-                    self._set_probe_half(done, steps)
-                    loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
-                    loss.backward()
-                    self.ring.advance()
-                    if self._needs_profile():
-                        kept.append(batch)
-                if probing:
-                    self._probe_again(kept, loss_fn)
+                self._profile_passes(batch_iter, steps, loss_fn, kept)
             finally:
                 for param, grad, value in grads:
                     if grad is not None:
@@ -393,6 +363,44 @@ class GARD:
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
         return event
+
+    def _check_profile_call(self, steps: Any) -> None:
+        """Every refusal profile() can make before it takes a batch (GARD and the caller's
+        iterator stay as they are)."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+            raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
+        if self.config.score in GAIN_SCORES and distributed.is_distributed():
+            raise ValueError(
+                f"score={self.config.score!r} is not supported under torch.distributed yet (its gain probes "
+                "are not reduced across processes); use a layer score such as 'update_nuclear'"
+            )
+        self._check_parameters_current()
+        if self.config.layer_grow_init == "gora" and self.optimizer is None:
+            raise RuntimeError(
+                "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
+                "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
+            )
+
+    def _profile_passes(self, batch_iter, steps: int, loss_fn: Optional[Callable], kept: list) -> None:
+        """Forward / backward over `steps` batches of `batch_iter`, sketching each (and, for the
+        marginal-gain scores, two more passes over them); batches a later check needs go to `kept`."""
+        probing = self.config.score in GAIN_SCORES
+        for done in range(steps):
+            # next() only as often as needed: the caller's iterator loses exactly `steps` batches.
+            batch = next(batch_iter, _EXHAUSTED)
+            if batch is _EXHAUSTED:
+                raise ValueError(f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps")
+            # A gradient-initialised grow reads the range finder of the last profiled batch
+            # (of the last pass, when the gain probes pass over the batches again).
+            self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient() and not probing)
+            self._set_probe_half(done, steps)
+            loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+            loss.backward()
+            self.ring.advance()
+            if self._needs_profile():
+                kept.append(batch)
+        if probing:
+            self._probe_again(kept, loss_fn)
 
     def _needs_profile(self) -> bool:
         """Whether the allocation needs the profile batches (gard.profile), not just the training steps."""
@@ -516,18 +524,7 @@ class GARD:
         sketches, valid = distributed.reduce_window(sketches, valid)
         junk = self._junk_window(valid)
         if junk is not None:
-            if skip_junk and self.schedule.skips_thin_windows:
-                message = f"GARD skipped the re-allocation at step {self.step_count}: {junk}; the ranks stay as they are"
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-                return {"step": self.step_count, "skipped": message}
-            retry = (
-                "then allocate from finite batches with gard.profile(batches)" if skip_junk
-                else "then call profile() again with finite batches"
-            )
-            raise ValueError(
-                f"GARD cannot allocate ranks at step {self.step_count}: {junk}. Find what makes the loss "
-                f"non-finite (learning rate, precision, data), {retry}; GARD is as it was before the call"
-            )
+            return self._skip_or_refuse(junk, skip_junk)
         distributed.reduce_range_finders([h.range_finder for h in self.handles], self.ring.device)
         found = valid.sum(dim=1).cpu()
         # Every layer is scored on the same number of sketches: effective ranks are bounded by it.
@@ -569,6 +566,22 @@ class GARD:
             "discarded_update_norm": discarded,
             **extra,
         }
+
+    def _skip_or_refuse(self, junk: str, skip_junk: bool) -> dict[str, Any]:
+        """A window too thin to allocate from: dynamic mode (with skip_junk) skips the
+        re-allocation with a warning and returns its record; otherwise ValueError."""
+        if skip_junk and self.schedule.skips_thin_windows:
+            message = f"GARD skipped the re-allocation at step {self.step_count}: {junk}; the ranks stay as they are"
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            return {"step": self.step_count, "skipped": message}
+        retry = (
+            "then allocate from finite batches with gard.profile(batches)" if skip_junk
+            else "then call profile() again with finite batches"
+        )
+        raise ValueError(
+            f"GARD cannot allocate ranks at step {self.step_count}: {junk}. Find what makes the loss "
+            f"non-finite (learning rate, precision, data), {retry}; GARD is as it was before the call"
+        )
 
     def _junk_window(self, valid: torch.Tensor) -> Optional[str]:
         """Why the window's [L, M] validity is too thin to allocate from, or None when it is enough.
