@@ -34,6 +34,11 @@ from .spectra import equalize_valid_slots, gram_eigenvalues, spectral_scores
 
 # Sentinel of an exhausted batch iterator in profile().
 _EXHAUSTED = object()
+# Refused before a profile takes a batch and before a grow (the message names both).
+_GORA_NEEDS_OPTIMIZER = (
+    "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
+    "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
+)
 # Halvings of GoRA's step that grow_init="gora_safe" tries before it drops the step.
 _SAFE_INIT_HALVINGS = 6
 # Extra random directions of the range finder beyond the largest growth (grow_init "gradient", "gora").
@@ -338,6 +343,7 @@ class GARD:
         grads = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in self.model.parameters()]
         batch_iter = iter(batches)
         kept = []  # the batches, when a later pass or check needs them again
+        layers = None
         if probing:
             self._start_gain_probes(steps)
         try:
@@ -348,18 +354,23 @@ class GARD:
                     if grad is not None:
                         grad.copy_(value)
                     param.grad = grad
+            # The check of GoRA's step comes after the resize, the last thing a refusal undoes
+            # otherwise: the layers are kept to put back if it fails.
+            layers = [layer.snapshot(self.optimizer) for layer in self.manager.layers] if self._checks_init_step() else None
             event = self._reallocate(require_optimizer=False, skip_junk=False)
+            if layers is not None:
+                # Checked on the batches the range finder did not see: the step is a gradient step
+                # of the last batch, and would look good on that batch whatever its size.
+                event["init_step_scale"] = self._check_init_step(kept[:-1], loss_fn)
         except BaseException:
             # A refused profile leaves GARD as it was (the batches it took are spent).
             for handle in self.handles:
                 handle.gain_probe.clear()
+            for layer, snapshot in zip(self.manager.layers, layers or []):
+                layer.restore(snapshot, self.optimizer)
             self._restore_state(saved, rearm=True)
             raise
         self._set_capture(self._capture_due(self.step_count))
-        if self.config.grow_init == "gora_safe":
-            # Checked on the batches the range finder did not see: the step is a gradient step of
-            # the last batch, and would look good on that batch whatever its size.
-            event["init_step_scale"] = self._check_init_step(kept[:-1], loss_fn)
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
         return event
@@ -374,12 +385,14 @@ class GARD:
                 f"score={self.config.score!r} is not supported under torch.distributed yet (its gain probes "
                 "are not reduced across processes); use a layer score such as 'update_nuclear'"
             )
+        if self._checks_init_step() and distributed.is_distributed():
+            raise ValueError(
+                "grow_init='gora_safe' is not supported under torch.distributed yet (each process would check "
+                "GoRA's step on its own batches and keep a different one); use grow_init='gora' or 'zero'"
+            )
         self._check_parameters_current()
         if self.config.layer_grow_init == "gora" and self.optimizer is None:
-            raise RuntimeError(
-                "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
-                "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
-            )
+            raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
 
     def _profile_passes(self, batch_iter, steps: int, loss_fn: Optional[Callable], kept: list) -> None:
         """Forward / backward over `steps` batches of `batch_iter`, sketching each (and, for the
@@ -394,13 +407,19 @@ class GARD:
             # (of the last pass, when the gain probes pass over the batches again).
             self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient() and not probing)
             self._set_probe_half(done, steps)
-            loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+            loss = self._loss(batch, loss_fn)
             loss.backward()
             self.ring.advance()
             if self._needs_profile():
                 kept.append(batch)
         if probing:
             self._probe_again(kept, loss_fn)
+
+    def _loss(self, batch: Any, loss_fn: Optional[Callable]) -> torch.Tensor:
+        return loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+
+    def _checks_init_step(self) -> bool:
+        return self.config.grow_init == "gora_safe"
 
     def _needs_profile(self) -> bool:
         """Whether the allocation needs the profile batches (gard.profile), not just the training steps."""
@@ -423,7 +442,7 @@ class GARD:
                 layer.lora_B.data.copy_(b * t)
             total = 0.0
             for batch in kept:
-                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                loss = self._loss(batch, loss_fn)
                 total += float(loss)
             return total / max(len(kept), 1)
 
@@ -457,7 +476,7 @@ class GARD:
             for done, batch in enumerate(kept):
                 self._set_capture(False, arm=last_pass and done == len(kept) - 1 and self._grows_from_gradient())
                 self._set_probe_half(done, len(kept))
-                loss = loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
+                loss = self._loss(batch, loss_fn)
                 loss.backward()
         for handle in self.handles:
             handle.gain_probe.stop()
@@ -465,6 +484,15 @@ class GARD:
     def _unit_gains(self) -> list[list[float]]:
         """Per layer, the cross-fitted gains of its rank units (power per score), best first."""
         power = GAIN_SCORES[self.config.score]
+        poisoned = [layer.name for layer, handle in zip(self.manager.layers, self.handles) if not all(handle.gain_probe.finite)]
+        if poisoned:
+            # A probe sums every batch of its half: one non-finite gradient leaves it nothing to
+            # measure (zero gains, so rank 0 everywhere), unlike the sketches, which skip the step.
+            raise ValueError(
+                f"score={self.config.score!r} needs finite gradients on every profile batch: {len(poisoned)} "
+                f"layer(s) saw NaN or Inf (first: {poisoned[0]}); find what makes the loss non-finite "
+                "(learning rate, precision, data), then call profile() again with finite batches"
+            )
         gains = []
         for handle in self.handles:
             gains.append([float(g) ** power for g in handle.gain_probe.gains(self._probe_halves)])
@@ -636,10 +664,7 @@ class GARD:
                     )
         grows = any(new[i] > start[i] for i in changed)
         if cfg.layer_grow_init == "gora" and grows and self.optimizer is None:
-            raise RuntimeError(
-                "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
-                "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
-            )
+            raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
         snapshots = [layer.snapshot(self.optimizer) for layer in layers]
         generator_state = self._generator.get_state()
         discarded = 0.0

@@ -260,3 +260,14 @@ def test_quantization_that_cannot_train_is_refused_before_wrapping(tmp_path, one
 def test_prepare_leaves_models_that_are_not_quantized_alone(one_thread):
     model = GARDCallback(_quantized_config()).prepare(tiny_llama())
     assert "_hf_peft_config_loaded" not in vars(model) and not model._hf_peft_config_loaded
+
+
+@pytest.mark.parametrize("options", [{"score": "marginal_gain", "grow_init": "zero"}, {"grow_init": "gora_safe"}])
+def test_profile_only_options_are_refused_before_the_first_step(tmp_path, options):
+    """Marginal gain and gora_safe allocate from profile batches, which the Trainer's steps are
+    not: refused at on_train_begin with the way on, before any optimizer step."""
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, **options))
+    trainer = _trainer(tmp_path, callback, max_steps=2)
+    with pytest.raises(ValueError, match=r"call gard.profile\(batches\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and callback.gard.step_count == 0

@@ -265,3 +265,24 @@ def test_gora_init_after_marginal_gain_grows_from_the_last_batch_only(monkeypatc
     assert grown and seen and set(seen) == {24}
     assert all(bool(torch.isfinite(layer.lora_B.detach()).all()) for layer in grown)
     assert any(float(layer.lora_B.detach().abs().sum()) > 0 for layer in grown)
+
+
+def test_a_non_finite_profile_batch_is_refused_not_turned_into_rank_zero():
+    # One NaN batch of 4 leaves 3 finite sketch steps (enough for min_valid_steps) but poisons the
+    # probe of its half: refused, GARD as it was, and a retry on finite batches allocates.
+    model = tiny_llama()
+    gard = GARD(model, _config())
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-3))
+    ranks = dict(gard.ranks)
+
+    def loss(m, batch):
+        value = m(**batch).loss
+        return value * float("nan") if batch is poisoned else value
+
+    data = batches(4)
+    poisoned = data[1]
+    with pytest.raises(ValueError, match="needs finite gradients on every profile batch"):
+        gard.profile(data, steps=4, loss_fn=loss)
+    assert gard.ranks == ranks and not gard.allocated and gard.step_count == 0
+    event = gard.profile(batches(4, seed=5), steps=4)
+    assert sum(event["ranks"]) > 0

@@ -197,3 +197,41 @@ def test_gora_safe_needs_the_profile_and_static_mode():
     gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", backend="torch"))
     with pytest.raises(RuntimeError, match="profile"):
         gard.step()
+
+
+def test_a_failing_check_of_gora_s_step_leaves_gard_as_it_was():
+    # The check runs after the allocation's resize: a loss that fails there must undo that too.
+    model = tiny_llama()
+    config = gk.GARDConfig(budget=1000, grow_init="gora_safe", window=3, k_in=4, k_out=4, backend="torch")
+    gard = gk.GARD(model, config)
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-2))
+    before = {name: (layer.rank, layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+              for name, layer in zip(gard.names, gard.manager.layers)}
+    calls = {"n": 0}
+
+    def loss(m, batch):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the three profile passes succeed, the step check fails
+            raise RuntimeError("loss failed")
+        return m(**batch).loss
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        gard.profile(batches(3), loss_fn=loss)
+    assert not gard.allocated and gard.step_count == 0 and not gard.history
+    for name, layer in zip(gard.names, gard.manager.layers):
+        rank, a, b = before[name]
+        assert layer.rank == rank and torch.equal(layer.lora_A.detach(), a) and torch.equal(layer.lora_B.detach(), b)
+    event = gard.profile(batches(3))
+    assert 0.0 <= event["init_step_scale"] <= 1.0
+
+
+def test_gora_safe_is_refused_under_torch_distributed(monkeypatch):
+    from gard_kernels import distributed
+
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", window=2, backend="torch"))
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-2))
+    monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
+    data = iter(batches(2))
+    with pytest.raises(ValueError, match="gora_safe' is not supported under torch.distributed"):
+        gard.profile(data)
+    assert len(list(data)) == 2  # refused before a batch was taken

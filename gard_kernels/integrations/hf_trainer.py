@@ -146,6 +146,13 @@ class GARDCallback(TrainerCallback):
                 f"GARD is at step {gard.step_count} but the Trainer starts at step {state.global_step}; "
                 "restore the matching checkpoint (callback.load_checkpoint) or use a fresh model and callback"
             )
+        if gard._needs_profile() and not gard.allocated:
+            raise ValueError(
+                f"score={gard.config.score!r} / grow_init={gard.config.grow_init!r} allocate from profile "
+                "batches, which the Trainer's steps are not: call gard.profile(batches) (with the optimizer "
+                "attached for grow_init='gora_safe') before trainer.train(), or use a layer score such as "
+                "'update_nuclear' and grow_init='gora' with the callback"
+            )
         if optimizer is None:
             raise ValueError("GARDCallback needs the Trainer's optimizer at on_train_begin")
         optimizer = _unwrap_optimizer(optimizer)

@@ -51,7 +51,7 @@ class AdaLoraMethod(Method):
         if set(options) != set(self.OPTIONS):
             raise ValueError(f"{run.name}: unknown AdaLoRA option(s) {sorted(set(options) - set(self.OPTIONS))}; known: {sorted(self.OPTIONS)}")
         by_parameters = bool(options["parameter_budget"])
-        target_modules = run.settings.value("target_modules")
+        target_modules = run.settings.value("target_modules", run.name)
         self.names = match_target_modules(run.model, target_modules)
         self._cost = {full: sum(adapter_shape(run.model.get_submodule(full))) + 1 for full in self.names}
         costs = list(self._cost.values())
@@ -63,7 +63,7 @@ class AdaLoraMethod(Method):
             total_rank = run.budget // max(costs)
             if total_rank < 1:
                 raise ValueError(f"adalora: budget {run.budget} is below one triplet of the largest module ({max(costs)} parameters)")
-        schedule = adalora_schedule(total_rank, len(self.names), run.steps, run.settings.value("scaling"))
+        schedule = adalora_schedule(total_rank, len(self.names), run.steps, run.settings.value("scaling", run.name))
         config = AdaLoraConfig(
             target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
             target_r=1,

@@ -19,10 +19,9 @@ class FixedRankMethod(Method):
         self.name, self.model, self.budget = run.name, run.model, run.budget
         self.generator = torch.Generator().manual_seed(run.seed)
         settings = run.settings
-        self.manager = LoRAManager(run.model, settings.value("target_modules"), 0, settings.value("scaling"))
-        self.r_min = settings.value("r_min")
-        # The method's own bound (its preset pins the earlier 8; r_max=None scales with the budget).
-        self.r_max = settings.value("r_max", run.name) or default_r_max(run.budget, self.manager.costs)
+        self.manager = LoRAManager(run.model, settings.value("target_modules", run.name), 0, settings.value("scaling", run.name))
+        self.r_min = settings.value("r_min", run.name)
+        self.r_max = method_r_max(run, self.manager.costs)
 
     def parameters(self):
         return self.manager.parameters()
@@ -36,6 +35,12 @@ class FixedRankMethod(Method):
     def plan(self, ranks: Sequence[int]) -> dict[str, int]:
         """Module name -> rank, for metrics.json."""
         return dict(zip(self.manager.names, ranks))
+
+
+def method_r_max(run: MethodRun, costs: Sequence[int]) -> int:
+    """The rank bound method run.name runs under: its preset's (the baselines pin the earlier 8),
+    else the comparison's, else GARDConfig's r_max=None scaled with the budget over `costs`."""
+    return run.settings.value("r_max", run.name) or default_r_max(run.budget, costs)
 
 
 def trim_to_budget(ranks: list[int], costs: Sequence[int], budget: int, excess: Sequence[float], r_min: int = 0) -> list[int]:

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ...lora.base_layers import dequantized_bases
+from ...lora.scaling import RankScaling
 from ..method import MethodRun
 from .fixed_rank import FixedRankMethod, trim_to_budget
 from .gradient_profile import as_out_in, mean_weight_gradients
@@ -61,9 +62,10 @@ class GoraMethod(FixedRankMethod):
         if xi not in ("lr", "adaptive") and not (isinstance(xi, (int, float)) and not isinstance(xi, bool) and xi > 0):
             raise ValueError(f"{run.name}: xi must be 'lr', 'adaptive' or a positive number, got {xi!r}")
         self.window = run.settings.value("window", run.name)
-        self.scaling = run.settings.value("scaling")
+        self.scaling = run.settings.value("scaling", run.name)
         self.lr, self.seed = run.lr, run.seed
         self.average_rank = self.budget / sum(self.manager.costs)
+        self.scale = RankScaling(self.scaling, self.options["rank_scaling"], self.average_rank)
         self.details = {"profile_batches": self.window, "init_lr": run.lr, "options": dict(self.options)}
 
     def prepare(self, batches, loss_fn, progress=False):
@@ -86,8 +88,7 @@ class GoraMethod(FixedRankMethod):
         unit_b = []
         for layer, rank, grad in zip(layers, plan, means):
             layer.resize(rank, generator=self.generator)
-            if rank and self.options["rank_scaling"] == "rslora":
-                layer.scaling = self.scaling * math.sqrt(self.average_rank / rank)
+            layer.scaling = self.scale(rank)
             unit_b.append(unit_step_b(layer.lora_A.detach(), grad, layer.scaling) if rank else None)
         steps = self._steps(plan)
         if self.options["xi"] == "adaptive":
@@ -117,7 +118,8 @@ class GoraMethod(FixedRankMethod):
         missing = [name for name in self.manager.names if name not in ranks]
         if missing:
             raise ValueError(f"{self.name}: {found[0]} has no rank for {missing[:3]} ({len(missing)} modules)")
-        plan = [min(int(ranks[name]), cap) for name, cap in zip(self.manager.names, self.manager.caps)]
+        # Within the bounds every method runs under (the other run may have had wider ones).
+        plan = [min(int(ranks[name]), self.r_max, cap) for name, cap in zip(self.manager.names, self.manager.caps)]
         spent = sum(r * c for r, c in zip(plan, self.manager.costs))
         if spent > self.budget:
             raise ValueError(f"{self.name}: the ranks of {found[0]} cost {spent} parameters, over the budget {self.budget}")

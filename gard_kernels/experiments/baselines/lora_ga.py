@@ -2,10 +2,10 @@
 uniform LoRA's ranks."""
 from __future__ import annotations
 
-from ...config import default_r_max
 from ...lora.layer import adapter_shape
 from ...lora.manager import match_target_modules
 from ..method import Method, MethodRun
+from .fixed_rank import method_r_max
 from .gradient_profile import mean_weight_gradients
 from .uniform import uniform_ranks
 
@@ -30,18 +30,17 @@ class LoraGaMethod(Method):
 
         self.name, self.budget = run.name, run.budget
         settings = run.settings
-        self.names = match_target_modules(run.model, settings.value("target_modules"))
+        self.names = match_target_modules(run.model, settings.value("target_modules", run.name))
         shapes = [adapter_shape(run.model.get_submodule(name)) for name in self.names]
         costs = [d_in + d_out for d_in, d_out in shapes]
         caps = [min(shape) for shape in shapes]
-        r_max = settings.value("r_max", run.name) or default_r_max(run.budget, costs)
-        plan, fallback = uniform_ranks(costs, caps, run.budget, r_max)
+        plan, fallback = uniform_ranks(costs, caps, run.budget, method_r_max(run, costs))
         if not any(plan):
             raise ValueError(f"{run.name}: budget {run.budget} is below one rank unit of every target module")
         self.plan = dict(zip(self.names, plan))
         self._cost = dict(zip(self.names, costs))
         self.window = settings.value("window", run.name)
-        scaling = settings.value("scaling")
+        scaling = settings.value("scaling", run.name)
         adapted = {name: rank for name, rank in self.plan.items() if rank}
         self.peft_config = LoraConfig(
             r=max(adapted.values()),
