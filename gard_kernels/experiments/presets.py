@@ -98,11 +98,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "gora-faithful": {"kind": "gora", "config": BASELINE_PRESET, "options": {"fill": True, "xi": "adaptive", "rank_scaling": "rslora"}},
     "adalora-params": {"kind": "adalora", "config": BASELINE_PRESET, "options": {"parameter_budget": True}},
     # A diagnostic (docs/results.md): static GoRA initialisation on AdaLoRA's final rank pattern
-    # from the q/v study, same budget and seed, so only the ranks' origin differs from `gora`.
+    # from the q/v study (its runs at 3e-2, the rate chosen for it at every budget), same budget
+    # and seed, so only the ranks' origin differs from `gora`.
     "gora-on-adalora-ranks": {
         "kind": "gora",
         "config": BASELINE_PRESET,
-        "options": {"ranks_from": "docs/metrics/study-*/adalora_b{budget}_s{seed}_lr*/metrics.json"},
+        "options": {"ranks_from": "docs/metrics/study-*/adalora_b{budget}_s{seed}_lr0.03/metrics.json"},
     },
 }
 
