@@ -201,7 +201,22 @@ def _settings(args, methods: Sequence[str], budgets: Sequence[int]):
         options["target_modules"] = target_modules_argument(options["target_modules"])
     gard = GardSettings(**options)
     gard.validate(methods, budgets)
+    _check_profile_fits(methods, gard, train)
     return train, gard
+
+
+def _check_profile_fits(methods: Sequence[str], gard, train) -> None:
+    """Static GARD profiles its first `window` batches: a run needs at least that many steps."""
+    from .experiments.presets import method_kind
+
+    for method in methods:
+        if method_kind(method) == "gard" and gard.value("mode", method) == "static":
+            window = gard.value("window", method)
+            if train.steps < window:
+                raise UsageError(
+                    f"{method} profiles its first window={window} batches (static mode), but --steps is "
+                    f"{train.steps}: raise --steps to at least {window} or lower --window"
+                )
 
 
 def _train_settings(args):

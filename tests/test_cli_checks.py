@@ -111,3 +111,8 @@ def test_help_texts_say_what_the_cli_takes(capsys):
     for name in ("r_init", "warmup", "r_max", "min_valid_steps"):
         assert "none for None" in options[name], name
     assert "read as that regular expression" in options["target_modules"]
+
+
+def test_a_static_profile_longer_than_the_run_is_refused_before_the_model_loads(capsys):
+    code, out, err = run_cli(["finetune", "--method", "gard", "--steps", "3", "--model", "/nonexistent"], capsys)
+    assert code == 2 and "gard profiles its first window=4 batches (static mode), but --steps is 3" in err, err
