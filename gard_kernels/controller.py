@@ -867,33 +867,41 @@ def _warn_unspendable(cfg: GARDConfig, costs: list[int], caps: list[int]) -> Non
     )
 
 
+# Every live GARD, held weakly, and the one global optimizer step pre-hook that checks them.
+_LIVE_GARDS: "weakref.WeakSet[GARD]" = weakref.WeakSet()
+_FOREIGN_STEP_HOOK = None
+
+
 def _guard_foreign_optimizer_steps(gard: GARD) -> None:
     """Refuse, with GARD's message, a step of an optimizer that holds GARD's LoRA factors but is
     not the attached one: only the attached optimizer's state follows a resize, so the other's
     state has the old shapes (torch would fail later with a broadcast error, or train wrongly).
 
-    One global optimizer step pre-hook per GARD, holding GARD weakly; removed when GARD is
-    garbage-collected.
+    One global optimizer step pre-hook for all GARDs, registered once: a hook per GARD removed
+    at its collection would change torch's hook table while a step iterates over it.
     """
-    ref = weakref.ref(gard)
-    owned = frozenset(id(p) for p in gard.lora_parameters())
+    global _FOREIGN_STEP_HOOK
+    _LIVE_GARDS.add(gard)
+    if _FOREIGN_STEP_HOOK is None:
+        _FOREIGN_STEP_HOOK = register_optimizer_step_pre_hook(_refuse_foreign_step)
 
-    def check(optimizer, args, kwargs) -> None:
-        attached = getattr(ref(), "optimizer", None)
+
+def _refuse_foreign_step(optimizer, args, kwargs) -> None:
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for gard in list(_LIVE_GARDS):
+        attached = gard.optimizer
         # The attached optimizer, or a wrapper sharing its state (accelerate's AcceleratedOptimizer).
         if attached is None or optimizer.state is attached.state:
-            return
-        if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
-            # No reference to GARD in this frame: the traceback must not keep it alive.
+            continue
+        if any(id(p) in stepped for p in gard.lora_parameters()):
+            kind = type(attached).__name__
+            del gard  # the traceback must not keep GARD alive
             raise RuntimeError(
                 f"this {type(optimizer).__name__} holds GARD's LoRA parameters but is not the optimizer "
-                f"attached with gard.attach_optimizer (a {type(attached).__name__}); only the attached "
-                "optimizer's state follows GARD's rank changes. Step the attached optimizer, or attach this "
-                "one with gard.attach_optimizer(optimizer)"
+                f"attached with gard.attach_optimizer (a {kind}); only the attached optimizer's state "
+                "follows GARD's rank changes. Step the attached optimizer, or attach this one with "
+                "gard.attach_optimizer(optimizer)"
             )
-
-    handle = register_optimizer_step_pre_hook(check)
-    weakref.finalize(gard, handle.remove)
 
 
 def _initial_rank(cfg: GARDConfig, costs: list[int]) -> int:

@@ -1,6 +1,7 @@
 """A refused step() or profile() leaves GARD exactly as it was, and the retried call gives the run
 that was meant; junk profiles are refused; a foreign optimizer's step is refused with GARD's message."""
 import gc
+import weakref
 import warnings
 
 import pytest
@@ -207,10 +208,14 @@ def test_stepping_an_optimizer_other_than_the_attached_one_is_refused():
     head.step()  # holds no LoRA factor: none of GARD's business
     gc.collect()
     hooks = len(_global_optimizer_pre_hooks)
-    # The adapters' capture handles call back into GARD: it lives as long as its model.
-    del gard, model
+    second = gk.GARD(tiny_llama(), _config(grow_init="zero"))
+    assert len(_global_optimizer_pre_hooks) == hooks  # one global hook for every GARD
+    # The adapters' capture handles call back into GARD: it lives as long as its model, and no
+    # optimizer (nor the hook) keeps it alive after that.
+    alive = weakref.ref(gard)
+    del gard, model, second
     gc.collect()
-    assert len(_global_optimizer_pre_hooks) == hooks - 1
+    assert alive() is None
     other.step()
 
 
