@@ -6,7 +6,6 @@ scores, integer ranks under the budget, and resizes of the adapters and the opti
 """
 from __future__ import annotations
 
-import re
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Optional
@@ -15,10 +14,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import distributed, fsdp
+from . import checkpoint, distributed, fsdp
 from .allocate import allocate_ranks
-from .config import R_MAX_FLOOR, GARDConfig, default_r_max
-from .lora import peft_format
+from .config import GARDConfig, default_r_max
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
@@ -679,153 +677,25 @@ class GARD:
         return discarded
 
     def save_pretrained(self, path, task_type: Optional[str] = None) -> dict[str, Any]:
-        """Write the adapters as a standard PEFT LoRA adapter directory (lora/peft_format.py).
-
-        `peft.PeftModel.from_pretrained(base_model, path)` then computes what this model computes.
-
-        Args:
-            path: output directory; gets adapter_config.json and adapter_model.safetensors.
-            task_type: PEFT task type written to the config (e.g. "CAUSAL_LM"), or None.
-        Returns:
-            The adapter config that was written, as a dict.
-        Raises:
-            ValueError: every adapter has rank 0 (PEFT cannot express an empty adapter).
-
-        Under torch.distributed every process calls it (it is collective): the adapters are
-        checked to be identical on every process, process 0 writes the directory, and every
-        process returns the written config once it is on disk, or raises process 0's error.
-        """
-        fsdp.check_adapters_outside_fsdp(self.manager.layers)
-        fsdp.check_replicated(self._flat_adapters(), "GARD's LoRA factors")
-        config = peft_format.adapter_config(self.manager.layers, self.model, task_type)
-        distributed.on_rank_zero(lambda: peft_format.write_adapter(self.manager.layers, self.model, path, task_type))
-        return config
+        """Write the adapters as a standard PEFT LoRA adapter directory; see checkpoint.save_peft_adapter
+        (collective under torch.distributed: process 0 writes)."""
+        return checkpoint.save_peft_adapter(self, path, task_type)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path, config: Optional[GARDConfig] = None) -> "GARD":
-        """Wrap `model` with the adapters of a PEFT LoRA adapter directory, to continue training.
-
-        Each adapted layer gets the saved rank and factors; adapted layers absent from the adapter
-        (rank 0 at export) start at rank 0. The adapter's per-layer lora_alpha / r is folded into
-        B when it differs from the config's `scaling`, so the model computes what PEFT would.
-        Attach an optimizer afterwards, as after `GARD(model, config)`.
-
-        Args:
-            model: the base model, not yet wrapped.
-            path: directory with adapter_config.json and adapter_model.safetensors (GARD's export
-                or any plain PEFT LoRA adapter on Linear / Conv1D modules).
-            config: GARDConfig of the continued run; its target_modules must cover the adapter's
-                modules and its budget the adapter's parameters. None: the adapter's modules only,
-                budget = the adapter's parameter count, scaling = lora_alpha / r of its first layer.
-        Raises:
-            ValueError: not a LoRA adapter GARD can represent (DoRA, biases, modules_to_save,
-                other weight names), or it does not fit `config` (modules, shapes, ranks, budget);
-                checked before the model is touched.
-        """
-        adapter = peft_format.read_adapter(path)
-        if config is None:
-            names = list(adapter.factors)
-            config = GARDConfig(
-                budget=adapter.num_params,
-                target_modules="|".join(re.escape(n) for n in names),
-                r_init=0,
-                r_max=max(R_MAX_FLOOR, adapter.max_rank),
-                scaling=adapter.scalings[names[0]],
-            )
-        if config.r_max is None:
-            costs = [sum(adapter_shape(t.module)) for t in find_targets(model, config.target_modules)]
-            config = config.with_resolved_r_max(costs)
-        adapter.check_fits(model, config.target_modules, config.r_max, config.budget)
-        gard = cls(model, config)
-        for name, layer in zip(gard.names, gard.manager.layers):
-            a, b = adapter.factors.get(name, (None, None))
-            if a is None:
-                a, b = layer.lora_A.new_zeros(0, layer.d_in), layer.lora_B.new_zeros(layer.d_out, 0)
-            else:
-                b = b * (adapter.scalings[name] / layer.scale_at(a.shape[0]))
-            layer.load_factors(a, b)
-        return gard
+        """Wrap `model` with the adapters of a PEFT LoRA adapter directory, to continue training;
+        see checkpoint.gard_from_peft_adapter."""
+        return checkpoint.gard_from_peft_adapter(cls, model, path, config)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run: config, ranks, adapters, ring, EMA, counters, history.
-
-        Every tensor has a shape fixed by the model and config, whatever the ranks, so that
-        `torch.distributed.checkpoint.load` can fill the state_dict() of a fresh GARD in place:
-        the factors sit in one zero-padded vector of `budget` values ("adapter_values", layer
-        after layer, A then B, row-major), and the history is a tuple, which the checkpoint
-        stores as one object (it would split a list of records into entries a fresh, shorter
-        history has no place for).
-
-        Under torch.distributed every process calls it (it is collective): the sketch ring holds
-        the processes' mean (which the next re-allocation's mean reproduces), and the adapters are
-        checked to be identical, so every process returns the same state; save it once (process
-        0, or torch.distributed.checkpoint) and load it on every process, at any world size.
-        """
-        fsdp.check_adapters_outside_fsdp(self.manager.layers)
-        adapters = self._flat_adapters()
-        fsdp.check_replicated(adapters, "GARD's LoRA factors")
-        ring = self.ring.state_dict()
-        ring["buffer"], ring["valid"] = distributed.mean_over_processes(ring["buffer"], ring["valid"])
-        ema = self.ema_statistic
-        return {
-            "config": self.config.to_dict(),
-            "names": list(self.manager.names),
-            "shapes": [(layer.d_in, layer.d_out) for layer in self.manager.layers],
-            "ranks": self.manager.ranks,
-            "adapter_values": torch.cat([adapters, adapters.new_zeros(self.config.budget - adapters.numel())]),
-            "ring": ring,
-            "has_ema_statistic": ema is not None,
-            "ema_statistic": torch.zeros(len(self.manager), dtype=torch.float64, device=self.ring.device)
-            if ema is None else ema.to(torch.float64).clone(),
-            "step_count": self.step_count,
-            "allocated": self.allocated,
-            "params_sum": self._params_sum,
-            "generator": self._generator_state.clone(),
-            "history": tuple(self.history),
-        }
-
-    def _flat_adapters(self) -> torch.Tensor:
-        """Every factor flattened, layer after layer, A then B: [num_lora_params] in the widest factor dtype."""
-        factors = [t.detach() for layer in self.manager.layers for t in (layer.lora_A, layer.lora_B)]
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in factors) else torch.float32
-        return torch.cat([t.reshape(-1).to(dtype) for t in factors])
+        """Everything needed to continue the run; see checkpoint.run_state (collective under
+        torch.distributed; fixed-shape tensors for torch.distributed.checkpoint)."""
+        return checkpoint.run_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state_dict() of the same model and config; load the optimizer's state afterwards."""
-        mine = self.config.to_dict()
-        for key, value in state["config"].items():
-            if key in mine and _normalise(mine[key]) != _normalise(value):
-                raise ValueError(f"state_dict was saved with config {key}={value!r}, this GARD has {mine[key]!r}")
-        saved, mine_names = list(state["names"]), self.manager.names
-        if saved != mine_names:
-            first = next((i for i, (a, b) in enumerate(zip(saved, mine_names)) if a != b), min(len(saved), len(mine_names)))
-            theirs = saved[first] if first < len(saved) else "(none)"
-            ours = mine_names[first] if first < len(mine_names) else "(none)"
-            raise ValueError(
-                f"state_dict was saved for other adapted modules: {len(saved)} adapted modules there, "
-                f"{len(mine_names)} here; module #{first} is {theirs!r} there and {ours!r} here"
-            )
-        for name, layer, shape in zip(mine_names, self.manager.layers, state["shapes"]):
-            if tuple(shape) != (layer.d_in, layer.d_out):
-                raise ValueError(
-                    f"state_dict was saved for a model whose module {name!r} has (d_in, d_out) = "
-                    f"{tuple(shape)}, here it has {(layer.d_in, layer.d_out)}"
-                )
-        fsdp.check_adapters_outside_fsdp(self.manager.layers)
-        factors = _saved_factors(state, self.manager.layers)
-        for layer, (lora_a, lora_b) in zip(self.manager.layers, factors):
-            layer.load_factors(lora_a, lora_b)
-        self.ring.load_state_dict(state["ring"])
-        ema = state["ema_statistic"]
-        if not state.get("has_ema_statistic", ema is not None):
-            ema = None
-        self.ema_statistic = None if ema is None else ema.to(self.ring.device)
-        self.step_count = state["step_count"]
-        self.allocated = state["allocated"]
-        self._params_sum = state["params_sum"]
-        self._generator.set_state(state["generator"])
-        self.history = list(state["history"])
-        self._set_capture(self._capture_due(self.step_count))
+        """Restore a state_dict() of the same model and config into the live adapters; load the
+        optimizer's state afterwards. See checkpoint.load_run_state."""
+        checkpoint.load_run_state(self, state)
 
 
 def _resolve_r_max(cfg: GARDConfig, costs: list[int]) -> GARDConfig:
@@ -937,31 +807,3 @@ def _check_budget_feasible(cfg: GARDConfig, names: list[str], costs: list[int], 
             f"budget {cfg.budget} is below r_min * sum(d_in + d_out) = {floor} for "
             f"{len(costs)} adapted layers; raise the budget to at least {floor} or lower r_min"
         )
-
-
-def _saved_factors(state: dict[str, Any], layers: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) per layer from a state_dict(): the flat "adapter_values" at "ranks", or the per-layer
-    "adapters" list of states saved before the flat layout."""
-    if "adapter_values" not in state:
-        return [(adapter["lora_A"], adapter["lora_B"]) for adapter in state["adapters"]]
-    ranks, values = list(state["ranks"]), state["adapter_values"]
-    if len(ranks) != len(layers):
-        raise ValueError(f"state_dict has ranks for {len(ranks)} adapted modules, this GARD has {len(layers)}")
-    needed = sum(r * (layer.d_in + layer.d_out) for r, layer in zip(ranks, layers))
-    if values.dim() != 1 or values.numel() < needed:
-        raise ValueError(
-            f"state_dict's adapter_values has shape {tuple(values.shape)}, but ranks {ranks} need {needed} values"
-        )
-    factors, offset = [], 0
-    for rank, layer in zip(ranks, layers):
-        lora_a = values[offset : offset + rank * layer.d_in].view(rank, layer.d_in)
-        offset += rank * layer.d_in
-        lora_b = values[offset : offset + layer.d_out * rank].view(layer.d_out, rank)
-        offset += layer.d_out * rank
-        factors.append((lora_a, lora_b))
-    return factors
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
