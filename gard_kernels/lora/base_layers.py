@@ -25,7 +25,7 @@ _BNB_4BIT = "Linear4bit"
 _BNB_8BIT = "Linear8bitLt"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D (weight [d_in, d_out]), recognised by name so that
     # transformers is never imported here.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
@@ -75,7 +75,7 @@ def adapter_shape(module: nn.Module) -> tuple[int, int]:
             nn.Linear subclass whose weight does not have the declared [out_features, in_features]
             shape and whose quantisation GARD does not know.
     """
-    if _is_conv1d(module):
+    if is_conv1d(module):
         d_in, d_out = module.weight.shape
         return d_in, d_out
     if not isinstance(module, nn.Linear):
@@ -108,7 +108,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         TypeError: integer codes without the scales to dequantise them.
     """
     weight = module.weight.detach()
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return weight.T
     kind = _bnb_kind(module)
     if kind is None:

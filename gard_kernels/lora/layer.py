@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .base_layers import _is_conv1d, adapter_shape, lora_added_in_output_dtype
+from .base_layers import is_conv1d, adapter_shape, lora_added_in_output_dtype
 from .capture import CaptureHandle, lora_capture
 from .optim_state import (
     check_remappable,

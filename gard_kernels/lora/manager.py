@@ -8,11 +8,11 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .layer import LoRALayer, _is_conv1d
+from .layer import LoRALayer, is_conv1d
 
 
 def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 @dataclass(frozen=True)

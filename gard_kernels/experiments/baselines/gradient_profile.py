@@ -6,11 +6,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ...lora.base_layers import is_conv1d
+
 
 def as_out_in(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """A weight (or its gradient) as [d_out, d_in]: Linear stores it so, Conv1D transposed (also
-    when square)."""
-    return weight if isinstance(base, nn.Linear) else weight.T
+    when square); the layout rule of lora/base_layers.py."""
+    return weight.T if is_conv1d(base) else weight
 
 
 def mean_weight_gradients(
