@@ -263,11 +263,49 @@ def test_prepare_leaves_models_that_are_not_quantized_alone(one_thread):
 
 
 @pytest.mark.parametrize("options", [{"score": "marginal_gain", "grow_init": "zero"}, {"grow_init": "gora_safe"}])
-def test_profile_only_options_are_refused_before_the_first_step(tmp_path, options):
-    """Marginal gain and gora_safe allocate from profile batches, which the Trainer's steps are
-    not: refused at on_train_begin with the way on, before any optimizer step."""
-    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, **options))
+def test_profile_only_options_profile_the_trainers_batches_before_the_first_step(tmp_path, options):
+    """Marginal gain and gora_safe allocate from profile batches: the callback takes the first
+    `window` of the Trainer's batches before its first step, and allocates exactly as
+    gard.profile on those batches does on a fresh copy of the model."""
+    config = gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, **options)
+    callback = GARDCallback(config)
     trainer = _trainer(tmp_path, callback, max_steps=2)
-    with pytest.raises(ValueError, match=r"call gard.profile\(batches\)"):
-        trainer.train()
-    assert trainer.state.global_step == 0 and callback.gard.step_count == 0
+    gard = callback.gard
+    profiled = []
+    profile = gard.profile
+
+    def recording(batches, **kwargs):
+        taken = []
+
+        def tee():
+            for batch in batches:
+                taken.append({key: value.clone() for key, value in batch.items()})
+                yield batch
+
+        record = profile(tee(), **kwargs)
+        profiled.append((taken, dict(gard.ranks), record, gard.step_count))
+        return record
+
+    gard.profile = recording
+    trainer.train()
+    (taken, ranks, record, step_count), = profiled
+    assert step_count == 0 and len(taken) == config.window
+    assert all(batch["input_ids"].shape == (2, 12) for batch in taken)
+    assert gard.step_count == trainer.state.global_step == 2 and gard.history[0].get("profile")
+    assert all(p.shape == gard.optimizer.state[p]["exp_avg"].shape for p in gard.lora_parameters() if p.numel())
+
+    fresh = gk.GARD(tiny_llama(), config)
+    fresh.attach_optimizer(torch.optim.AdamW(fresh.lora_parameters(), lr=LR))
+    expected = fresh.profile(taken)
+    assert fresh.ranks == ranks and sum(ranks.values()) > 0
+    assert expected.get("init_step_scale") == record.get("init_step_scale")
+
+
+def test_profile_without_a_dataloader_says_what_to_call(tmp_path):
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, score="marginal_gain", grow_init="zero"))
+    trainer = _trainer(tmp_path, callback, max_steps=2)
+    control = transformers.TrainerControl()
+    with pytest.raises(ValueError, match=r"callback.gard.profile\(batches\)"):
+        callback.on_train_begin(trainer.args, trainer.state, control, model=trainer.model,
+                                optimizer=trainer.create_optimizer(), train_dataloader=None)
+    assert callback.gard.step_count == 0 and not callback.gard.allocated

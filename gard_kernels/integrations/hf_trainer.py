@@ -16,7 +16,10 @@ Where each part happens, in the order `Trainer` runs:
 3. Resume, controller: `on_train_begin` (before the first step) restores the rest of the
    controller (sketch ring, EMA, counters, generator, history) from `gard_state.pt` in
    `<output_dir>/checkpoint-<global_step>`, or from the directory given to `load_checkpoint`.
-   Then it attaches the Trainer's optimizer, whose state follows every later resize.
+   Then it attaches the Trainer's optimizer, whose state follows every later resize. A
+   configuration that allocates from profile batches (the marginal-gain scores, the default;
+   grow_init="gora_safe") profiles here, on the first `window` batches of a pass of its own over
+   the Trainer's train dataloader, so the first step already trains the allocated adapters.
 4. Step: `on_step_end` runs once per optimizer step (after the optimizer and LR scheduler
    steps and zero_grad, whatever gradient_accumulation_steps is) and calls `gard.step()`.
    The LR scheduler keeps driving the same optimizer: a resize changes parameter shapes and
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -146,18 +150,30 @@ class GARDCallback(TrainerCallback):
                 f"GARD is at step {gard.step_count} but the Trainer starts at step {state.global_step}; "
                 "restore the matching checkpoint (callback.load_checkpoint) or use a fresh model and callback"
             )
-        if gard._needs_profile() and not gard.allocated:
-            raise ValueError(
-                f"score={gard.config.score!r} / grow_init={gard.config.grow_init!r} allocate from profile "
-                "batches, which the Trainer's steps are not: call gard.profile(batches) (with the optimizer "
-                "attached for grow_init='gora_safe') before trainer.train(), or use a layer score such as "
-                "'update_nuclear' and grow_init='gora' with the callback"
-            )
         if optimizer is None:
             raise ValueError("GARDCallback needs the Trainer's optimizer at on_train_begin")
         optimizer = _unwrap_optimizer(optimizer)
         _check_state_shapes(optimizer, gard)
         gard.attach_optimizer(optimizer)
+        if gard._needs_profile() and not gard.allocated:
+            self._profile(gard, args, kwargs.get("train_dataloader"))
+
+    def _profile(self, gard: GARD, args, train_dataloader) -> None:
+        """Allocate from the first `window` batches of a pass over the Trainer's dataloader.
+
+        The marginal-gain scores and grow_init="gora_safe" pass over their profile batches more
+        than once, which the Trainer's steps cannot give: they are taken from a pass of their own,
+        before the first step, with the loss `model(**batch).loss` (the Trainer's default). A
+        custom `compute_loss` needs `gard.profile(batches, loss_fn=...)` before `trainer.train()`.
+        """
+        if train_dataloader is None:
+            raise ValueError(
+                f"score={gard.config.score!r} / grow_init={gard.config.grow_init!r} allocate from profile "
+                "batches and the Trainer passed no train_dataloader to take them from: call "
+                "callback.gard.profile(batches) before trainer.train(), or use a layer score such as "
+                "'update_nuclear' (allocated from the first training steps)"
+            )
+        gard.profile(_on_device(batch, args.device) for batch in train_dataloader)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.gard.step()
@@ -259,6 +275,16 @@ def _check_quantization_trains(model: nn.Module) -> None:
         "de-quantized), the flags are stale: clear them first with "
         "gard_kernels.experiments.models.clear_dequantized_flags(model)"
     )
+
+
+def _on_device(batch, device):
+    """A Trainer batch (a mapping of model inputs) with its tensors on `device`."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"the Trainer's batches are {type(batch).__name__}, not a mapping of model inputs: call "
+            "callback.gard.profile(batches, loss_fn=...) before trainer.train()"
+        )
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def _unwrap_optimizer(optimizer):
