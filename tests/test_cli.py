@@ -10,6 +10,7 @@ import torch
 
 from gard_kernels import cli
 from gard_kernels.experiments import models, settings
+from gard_kernels.experiments.compare import adapted_costs
 
 from .models import tiny_llama
 
@@ -87,27 +88,35 @@ def test_compare_resumes_and_plot_writes_pngs(model_dir, tmp_path, capsys):
 
 
 def test_demo_preset_end_to_end(model_dir, tmp_path, capsys):
-    """The demo's own preset (methods, budget, steps, lengths), on the tiny model."""
-    code, stdout, err = run_cli(["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path, "--no-progress"], capsys)
+    """The demo's own preset (methods, targets, rank bounds, steps, lengths) on the tiny model, at
+    its average rank 8 (the preset's budget is SmolLM2-135M's)."""
+    rank8 = 8 * sum(adapted_costs(tiny_llama(), cli.ALL_LINEAR))
+    code, stdout, err = run_cli(["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path,
+                                 "--no-progress", "--budget", rank8], capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
-    # The study's settings (TrainSettings' defaults) in the study's precision mode.
+    # The study's settings (TrainSettings' defaults) in the study's precision mode, shortened runs.
     study = settings.TrainSettings()
     train = results["settings"]["train"]
-    assert (train["steps"], train["max_len"], train["batch_size"]) == (study.steps, study.max_len, study.batch_size)
+    assert (train["steps"], train["max_len"], train["batch_size"]) == (cli.DEMO_PRESET["steps"], study.max_len, study.batch_size)
     assert (train["eval_blocks"], train["test_blocks"]) == (study.eval_blocks, study.test_blocks)
     assert train["precision"] == cli.DEMO_PRESET["precision"] == "bf16"
-    # Each method at the rate the study chose for it.
+    # Each method at the rate the study chose for it, all seven projections, ranks up to 32.
     assert {r["method"]: r["lr"] for r in results["runs"]} == cli.DEMO_PRESET["lrs"]
     assert {r["method"] for r in results["runs"]} == set(cli.DEMO_PRESET["methods"])
-    assert {r["budget"] for r in results["runs"]} == {cli.PAPER_BUDGET}
+    assert {r["budget"] for r in results["runs"]} == {rank8}
+    for run in results["runs"]:
+        metrics = json.loads(next(tmp_path.glob(f"{run['method']}_b{rank8}_*/metrics.json")).read_text())
+        assert metrics["hyperparameters"]["target_modules"] == list(cli.ALL_LINEAR)
+        assert metrics["hyperparameters"]["r_max"] == cli.DEMO_PRESET["r_max"] and metrics["lora_params_final"] <= rank8
+    assert f"{cli.DEMO_PRESET['steps']} steps per run, not the study's {study.steps}" in stdout
     assert "gard demo results" in stdout and "figures:" in stdout and "docs/results.md" in stdout
     assert len(list((tmp_path / "figures").glob("*.png"))) >= 5
 
 
 def test_demo_lr_sets_one_rate_for_every_method(model_dir, tmp_path, capsys):
     args = ["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path, "--no-progress"]
-    code, stdout, err = run_cli(args + ["--lr", "0.005", "--steps", "4", "--eval-blocks", "2", "--test-blocks", "2"], capsys)
+    code, stdout, err = run_cli(args + ["--lr", "0.005", "--steps", "4", "--eval-blocks", "2", "--test-blocks", "2", "--budget", "3000"], capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["lr"] for r in results["runs"]} == {0.005} and len(results["runs"]) == len(cli.DEMO_PRESET["methods"])

@@ -104,7 +104,7 @@ def test_help_texts_say_what_the_cli_takes(capsys):
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     demo = commands["demo"].format_help()
-    for fact in ("SmolLM2-135M", "100 AdamW steps", "About 15 minutes", "runs/demo/<timestamp>", "results.md"):
+    for fact in ("SmolLM2-135M", "60 AdamW steps (the study's 100", "average rank 8", "About 15 minutes", "runs/demo/<timestamp>", "results.md"):
         assert fact in demo, fact
     assert "DEMO_PRESET" not in demo
     options = {a.dest: a.help for a in commands["finetune"]._actions}
