@@ -125,8 +125,8 @@ def _add_gard_options(p: argparse.ArgumentParser) -> None:
         text = f"{symbol}: {f.metadata['help']}" if symbol else f.metadata["help"]
         flag = f"--{f.name.replace('_', '-')}"
         if f.name == "target_modules":
-            text += (" Here: plain names (q_proj v_proj), or one value with other characters, read as that "
-                     "regular expression (e.g. '.*\\.(q|v)_proj').")
+            text += (" Here: plain names (q_proj v_proj), all-linear, or one value with other characters, read as "
+                     "that regular expression (e.g. '.*\\.(q|v)_proj').")
             g.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
             continue
         kind = _option_type(str(f.type))

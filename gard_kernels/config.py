@@ -36,8 +36,9 @@ class GARDConfig:
         "global LoRA parameter budget B; sum over layers of r * (d_in + d_out) never exceeds it")})
     target_modules: Union[Sequence[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": (
         "which Linear / Conv1D modules get adapters. A list of names or name suffixes (PEFT style: "
-        '"q_proj" matches "model.layers.0.self_attn.q_proj"), or one string that is a regular expression '
-        "matched against full module names (re.fullmatch).")})
+        '"q_proj" matches "model.layers.0.self_attn.q_proj"), PEFT\'s "all-linear" (every Linear / Conv1D '
+        "of a transformers model except its output layer, model.get_output_embeddings()), or any other "
+        "string, a regular expression matched against full module names (re.fullmatch).")})
     mode: str = field(default="static", metadata={"help": (
         '"static" profiles `window` steps, allocates once and re-initialises the adapters (paper §3.3); '
         '"dynamic" re-allocates every `interval` steps after `warmup` (§3.4).')})
@@ -135,7 +136,8 @@ class GARDConfig:
             self.target_modules = list(self.target_modules)
             require(
                 bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
-                f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}",
+                f'target_modules must be "all-linear", a regex string or a non-empty list of names, '
+                f"got {self.target_modules!r}",
             )
         for name, choices in (
             ("mode", MODES),

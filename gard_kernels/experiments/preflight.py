@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
+from ..lora.manager import ALL_LINEAR_SHORTHAND, is_all_linear
 from .compare import GridRun, check_budgets
 from .models import ModelSource
 
@@ -22,13 +23,23 @@ _PLAIN_NAME = re.compile(r"[\w.]+")
 
 
 def target_modules_argument(values: Sequence[str]) -> Union[list[str], str]:
-    """--target-modules as GARDConfig takes it: names / suffixes as a list, or one value that is not
-    a plain name (any character besides letters, digits, "_" and ".") as a regular expression.
+    """--target-modules as GARDConfig takes it: names / suffixes as a list, PEFT's "all-linear"
+    shorthand as that string, or one value that is not a plain name (any character besides letters,
+    digits, "_" and ".") as a regular expression.
 
     Raises:
-        ValueError: an invalid regular expression, or a regular expression given beside other values.
+        ValueError: an invalid regular expression, or "all-linear" or a regular expression given
+            beside other values.
     """
     values = list(values)
+    shorthand = [v for v in values if is_all_linear(v)]
+    if shorthand:
+        if len(values) > 1:
+            raise ValueError(
+                f"--target-modules {' '.join(values)}: {shorthand[0]!r} (every linear layer but the output layer) "
+                f"must be the only value: --target-modules {ALL_LINEAR_SHORTHAND}, or give module names only"
+            )
+        return values[0]
     patterns = [v for v in values if not _PLAIN_NAME.fullmatch(v)]
     if not patterns:
         return values

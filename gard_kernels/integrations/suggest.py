@@ -49,7 +49,7 @@ def suggest_lora_config(
             Conv1D target modules.
         batches: iterable of model inputs; dicts go to model(**batch) unless loss_fn is given.
         budget: LoRA parameter budget (GARDConfig.budget).
-        target_modules: names / suffixes or a full-match regex (GARDConfig.target_modules).
+        target_modules: names / suffixes, "all-linear" or a full-match regex (GARDConfig.target_modules).
         loss_fn: loss_fn(model, batch) -> scalar loss; default model(**batch).loss.
         task_type: PEFT task type of the config (e.g. "CAUSAL_LM"), or None.
         progress: show a progress bar of the profiled batches on stderr (only when it is a

@@ -15,6 +15,35 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+# PEFT's shorthand for target_modules (same spelling, compared case-insensitively as PEFT does):
+# every adaptable module except the model's output layer.
+ALL_LINEAR_SHORTHAND = "all-linear"
+
+
+def is_all_linear(target_modules: Union[Sequence[str], str]) -> bool:
+    """Whether `target_modules` is PEFT's "all-linear" shorthand (one string, any case)."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR_SHORTHAND
+
+
+def _output_layer_ids(model: nn.Module) -> set[int]:
+    """ids of what "all-linear" leaves out: the module `model.get_output_embeddings()` returns (the
+    LM head) and anything inside it; empty when it returns None (a model without an LM head).
+
+    Raises:
+        ValueError: the model has no get_output_embeddings (not a transformers model), so its
+            output layer cannot be told apart from the other Linear layers.
+    """
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if not callable(get_output_embeddings):
+        raise ValueError(
+            f'target_modules="{ALL_LINEAR_SHORTHAND}" needs a transformers model whose output layer it can '
+            f"leave out (one with get_output_embeddings); {type(model).__name__} has none: pass the module names "
+            '(a list, e.g. ["q_proj", "v_proj"]) or a regular expression instead'
+        )
+    output = get_output_embeddings()
+    return {id(module) for module in output.modules()} if isinstance(output, nn.Module) else set()
+
+
 @dataclass(frozen=True)
 class Target:
     """One module to adapt.
@@ -38,15 +67,25 @@ def matches_target_list(name: str, targets: Sequence[str]) -> bool:
 
 
 def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) -> list[Target]:
-    """The modules selected by PEFT-style suffixes or a full-match regex; reads, never changes, the model.
+    """The modules selected by PEFT-style suffixes, a full-match regex or PEFT's "all-linear";
+    reads, never changes, the model.
+
+    "all-linear" (any case) selects every nn.Linear / Conv1D (bitsandbytes 4-bit and 8-bit
+    included) except the output layer, `model.get_output_embeddings()`, under whatever names it
+    is registered (a model whose get_output_embeddings returns None, e.g. a classifier, has
+    none to leave out).
 
     A module reachable under several names (registered at two parents) is selected when any of its
     names matches, and is listed once, at its first name, with all of them.
 
     Raises:
         ValueError: nothing matched (the message lists the adaptable names), a match is not a
-            Linear / Conv1D, or the model already holds GARD adapters.
+            Linear / Conv1D, the model already holds GARD adapters, or "all-linear" on a model
+            without get_output_embeddings.
     """
+    all_linear = is_all_linear(target_modules)
+    # Looked up before the walk: a refused model is refused whatever it holds.
+    left_out = _output_layer_ids(model) if all_linear else set()
     paths: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     hits: set[int] = set()
@@ -60,7 +99,9 @@ def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) ->
             continue
         paths.setdefault(id(module), []).append(name)
         modules[id(module)] = module
-        if isinstance(target_modules, str):
+        if all_linear:
+            hit = _is_adaptable(module) and id(module) not in left_out
+        elif isinstance(target_modules, str):
             hit = re.fullmatch(target_modules, name) is not None
         else:
             hit = matches_target_list(name, target_modules)
@@ -74,12 +115,21 @@ def find_targets(model: nn.Module, target_modules: Union[Sequence[str], str]) ->
             hits.add(id(module))
     if not hits:
         candidates = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_adaptable(m)})
-        how = (
-            "; one string is read as a regular expression that must match a full module name (re.fullmatch): "
-            f"pass a list, e.g. [{target_modules!r}], to match names by suffix, or a pattern such as "
-            f"'.*\\.{target_modules}'"
-            if isinstance(target_modules, str) else ""
-        )
+        if all_linear:
+            how = ": the model has no nn.Linear / Conv1D besides its output layer"
+        elif isinstance(target_modules, str):
+            how = (
+                "; one string is read as a regular expression that must match a full module name (re.fullmatch): "
+                f"pass a list, e.g. [{target_modules!r}], to match names by suffix, or a pattern such as "
+                f"'.*\\.{target_modules}'"
+            )
+        elif any(is_all_linear(t) for t in target_modules):
+            how = (
+                f'; "{ALL_LINEAR_SHORTHAND}" is a shorthand only as the whole value: '
+                f'target_modules="{ALL_LINEAR_SHORTHAND}", not a list'
+            )
+        else:
+            how = ""
         raise ValueError(
             f"target_modules={target_modules!r} matched no module{how}; adaptable module names end in: "
             f"{candidates}"
@@ -107,7 +157,7 @@ class LoRAManager:
 
     Args:
         model: the model; its target modules are replaced in place.
-        target_modules: suffix list or regex (see GARDConfig).
+        target_modules: suffix list, regex or "all-linear" (see GARDConfig).
         rank: initial rank of every layer.
         scaling: constant LoRA scaling.
         generator: torch.Generator for the initial A matrices.

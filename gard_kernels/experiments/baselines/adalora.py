@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from ...lora.layer import adapter_shape
-from ...lora.manager import match_target_modules
+from ...lora.manager import is_all_linear, match_target_modules
 from ..method import Method, MethodRun
 
 # AdaLoRA's hyperparameters that do not depend on the run (PEFT's names): the EMA factors of its
@@ -64,8 +64,13 @@ class AdaLoraMethod(Method):
             if total_rank < 1:
                 raise ValueError(f"adalora: budget {run.budget} is below one triplet of the largest module ({max(costs)} parameters)")
         schedule = adalora_schedule(total_rank, len(self.names), run.steps, run.settings.value("scaling", run.name))
+        peft_targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        if is_all_linear(target_modules):
+            # The modules costed above: PEFT's own "all-linear" leaves the output layer out of
+            # PreTrainedModels only, GARD's out of any model with get_output_embeddings.
+            peft_targets = list(self.names)
         config = AdaLoraConfig(
-            target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
+            target_modules=peft_targets,
             target_r=1,
             lora_dropout=0.0,
             **schedule,
