@@ -16,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import checkpoint, distributed, fsdp
 from .allocate import allocate_ranks
-from .config import GARDConfig, default_r_max
+from .config import DEFAULT_SCORES, GARDConfig, default_r_max
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
@@ -250,8 +250,12 @@ class GARD:
         """
         if self._needs_profile() and not self.allocated:
             what = f"score={self.config.score!r}" if self.config.score in GAIN_SCORES else "grow_init='gora_safe'"
+            if self.config.score == DEFAULT_SCORES["static"]:
+                what += " (the default)"
             raise RuntimeError(
-                f"{what} works on the profile batches: call gard.profile(batches) before the first optimizer step"
+                f"{what} allocates from profile batches: call gard.profile(batches) before the "
+                "first optimizer step (e.g. gard.profile(itertools.islice(loader, gard.config.window))), or set "
+                "score='update_nuclear' to profile inside the training loop's first `window` steps"
             )
         self._check_parameters_current()
         if self.optimizer is None and self._gradient_sync.needed():

@@ -99,7 +99,7 @@ def test_gradient_checkpointing_does_not_double_count():
 def test_rank_zero_layers_are_profiled():
     model = tiny_llama()
     # Rank 1 on every layer would cost 4 * (64 + 48) > 100: r_init falls to 0.
-    gard = gk.GARD(model, gk.GARDConfig(budget=100, target_modules=["q_proj", "v_proj"], window=3, interval=3))
+    gard = gk.GARD(model, gk.GARDConfig(budget=100, target_modules=["q_proj", "v_proj"], window=3, interval=3, score="update_nuclear"))
     assert set(gard.ranks.values()) == {0} and gard.num_lora_params == 0
     opt = torch.optim.SGD(gard.lora_parameters(), lr=0.1)
     gard.attach_optimizer(opt)
@@ -147,7 +147,7 @@ def test_dynamic_run_keeps_budget_and_changes_ranks(grow_init, shrink, optimizer
 
 def test_static_mode_changes_ranks_exactly_once():
     model = tiny_llama()
-    cfg = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=4, r_init=0, r_max=8)
+    cfg = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=4, r_init=0, r_max=8, score="update_nuclear")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
     gard.attach_optimizer(opt)
@@ -184,7 +184,8 @@ def _run(model, gard, opt, data):
 
 
 def test_state_dict_round_trip_continues_identically():
-    cfg = gk.GARDConfig(budget=2_000, target_modules=LLAMA_TARGETS, window=3, interval=4, warmup=3, seed=7)
+    cfg = gk.GARDConfig(budget=2_000, target_modules=LLAMA_TARGETS, window=3, interval=4, warmup=3, seed=7,
+                        score="update_nuclear", grow_init="gora")
     data = batches(16, seed=9)
     model = tiny_llama()
     gard = gk.GARD(model, cfg)
@@ -207,7 +208,8 @@ def test_state_dict_round_trip_continues_identically():
     with pytest.raises(ValueError, match="window"):
         gk.GARD(tiny_llama(), gk.GARDConfig(budget=2_000, target_modules=LLAMA_TARGETS, window=5)).load_state_dict(saved["gard"])
     with pytest.raises(ValueError, match="other adapted modules"):
-        other = gk.GARDConfig(budget=2_000, target_modules=LLAMA_TARGETS, window=3, interval=4, warmup=3, seed=7)
+        other = gk.GARDConfig(budget=2_000, target_modules=LLAMA_TARGETS, window=3, interval=4, warmup=3, seed=7,
+                        score="update_nuclear", grow_init="gora")
         gk.GARD(tiny_llama(layers=3), other).load_state_dict(saved["gard"])
 
 
@@ -232,7 +234,7 @@ def test_wrapping_errors_are_clear():
 
 def test_step_without_optimizer_when_resize_is_due_raises():
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=2))
+    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=2, score="update_nuclear"))
     for batch in batches(1):
         model(**batch).loss.backward()
         gard.step()
@@ -263,7 +265,7 @@ def test_config_validation(bad, message):
 def test_all_rank_zero_start_keeps_capturing_until_layers_grow():
     """With every rank at 0 and the base frozen, only capture lets loss.backward() run at all."""
     model = tiny_llama()
-    cfg = gk.GARDConfig(budget=300, target_modules=["q_proj", "v_proj"], window=3, interval=10, warmup=3)
+    cfg = gk.GARDConfig(budget=300, target_modules=["q_proj", "v_proj"], window=3, interval=10, warmup=3, score="update_nuclear")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
     gard.attach_optimizer(opt)

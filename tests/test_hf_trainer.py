@@ -97,13 +97,26 @@ def test_trainer_runs_gard_once_per_optimizer_step(full_run):
 
 
 def test_trainer_runs_the_recommended_defaults(tmp_path):
-    """GARDConfig's defaults (static, GoRA initialisation, which needs the Trainer's optimizer and
-    learning rate) through the Trainer: one allocation after `window` steps, budget held."""
+    """GARDConfig's defaults (static, marginal gain from a profile, B = 0 at the allocated ranks)
+    through the Trainer: one allocation before the first step, none after, budget held."""
     callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS))
     trainer = _trainer(tmp_path, callback, max_steps=6)
     trainer.train()
     gard = callback.gard
-    assert gard.config.mode == "static" and gard.config.grow_init == "gora"
+    assert (gard.config.mode, gard.config.score, gard.config.grow_init) == ("static", "marginal_gain", "zero")
+    assert gard.history[0].get("profile") and gard.history[0]["step"] == 0
+    assert not [r for r in gard.history[1:] if "reallocation" in r]
+    assert gard.step_count == 6 and all(r["params"] <= BUDGET for r in gard.history)
+    assert gard.num_lora_params > 0 and all(p.isfinite().all() for p in gard.lora_parameters())
+
+
+def test_trainer_runs_static_profiling_inside_the_loop(tmp_path):
+    """A layer score and GoRA's start (which needs the Trainer's optimizer and learning rate):
+    the first `window` training steps are the profile, one allocation after them."""
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, score="update_nuclear", grow_init="gora"))
+    trainer = _trainer(tmp_path, callback, max_steps=6)
+    trainer.train()
+    gard = callback.gard
     events = [r["reallocation"]["step"] for r in gard.history if "reallocation" in r]
     assert events == [gard.config.window]
     assert all(r["params"] <= BUDGET for r in gard.history)

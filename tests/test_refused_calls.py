@@ -16,8 +16,9 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def _config(**overrides) -> gk.GARDConfig:
+    # Static mode profiling inside the training loop (a layer score; GoRA's start needs the optimizer).
     return gk.GARDConfig(**({"budget": 900, "target_modules": TARGETS, "window": 4, "backend": "torch",
-                             "k_in": 4, "k_out": 4, "seed": 2} | overrides))
+                             "k_in": 4, "k_out": 4, "seed": 2, "score": "update_nuclear", "grow_init": "gora"} | overrides))
 
 
 def _state(gard: gk.GARD) -> dict:
@@ -85,7 +86,7 @@ def test_static_step_without_optimizer_changes_nothing_and_the_retry_allocates()
 
 def test_profile_with_gora_init_and_no_optimizer_takes_no_batch():
     model = tiny_llama()
-    gard = gk.GARD(model, _config())  # grow_init "gora", the default
+    gard = gk.GARD(model, _config())  # grow_init "gora"
     data = batches(5)
     stream = iter(data)
     before = _state(gard)

@@ -223,7 +223,8 @@ def test_quantised_state_is_refused_when_attached():
 
 def test_static_reinitialisation_starts_the_optimizer_afresh():
     model = tiny_llama()
-    cfg = gk.GARDConfig(budget=3_000, target_modules=["q_proj", "v_proj"], mode="static", window=2, r_init=1)
+    cfg = gk.GARDConfig(budget=3_000, target_modules=["q_proj", "v_proj"], mode="static", window=2, r_init=1,
+                        score="update_nuclear", grow_init="gora")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
     gard.attach_optimizer(opt)

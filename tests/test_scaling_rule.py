@@ -228,7 +228,7 @@ def test_a_failing_check_of_gora_s_step_leaves_gard_as_it_was():
 def test_gora_safe_is_refused_under_torch_distributed(monkeypatch):
     from gard_kernels import distributed
 
-    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", window=2, backend="torch"))
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", score="update_nuclear", window=2, backend="torch"))
     gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-2))
     monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
     data = iter(batches(2))

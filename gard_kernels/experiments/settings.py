@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..config import GARDConfig
+from ..config import DEFAULT_SCORES, GARDConfig
 from .presets import method_kind, method_spec
 
 PRECISIONS = ("fp32", "bf16")
@@ -133,6 +133,9 @@ class GardSettings:
         merged = {name: config_default(name) for name in CONFIG_FIELDS if name not in PER_RUN_FIELDS}
         merged.update(preset)
         merged.update(self.overrides)
+        if merged["score"] is None:
+            # As GARDConfig resolves it, so runs record (and fingerprint) the score they ran.
+            merged["score"] = DEFAULT_SCORES.get(merged["mode"])
         return merged
 
     def value(self, name: str, method: str = "gard") -> Any:
