@@ -1,6 +1,7 @@
 """gard_kernels: gradient-spectral LoRA rank allocation with fused gradient-sketching kernels."""
 from . import reference
 from .allocate import allocate_ranks, clip_rank_change
+from .budget import lora_budget
 from .config import GARDConfig
 from .controller import GARD
 from .integrations.suggest import suggest_lora_config
@@ -24,6 +25,7 @@ __all__ = [
     "effective_rank",
     "gram_eigenvalues",
     "load_adapter",
+    "lora_budget",
     "reference",
     "spectral_scores",
     "suggest_lora_config",

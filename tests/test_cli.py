@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import gard_kernels as gk
 from gard_kernels import cli
 from gard_kernels.experiments import models, settings
-from gard_kernels.experiments.compare import adapted_costs
 
 from .models import tiny_llama
 
@@ -90,7 +90,7 @@ def test_compare_resumes_and_plot_writes_pngs(model_dir, tmp_path, capsys):
 def test_demo_preset_end_to_end(model_dir, tmp_path, capsys):
     """The demo's own preset (methods, targets, rank bounds, steps, lengths) on the tiny model, at
     its average rank 8 (the preset's budget is SmolLM2-135M's)."""
-    rank8 = 8 * sum(adapted_costs(tiny_llama(), cli.ALL_LINEAR))
+    rank8 = gk.lora_budget(tiny_llama(), list(cli.ALL_LINEAR), 8)
     code, stdout, err = run_cli(["demo", "--model", model_dir, "--tokenizer", "bytes", "--backend", "torch", "--out", tmp_path,
                                  "--no-progress", "--budget", rank8], capsys)
     assert code == 0, err

@@ -3,7 +3,7 @@
     reference            the float64 oracle
     sketch/              the op and its backends: nothing of the package but the reference
     lora/                adapters and capture: nothing above it (the sketch, the reference)
-    ring, spectra, allocate, config, distributed, controller: the core, which never imports the
+    ring, spectra, allocate, budget, config, distributed, controller: the core, which never imports the
                          experiment wing (experiments/, cli) or integrations/
     integrations/, experiments/, cli, and the package's __init__ (public re-exports) sit on top.
 """

@@ -15,8 +15,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from ..lora.layer import adapter_shape
-from ..lora.manager import match_target_modules
+from ..budget import adapter_costs
 from .io import fingerprint, read_json, run_spec, write_json
 from .presets import SPECTRAL_METHODS, is_method, method_kind, minimum_budget
 from .runner import finetune
@@ -107,16 +106,11 @@ def _ablation_variants(gard: GardSettings, alphas, ks, windows, ablation_methods
     return variants
 
 
-def adapted_costs(model: nn.Module, target_modules: Sequence[str]) -> list[int]:
-    """d_in + d_out of every target module of an unwrapped model, in model order."""
-    return [sum(adapter_shape(model.get_submodule(full))) for full in match_target_modules(model, target_modules)]
-
-
 def check_budgets(model: nn.Module, runs: Sequence[GridRun]) -> None:
     """Raise ValueError (one line) for a budget below what a method needs on this model."""
     for run in runs:
         targets = run.gard.value("target_modules", run.method)
-        costs = adapted_costs(model, targets)
+        costs = adapter_costs(model, targets)
         need = minimum_budget(run.method, costs, run.gard)
         if run.budget < need:
             raise ValueError(
