@@ -457,9 +457,11 @@ def test_usage_config_table_lists_every_field_with_its_default():
 def test_all_ranks_at_zero_paragraph(mode):
     """docs/usage.md, "All ranks at 0": what it says happens, happens.
 
-    Tiny Llama: q_proj costs 64, v_proj 48, two layers; Σ(d_in + d_out) = 224.
+    Tiny Llama: q_proj costs 64, v_proj 48, two layers; Σ(d_in + d_out) = 224. Static mode
+    profiles inside the loop here, with a layer score (the default marginal gain needs profile()).
     """
-    config = dict(target_modules=["q_proj", "v_proj"], mode=mode, window=2, interval=4, backend="torch")
+    score = "update_nuclear" if mode == "static" else None
+    config = dict(target_modules=["q_proj", "v_proj"], mode=mode, score=score, window=2, interval=4, backend="torch")
     with pytest.raises(ValueError, match="at least 224"):
         gk.GARD(tiny_llama(), gk.GARDConfig(budget=150, r_min=1, **config))
     # 40 < 48, the cheapest layer's cost: no layer could ever hold rank 1.
@@ -486,6 +488,15 @@ def test_all_ranks_at_zero_paragraph(mode):
             loss.backward()
             opt.step(), gard.step(), opt.zero_grad()
         assert gard.num_lora_params > 0
+
+
+def test_all_ranks_at_zero_paragraph_profile_allocates_before_the_first_step():
+    """docs/usage.md, "All ranks at 0": with the static default, profile() gives the budget out
+    before the first step, so no step is spent at rank 0."""
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=150, target_modules=["q_proj", "v_proj"], window=2, backend="torch"))
+    assert gard.num_lora_params == 0 and gard.config.score == "marginal_gain"
+    gard.profile(batches(2, seed=6))
+    assert 0 < gard.num_lora_params <= 150 and gard.step_count == 0
 
 
 def test_history_keys_are_documented():
