@@ -204,11 +204,14 @@ def _saved_model(ns: dict) -> dict:
 
 
 def _training_run(ns: dict) -> dict:
-    """A GARD run three optimizer steps in (with the stand-in cfg: one re-allocation done)."""
+    """A GARD run three optimizer steps in, profiled first as usage.md's first example does (the
+    stand-in cfg has the static defaults: its one allocation is the profile's)."""
     model, cfg = need(ns, "model"), need(ns, "cfg")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-3)
     gard.attach_optimizer(opt)
+    if cfg.mode == "static":
+        gard.profile(batches(cfg.window, seed=2))
     for batch in batches(3, seed=3):
         model(**batch).loss.backward()
         opt.step(), gard.step(), opt.zero_grad()
@@ -229,7 +232,8 @@ STAND_INS: dict[str, Callable[[dict], dict]] = {
     # 24 steps: the examples' interval=20 reaches their first re-allocation.
     "loader": lambda ns: {"loader": batches(24)},
     "batches": lambda ns: {"batches": batches(8)},
-    "ds": lambda ns: {"ds": _samples(8)},
+    # 4 batches of the Trainer's default 8: the callback profiles the default config on `window` (4) of them.
+    "ds": lambda ns: {"ds": _samples(32)},
     "x": lambda ns: {"x": torch.randn(3, 5, 576)},
     "dy": lambda ns: {"dy": torch.randn(3, 5, 192)},
     "cfg": lambda ns: {"cfg": gk.GARDConfig(budget=57_600, target_modules=["q_proj", "v_proj"], window=2, interval=2)},
