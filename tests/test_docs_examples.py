@@ -204,11 +204,14 @@ def _saved_model(ns: dict) -> dict:
 
 
 def _training_run(ns: dict) -> dict:
-    """A GARD run three optimizer steps in (with the stand-in cfg: one re-allocation done)."""
+    """A GARD run three optimizer steps in, profiled first as usage.md's first example does (the
+    stand-in cfg has the static defaults: its one allocation is the profile's)."""
     model, cfg = need(ns, "model"), need(ns, "cfg")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-3)
     gard.attach_optimizer(opt)
+    if cfg.mode == "static":
+        gard.profile(batches(cfg.window, seed=2))
     for batch in batches(3, seed=3):
         model(**batch).loss.backward()
         opt.step(), gard.step(), opt.zero_grad()
@@ -229,7 +232,8 @@ STAND_INS: dict[str, Callable[[dict], dict]] = {
     # 24 steps: the examples' interval=20 reaches their first re-allocation.
     "loader": lambda ns: {"loader": batches(24)},
     "batches": lambda ns: {"batches": batches(8)},
-    "ds": lambda ns: {"ds": _samples(8)},
+    # 4 batches of the Trainer's default 8: the callback profiles the default config on `window` (4) of them.
+    "ds": lambda ns: {"ds": _samples(32)},
     "x": lambda ns: {"x": torch.randn(3, 5, 576)},
     "dy": lambda ns: {"dy": torch.randn(3, 5, 192)},
     "cfg": lambda ns: {"cfg": gk.GARDConfig(budget=57_600, target_modules=["q_proj", "v_proj"], window=2, interval=2)},
@@ -457,9 +461,11 @@ def test_usage_config_table_lists_every_field_with_its_default():
 def test_all_ranks_at_zero_paragraph(mode):
     """docs/usage.md, "All ranks at 0": what it says happens, happens.
 
-    Tiny Llama: q_proj costs 64, v_proj 48, two layers; Σ(d_in + d_out) = 224.
+    Tiny Llama: q_proj costs 64, v_proj 48, two layers; Σ(d_in + d_out) = 224. Static mode
+    profiles inside the loop here, with a layer score (the default marginal gain needs profile()).
     """
-    config = dict(target_modules=["q_proj", "v_proj"], mode=mode, window=2, interval=4, backend="torch")
+    score = "update_nuclear" if mode == "static" else None
+    config = dict(target_modules=["q_proj", "v_proj"], mode=mode, score=score, window=2, interval=4, backend="torch")
     with pytest.raises(ValueError, match="at least 224"):
         gk.GARD(tiny_llama(), gk.GARDConfig(budget=150, r_min=1, **config))
     # 40 < 48, the cheapest layer's cost: no layer could ever hold rank 1.
@@ -486,6 +492,15 @@ def test_all_ranks_at_zero_paragraph(mode):
             loss.backward()
             opt.step(), gard.step(), opt.zero_grad()
         assert gard.num_lora_params > 0
+
+
+def test_all_ranks_at_zero_paragraph_profile_allocates_before_the_first_step():
+    """docs/usage.md, "All ranks at 0": with the static default, profile() gives the budget out
+    before the first step, so no step is spent at rank 0."""
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=150, target_modules=["q_proj", "v_proj"], window=2, backend="torch"))
+    assert gard.num_lora_params == 0 and gard.config.score == "marginal_gain"
+    gard.profile(batches(2, seed=6))
+    assert 0 < gard.num_lora_params <= 150 and gard.step_count == 0
 
 
 def test_history_keys_are_documented():

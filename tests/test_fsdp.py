@@ -31,7 +31,11 @@ NET_CONFIG = dict(
     r_init=2, r_max=6, delta_max=2, ema=0.0, grow_init="gradient", shrink="norm", backend="torch", seed=5,
 )
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-LLAMA_CONFIG = dict(budget=900, target_modules=LLAMA_TARGETS, window=3, backend="torch", seed=7)
+# The earlier defaults (a layer score, GoRA's start): static profiling inside training; the
+# marginal-gain default is refused under torch.distributed.
+LLAMA_CONFIG = dict(
+    budget=900, target_modules=LLAMA_TARGETS, window=3, score="update_nuclear", grow_init="gora", backend="torch", seed=7,
+)
 LLAMA_STEPS = 5  # static allocation at step 3 (the window), inside training as under a Trainer
 
 

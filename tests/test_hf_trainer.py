@@ -322,3 +322,41 @@ def test_profile_without_a_dataloader_says_what_to_call(tmp_path):
         callback.on_train_begin(trainer.args, trainer.state, control, model=trainer.model,
                                 optimizer=trainer.create_optimizer(), train_dataloader=None)
     assert callback.gard.step_count == 0 and not callback.gard.allocated
+
+
+def test_profile_refuses_a_dataloader_with_fewer_batches_than_the_window(tmp_path):
+    """6 samples in batches of 2 are 3 batches, one short of window=4: refused before the
+    profile takes a batch (no forward pass ran), with what to change."""
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS))
+    trainer = _trainer(tmp_path, callback, max_steps=2)
+    trainer.train_dataset = _Tokens(count=6)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match=r"gives 3 batches per pass.*needs window=4.*per_device_train_batch_size"):
+        trainer.train()
+    assert not forwards
+    assert callback.gard.step_count == 0 and not callback.gard.allocated
+
+
+def _training_batches(tmp_path, score):
+    """First tokens of every batch the model sees in a 2-step run (the profile's passes first)."""
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, score=score))
+    trainer = _trainer(tmp_path, callback, max_steps=2)
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"][:, 0].tolist()), with_kwargs=True
+    )
+    trainer.train()
+    return seen
+
+
+def test_profile_pass_leaves_the_epoch_order_under_the_seedable_sampler(tmp_path):
+    """The callback's own pass over the dataloader (the Trainer's default seedable sampler) gives
+    the first epoch's first `window` batches, and training then sees the order a run without the
+    pass sees (integrations.md says so)."""
+    in_loop = _training_batches(tmp_path / "in-loop", "update_nuclear")
+    profiled = _training_batches(tmp_path / "profiled", "marginal_gain")
+    window, passes = 4, 3
+    assert len(in_loop) == 4 and len(profiled) == passes * window + 4
+    assert profiled[passes * window:] == in_loop
+    assert profiled[:window] == in_loop[:window]

@@ -19,7 +19,11 @@ Where each part happens, in the order `Trainer` runs:
    Then it attaches the Trainer's optimizer, whose state follows every later resize. A
    configuration that allocates from profile batches (the marginal-gain scores, the default;
    grow_init="gora_safe") profiles here, on the first `window` batches of a pass of its own over
-   the Trainer's train dataloader, so the first step already trains the allocated adapters.
+   the Trainer's train dataloader (refused first if the dataloader has fewer), so the first step
+   already trains the allocated adapters. Under the Trainer's default seedable sampler that pass
+   gives the first epoch's first batches and leaves the epochs' order as it was; with
+   `accelerator_config={"use_seedable_sampler": False}` it draws a shuffle from torch's generator,
+   so the epochs' order differs from a run without it.
 4. Step: `on_step_end` runs once per optimizer step (after the optimizer and LR scheduler
    steps and zero_grad, whatever gradient_accumulation_steps is) and calls `gard.step()`.
    The LR scheduler keeps driving the same optimizer: a resize changes parameter shapes and
@@ -165,6 +169,7 @@ class GARDCallback(TrainerCallback):
         than once, which the Trainer's steps cannot give: they are taken from a pass of their own,
         before the first step, with the loss `model(**batch).loss` (the Trainer's default). A
         custom `compute_loss` needs `gard.profile(batches, loss_fn=...)` before `trainer.train()`.
+        A dataloader with a length below `window` is refused before any batch is taken.
         """
         if train_dataloader is None:
             raise ValueError(
@@ -173,6 +178,7 @@ class GARDCallback(TrainerCallback):
                 "callback.gard.profile(batches) before trainer.train(), or use a layer score such as "
                 "'update_nuclear' (allocated from the first training steps)"
             )
+        _check_enough_batches(gard, train_dataloader)
         gard.profile(_on_device(batch, args.device) for batch in train_dataloader)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -275,6 +281,22 @@ def _check_quantization_trains(model: nn.Module) -> None:
         "de-quantized), the flags are stale: clear them first with "
         "gard_kernels.experiments.models.clear_dequantized_flags(model)"
     )
+
+
+def _check_enough_batches(gard: GARD, train_dataloader) -> None:
+    """Refuse, before any batch is taken, a dataloader with fewer batches than the profile needs."""
+    try:
+        count = len(train_dataloader)
+    except TypeError:
+        return  # an iterable dataset: profile() says how many batches it got if too few
+    window = gard.config.window
+    if count < window:
+        raise ValueError(
+            f"the Trainer's train dataloader gives {count} batches per pass, and the profile of "
+            f"score={gard.config.score!r} / grow_init={gard.config.grow_init!r} needs window={window} of them: "
+            f"lower GARDConfig.window (at least 2), give the Trainer more data or a smaller "
+            "per_device_train_batch_size, or call callback.gard.profile(batches) yourself before trainer.train()"
+        )
 
 
 def _on_device(batch, device):

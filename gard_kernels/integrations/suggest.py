@@ -1,8 +1,9 @@
 """suggest_lora_config: GARD's ranks as a plain `peft.LoraConfig`, for training with PEFT alone.
 
-Static GARD (paper §3.3) profiles `window` batches, allocates ranks under the budget once, and
-the allocation is written in PEFT's vocabulary (per-module r and lora_alpha = scaling * r, the
-format of `GARD.save_pretrained`). The model is wrapped in place only while profiling: every
+Static GARD (paper §3.3) profiles `window` batches (with the default score, marginal gain, three
+forward/backward passes over each), allocates ranks under the budget once, and the allocation is
+written in PEFT's vocabulary (per-module r and lora_alpha = scaling * r, the format of
+`GARD.save_pretrained`). The model is wrapped in place only while profiling: every
 module, flag and tensor is put back afterwards, also when profiling fails.
 """
 from __future__ import annotations
@@ -38,9 +39,12 @@ def suggest_lora_config(
 ):
     """A `peft.LoraConfig` whose per-module ranks static GARD chose from `model`'s gradients.
 
-    Runs forward and backward on the first `window` batches (GARDConfig.window, default 4) in training mode, with
-    no optimizer step and no copy of the model, and leaves the model as it was: the same module
-    objects, parameter values, buffers, requires_grad flags, gradients and train/eval modes.
+    Runs forward and backward on the first `window` batches (GARDConfig.window, default 4) in
+    training mode: three times each with the default score, marginal gain (GARDConfig's static
+    default; the batches are kept until it returns), once with a layer score such as
+    score="update_nuclear". No optimizer step, no copy of the model; the model is left as it
+    was: the same module objects, parameter values, buffers, requires_grad flags, gradients and
+    train/eval modes.
     `peft.get_peft_model(model, config)` then has exactly GARD's number of trainable parameters,
     sum r * (d_in + d_out) <= budget.
 
@@ -126,7 +130,7 @@ def _static_config(budget, target_modules, options: dict[str, Any]) -> GARDConfi
     if unknown:
         raise TypeError(f"unknown GARD option(s) {unknown}; the options are GARDConfig's fields: {sorted(known)}")
     # Only the ranks leave this function; the adapters it profiles with are thrown away, so they
-    # start at zero (the default "gora" start would need an optimizer for nothing).
+    # start at zero (GARDConfig's default too; a "gora" start would need an optimizer for nothing).
     return GARDConfig(budget=budget, target_modules=target_modules, mode="static", grow_init="zero", **options)
 
 
