@@ -160,7 +160,9 @@ def gard_from_peft_adapter(cls: type, model: nn.Module, path, config: Optional[G
     Each adapted layer gets the saved rank and factors; adapted layers absent from the adapter
     (rank 0 at export) start at rank 0. The adapter's per-layer lora_alpha / r is folded into
     B when it differs from the config's `scaling`, so the model computes what PEFT would.
-    Attach an optimizer afterwards, as after `GARD(model, config)`.
+    Attach an optimizer afterwards, as after `GARD(model, config)`. In static mode the adapter's
+    ranks count as the allocation (no profile, no re-allocation); dynamic mode re-allocates from
+    them on its schedule.
 
     Args:
         model: the base model, not yet wrapped.
@@ -196,4 +198,9 @@ def gard_from_peft_adapter(cls: type, model: nn.Module, path, config: Optional[G
         else:
             b = b * (adapter.scalings[name] / layer.scale_at(a.shape[0]))
         layer.load_factors(a, b)
+    if config.mode == "static":
+        # The adapter's ranks are static mode's one allocation: the continued run trains them and
+        # never profiles or re-allocates (which would re-initialise what was loaded).
+        gard.allocated = True
+        gard._set_capture(gard._capture_due(gard.step_count))
     return gard

@@ -101,6 +101,30 @@ def test_load_adapter_continues_at_saved_ranks(tmp_path, make_model, targets):
     torch.testing.assert_close(_logits(alone.model.eval(), batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [{}, {"score": "update_nuclear"}], ids=["defaults", "in-loop-static"])
+def test_static_run_continues_the_loaded_adapter_without_reallocating(tmp_path, options):
+    """Static mode: the loaded ranks are the allocation. No profile is asked for (the default,
+    marginal gain, needs one before a fresh run), and no re-allocation at step `window` throws
+    the loaded factors away."""
+    make_model = tiny_llama
+    model, gard = _trained(make_model, LLAMA_TARGETS)
+    gard.save_pretrained(tmp_path)
+    config = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, window=2, r_max=6, scaling=1.5, **options)
+    resumed = gk.load_adapter(make_model(), tmp_path, config=config)
+    loaded_b = {name: layer.lora_B.detach().clone() for name, layer in zip(resumed.names, resumed.manager.layers)}
+    opt = torch.optim.AdamW(resumed.lora_parameters(), lr=1e-3)
+    resumed.attach_optimizer(opt)
+    resumed.model.train()
+    for step_batch in batches(4, seed=6):
+        resumed.model(**step_batch).loss.backward()
+        opt.step(), resumed.step(), opt.zero_grad()
+    assert resumed.ranks == gard.ranks and not [r for r in resumed.history if "reallocation" in r]
+    for name, layer in zip(resumed.names, resumed.manager.layers):
+        if layer.rank:
+            # Four small steps from the loaded factors, not a re-initialisation (B = 0).
+            assert (layer.lora_B - loaded_b[name]).norm() < 0.5 * loaded_b[name].norm(), name
+
+
 def test_load_adapter_folds_peft_scaling_and_rejects_misfits(tmp_path):
     base = tiny_llama()
     lora = peft.LoraConfig(
