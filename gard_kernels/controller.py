@@ -382,11 +382,6 @@ class GARD:
         iterator stay as they are)."""
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
-        if self.config.score in GAIN_SCORES and distributed.is_distributed():
-            raise ValueError(
-                f"score={self.config.score!r} is not supported under torch.distributed yet (its gain probes "
-                "are not reduced across processes); use a layer score such as 'update_nuclear'"
-            )
         if self._checks_init_step() and distributed.is_distributed():
             raise ValueError(
                 "grow_init='gora_safe' is not supported under torch.distributed yet (each process would check "
@@ -471,8 +466,12 @@ class GARD:
 
     def _probe_again(self, kept: list, loss_fn: Optional[Callable]) -> None:
         """Passes 2 and 3 of the gain probes over the profile batches, sketches off; the range
-        finder of a gradient-initialised grow is armed on the last batch of the last pass."""
+        finder of a gradient-initialised grow is armed on the last batch of the last pass.
+        Under torch.distributed each pass is averaged over the processes before the next one
+        derives its bases, and the last before gains() (a no-op on one process)."""
+        probes = [handle.gain_probe for handle in self.handles]
         for last_pass in (False, True):
+            distributed.reduce_gain_probes(probes, self.ring.device)
             for handle in self.handles:
                 handle.gain_probe.next_pass()
             for done, batch in enumerate(kept):
@@ -480,6 +479,7 @@ class GARD:
                 self._set_probe_half(done, len(kept))
                 loss = self._loss(batch, loss_fn)
                 loss.backward()
+        distributed.reduce_gain_probes(probes, self.ring.device)
         for handle in self.handles:
             handle.gain_probe.stop()
 

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
-    "check_same_config", "is_distributed", "mean_over_processes", "on_rank_zero", "reduce_range_finders", "reduce_window",
+    "check_same_config", "is_distributed", "mean_over_processes", "on_rank_zero", "reduce_gain_probes", "reduce_range_finders",
+    "reduce_window",
     "reject_partitioned", "reject_wrapped", "rebuild_ddp", "wrap_ddp",
 ]
 
@@ -174,6 +175,58 @@ def reduce_range_finders(finders: Sequence[Any], device: torch.device, group: Op
     dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
     for f, count in zip(armed, tokens.tolist()):
         f.tokens = count
+
+
+# The most floats one all-reduce of reduce_gain_probes carries (256 MiB of float32): the probes'
+# last pass holds 2 x d_out x 2p floats per layer, gigabytes on a large all-linear model, and one
+# flat copy of them all would double that on the device for the moment of the collective.
+_GAIN_BUCKET_FLOATS = 1 << 26
+
+
+def reduce_gain_probes(probes: Sequence[Any], device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average the recording gain probes' current pass (score="marginal_gain") over the processes, in place.
+
+    Each pass's sums (G_h Omega, G_h^T B_h, G_h [Q_0, Q_1] per half h) are linear in G, every
+    process drew the same Omega (same seed) and, from the mean, derives the same bases for the next
+    pass: called before each next_pass() and before gains(), the probes are those of the mean
+    gradient (DDP's), as one process that sees every process's batches with the mean loss. The
+    `finite` flags of the earlier passes are AND-ed in the same collective; a non-finite sum on
+    any process is non-finite in the mean, so every process refuses (or not) together. Token
+    counts are not reduced: gains() divides by the batches of each half, the same everywhere.
+    One all-reduce per pass, split in pieces of at most 256 MiB. A no-op when not distributed.
+
+    Args:
+        probes: GainProbes (lora/gain_probe.py); only recording ones take part (the same on every process).
+        device: where the collective runs (the ring's device: CUDA for NCCL).
+        group: process group; default None.
+    """
+    recording = [p for p in probes if p.recording]
+    if not recording or not is_distributed(group):
+        return
+    # Per probe and half, 1 where an earlier pass was non-finite; summed, the processes that saw one.
+    flags = torch.tensor([float(not ok) for p in recording for ok in p.finite], device=device)
+    pieces, piece, size = [], [flags], flags.numel()
+    for probe in recording:
+        sums = probe.sums
+        if size + sums.numel() > _GAIN_BUCKET_FLOATS and piece:
+            pieces.append(piece)
+            piece, size = [], 0
+        piece.append(sums)
+        size += sums.numel()
+    pieces.append(piece)
+    world = dist.get_world_size(group)
+    for piece in pieces:
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in piece])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= world
+        offset = 0
+        for t in piece:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        del flat
+    flags = (flags == 0).view(len(recording), 2).tolist()
+    for probe, finite in zip(recording, flags):
+        probe.finite = finite
 
 
 def reject_wrapped(model: nn.Module) -> None:

@@ -114,6 +114,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             {"history": gard.history, "adapters": _adapters(gard), "after_resize": after_resize},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        _profile_marginal_gain(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -142,9 +143,17 @@ def _single_process_run() -> gk.GARD:
     return gard
 
 
-def test_two_processes_allocate_like_one_process_seeing_both_halves(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """One spawn of two gloo processes for every test of this file: each one is seconds of imports."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    load = lambda name: [torch.load(out / f"{name}{r}.pt", weights_only=False) for r in range(WORLD)]  # noqa: E731
+    return {"run": load("rank"), "profile": load("profile")}
+
+
+def test_two_processes_allocate_like_one_process_seeing_both_halves(spawned):
+    results = spawned["run"]
     single = _single_process_run()
 
     ranks = [[h["ranks"] for h in r["history"]] for r in results]
@@ -168,6 +177,76 @@ def test_two_processes_allocate_like_one_process_seeing_both_halves(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     for x, y in zip(results[0]["adapters"], _adapters(single)):
         assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-3, atol=1e-4)
+
+
+# --- the static default (score="marginal_gain") profiled under torch.distributed ---------------
+
+# The defaults but the budget (q_proj / v_proj of tiny_llama; unequal ranks), the test backend and the seed.
+PROFILE_CONFIG = dict(budget=500, backend="torch", seed=3)
+PROFILE_STEPS = 4  # the default window
+
+
+def _profile_batches(rank: int) -> list[dict]:
+    from .models import batches
+
+    return batches(PROFILE_STEPS, batch=2, length=12, seed=20 + rank)
+
+
+def _scaled_loss(model, batch) -> torch.Tensor:
+    """The model's loss times the batch's "scale" (NaN poisons the batch)."""
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss * batch["scale"]
+
+
+def _profile_marginal_gain(rank: int, out_dir: str) -> None:
+    """The static default profiled on this process's batches; then a NaN loss on process 1 only.
+    (A process left waiting in a collective fails the test at the process group's timeout.)"""
+    from .models import tiny_llama
+
+    config = gk.GARDConfig(**PROFILE_CONFIG)
+    assert config.mode == "static" and config.score == "marginal_gain"
+    gard = gk.GARD(tiny_llama(seed=0), config)
+    event = gard.profile(_profile_batches(rank))
+
+    # A NaN loss on one batch of process 1 only: both processes refuse, and stay usable.
+    poisoned = gk.GARD(tiny_llama(seed=0), config)
+    scales = [float("nan") if rank == 1 and i == 1 else 1.0 for i in range(PROFILE_STEPS)]
+    with pytest.raises(ValueError, match="needs finite gradients on every profile batch") as refused:
+        poisoned.profile([dict(b, scale=s) for b, s in zip(_profile_batches(rank), scales)], loss_fn=_scaled_loss)
+    unallocated = not poisoned.allocated and not poisoned.history
+    # Pieces of 100 floats (a probe's sums are larger): every probe in a collective of its own.
+    distributed._GAIN_BUCKET_FLOATS = 100
+    again = poisoned.profile([dict(b, scale=1.0) for b in _profile_batches(rank)], loss_fn=_scaled_loss)
+    torch.save(
+        {"event": event, "refused": str(refused.value), "unallocated": unallocated, "again": again},
+        os.path.join(out_dir, f"profile{rank}.pt"),
+    )
+
+
+def test_marginal_gain_profile_of_two_processes_equals_one_process_seeing_both(spawned, one_thread):
+    from .models import tiny_llama
+
+    events = [r["event"] for r in spawned["profile"]]
+    assert events[0] == events[1]  # bit-identical: every process allocates from the same reduced probes
+    # One process whose every batch joins the two processes' batches: with the same number of
+    # tokens and every label valid, its mean loss is the mean of theirs, so its gradient is DDP's.
+    joint = [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(_profile_batches(0), _profile_batches(1))]
+    single = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG)).profile(joint)
+    assert events[0]["ranks"] == single["ranks"]
+    assert len(set(single["ranks"])) > 1
+    for mine, theirs in zip(events[0]["gains"], single["gains"]):
+        assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), rtol=1e-4, atol=1e-8)
+    # The process's own batches alone give other gains: the reduction is what makes them agree.
+    alone = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG)).profile(_profile_batches(0))
+    assert not torch.allclose(torch.tensor(alone["gains"][1]), torch.tensor(single["gains"][1]), rtol=1e-2)
+
+
+def test_a_nan_loss_on_one_process_refuses_the_profile_on_every_process(spawned):
+    profile_runs = spawned["profile"]
+    assert profile_runs[0]["refused"] == profile_runs[1]["refused"]
+    assert all(r["unallocated"] for r in profile_runs)
+    # Refused together, the processes stay in step: the next profile, on finite batches, is the clean
+    # one (its collectives split in pieces, one per probe, as a model too large for one piece is).
+    assert profile_runs[0]["again"] == profile_runs[1]["again"] == profile_runs[0]["event"]
 
 
 def test_single_process_is_a_no_op():

@@ -31,12 +31,14 @@ NET_CONFIG = dict(
     r_init=2, r_max=6, delta_max=2, ema=0.0, grow_init="gradient", shrink="norm", backend="torch", seed=5,
 )
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-# The earlier defaults (a layer score, GoRA's start): static profiling inside training; the
-# marginal-gain default is refused under torch.distributed.
+# The earlier defaults (a layer score, GoRA's start): static profiling inside training. The
+# current default (marginal gain, profiled in on_train_begin) is _llama_default_run's.
 LLAMA_CONFIG = dict(
     budget=900, target_modules=LLAMA_TARGETS, window=3, score="update_nuclear", grow_init="gora", backend="torch", seed=7,
 )
 LLAMA_STEPS = 5  # static allocation at step 3 (the window), inside training as under a Trainer
+# The defaults but the budget (q_proj / v_proj; unequal ranks), the test backend and the seed.
+DEFAULT_CONFIG = dict(budget=500, backend="torch", seed=3)
 
 
 class Block(nn.Module):
@@ -128,6 +130,7 @@ def _run_worker(rank: int, port: int, out_dir: str) -> None:
         result = {}
         result["net"] = _net_run(rank, out_dir)
         result["llama"] = _llama_run(rank, out_dir)
+        result["default"] = _llama_default_run(rank, out_dir)
         _mixed_precision_run(rank)
         _refusals(rank)
         torch.save(result, os.path.join(out_dir, f"run{rank}.pt"))
@@ -193,6 +196,32 @@ def _llama_run(rank: int, out_dir: str) -> dict:
     with torch.no_grad():
         logits = model.eval()(input_ids=_llama_batch(99)["input_ids"]).logits
     return {"history": gard.history, "factors": _factors(gard), "sketch_equal": sketch_equal, "logits": logits}
+
+
+def _default_batches(rank=None) -> list[dict]:
+    """The profile's window of batches: this process's, or (rank None) both processes' joined per batch."""
+    return [_llama_batch(100 + step, rank) for step in range(4)]
+
+
+def _llama_default_run(rank: int, out_dir: str) -> dict:
+    """The default config (static, marginal gain) through GARDCallback on a sharded Llama: the
+    callback profiles this process's dataloader in on_train_begin, the gain probes are averaged."""
+    from gard_kernels.integrations.hf_trainer import GARDCallback
+
+    from .models import tiny_llama
+
+    model = tiny_llama(seed=0)
+    _shard(model, model.model.layers)
+    config = gk.GARDConfig(**DEFAULT_CONFIG)
+    assert config.mode == "static" and config.score == "marginal_gain"
+    callback = GARDCallback(config)
+    callback.prepare(model)
+    opt = torch.optim.AdamW(callback.gard.lora_parameters(), lr=1e-2)
+    args = types.SimpleNamespace(output_dir=out_dir, device=torch.device("cpu"))
+    callback.on_train_begin(
+        args, types.SimpleNamespace(global_step=0), None, model=model, optimizer=opt, train_dataloader=_default_batches(rank),
+    )
+    return {"history": callback.gard.history}
 
 
 def _mixed_precision_run(rank: int) -> None:
@@ -360,6 +389,18 @@ def test_static_gard_profiles_under_sharding_through_the_callback(runs, one_thre
     assert all(torch.equal(a, b) for a, b in zip(llamas[0]["factors"], llamas[1]["factors"]))
     for a, b in zip(llamas[0]["factors"], _factors(single)):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_default_marginal_gain_profiles_under_sharding_like_one_process(runs, one_thread):
+    from .models import tiny_llama
+
+    events = [r["default"]["history"][-1]["reallocation"] for r in runs["run"]]
+    assert events[0] == events[1]
+    # One unsharded process on the joined batches (same token count per process: its mean loss is theirs).
+    single = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**DEFAULT_CONFIG)).profile(_default_batches())
+    assert events[0]["ranks"] == single["ranks"] and len(set(single["ranks"])) > 1
+    for mine, theirs in zip(events[0]["gains"], single["gains"]):
+        assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), rtol=1e-4, atol=1e-8)
 
 
 def test_peft_export_of_the_sharded_model_reproduces_it(runs, one_thread):

@@ -57,6 +57,21 @@ class GainProbe:
         """Whether backward passes feed it now."""
         return self.phase is not None
 
+    @property
+    def sums(self) -> torch.Tensor:
+        """[2, rows, p'] the current pass's running sums per half; reducible in place (e.g. all_reduce).
+
+        Every pass is linear in G and every process draws the same Omega, so the processes' mean
+        of these sums, taken before each next_pass() and before gains(), is the probe of their
+        mean gradient (distributed.reduce_gain_probes); `finite` is then the same everywhere.
+
+        Raises:
+            RuntimeError: not recording.
+        """
+        if self.phase is None:
+            raise RuntimeError("GainProbe.sums: not recording; call start() first")
+        return self._acc
+
     def start(self, p: int, generator: torch.Generator | None = None) -> None:
         """Begin pass 1 with p columns (p = the most gains wanted + oversampling); discards any estimate."""
         if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
