@@ -360,3 +360,17 @@ def test_profile_pass_leaves_the_epoch_order_under_the_seedable_sampler(tmp_path
     assert len(in_loop) == 4 and len(profiled) == passes * window + 4
     assert profiled[passes * window:] == in_loop
     assert profiled[:window] == in_loop[:window]
+
+
+def test_profile_under_ddp_is_refused_before_the_wrapper_goes_stale(tmp_path, monkeypatch):
+    """Under DDP the Trainer's wrapper exists before on_train_begin: the callback does not resize
+    the adapters under it, and says to profile before trainer.train()."""
+    from gard_kernels import distributed
+
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS))
+    trainer = _trainer(tmp_path, callback, max_steps=2)
+    monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
+    with pytest.raises(ValueError, match=r"before trainer.train\(\)"):
+        callback.on_train_begin(trainer.args, trainer.state, transformers.TrainerControl(), model=trainer.model,
+                                optimizer=trainer.create_optimizer(), train_dataloader=trainer.get_train_dataloader())
+    assert not callback.gard.allocated and callback.gard.step_count == 0

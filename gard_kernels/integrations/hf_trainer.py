@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .. import distributed, fsdp
 from ..config import GARDConfig
 from ..controller import GARD
 
@@ -177,6 +178,15 @@ class GARDCallback(TrainerCallback):
                 "batches and the Trainer passed no train_dataloader to take them from: call "
                 "callback.gard.profile(batches) before trainer.train(), or use a layer score such as "
                 "'update_nuclear' (allocated from the first training steps)"
+            )
+        if distributed.is_distributed() and not fsdp.is_fully_sharded(gard.model):
+            # DDP: the Trainer built its wrapper (buckets of the adapters' current shapes) before
+            # this event, and the allocation resizes the adapters under it.
+            raise ValueError(
+                "under torch.distributed without FSDP2 the Trainer wraps the model in DDP before this callback "
+                "could profile, and the allocation would resize the adapters under that wrapper: call "
+                "callback.gard.profile(batches) (each process its own batches) before trainer.train() "
+                "(docs/distributed.md)"
             )
         _check_enough_batches(gard, train_dataloader)
         gard.profile(_on_device(batch, args.device) for batch in train_dataloader)
