@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from .lora import layer as _layer
 from .lora.scaling import SCALING_RULES
@@ -60,7 +60,7 @@ class GARDConfig:
         "budget and [r_min, r_max] (0 under tight budgets: rank-0 layers are still profiled)")})
     window: int = field(default=4, metadata={"symbol": "M", "help": (
         "the number of per-step sketches per layer a score is computed from (static mode: the profiling steps)")})
-    min_valid_steps: Optional[int] = field(default=None, metadata={"fingerprint": "omit_at_default", "help": (
+    min_valid_steps: Optional[int] = field(default=None, metadata={"fingerprint_omit": None, "help": (
         "fewest steps of a window with finite gradients that an allocation is made from; None: "
         "max(2, window // 2) (at most the steps the window holds). Below it, profile() and static mode's "
         "allocation raise, and dynamic mode skips that re-allocation with a warning (NaN / Inf losses give "
@@ -113,7 +113,7 @@ class GARDConfig:
     scaling: float = field(default=2.0, metadata={"help": (
         "factor of the LoRA branch, y = W x + scale(r) * B A x, with scale(r) = scaling at the reference rank "
         "(see scaling_rule); PEFT's lora_alpha = scale(r) * r per layer.")})
-    scaling_rule: str = field(default="constant", metadata={"fingerprint": "omit_at_default", "help": (
+    scaling_rule: str = field(default="constant", metadata={"fingerprint_omit": "constant", "help": (
         'how the scale depends on a layer\'s rank r: scale(r) = scaling * (r_ref / r)^p with p = 0 ("constant": '
         'a resize never rescales what was learned), 1/2 ("rslora", rank-stabilised) or 1 ("linear", PEFT\'s '
         "alpha / r), r_ref = budget / Σ(d_in + d_out), the average rank the budget allows (uniform LoRA at "
@@ -257,10 +257,8 @@ def default_r_max(budget: int, costs: Sequence[int]) -> int:
     return max(R_MAX_FLOOR, R_MAX_PER_AVERAGE * budget // sum(costs))
 
 
-def omitted_at_default_fields() -> frozenset:
-    """Fields marked `metadata["fingerprint"] = "omit_at_default"`: added after experiment runs
-    were committed, with a default that is the earlier behaviour. A run's fingerprint leaves them
-    out at that default (experiments/io.py), so the committed runs keep theirs."""
-    return frozenset(
-        f.name for f in dataclasses.fields(GARDConfig) if f.metadata.get("fingerprint") == "omit_at_default"
-    )
+def fingerprint_omissions() -> dict[str, Any]:
+    """Fields added after experiment runs were committed -> the value that is the earlier
+    behaviour (`metadata["fingerprint_omit"]`). A run's fingerprint leaves such a field out at
+    that value (experiments/io.py), so the committed runs keep theirs whatever the default is now."""
+    return {f.name: f.metadata["fingerprint_omit"] for f in dataclasses.fields(GARDConfig) if "fingerprint_omit" in f.metadata}

@@ -382,11 +382,6 @@ class GARD:
         iterator stay as they are)."""
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
-        if self._checks_init_step() and distributed.is_distributed():
-            raise ValueError(
-                "grow_init='gora_safe' is not supported under torch.distributed yet (each process would check "
-                "GoRA's step on its own batches and keep a different one); use grow_init='gora' or 'zero'"
-            )
         self._check_parameters_current()
         if self.config.layer_grow_init == "gora" and self.optimizer is None:
             raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
@@ -426,7 +421,8 @@ class GARD:
     def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
         """grow_init="gora_safe": keep GoRA's initial B only as far as it does not raise the loss.
 
-        The mean loss over `kept` (the profile batches but the last) with every B scaled by t in
+        The mean loss over `kept` (the profile batches but the last; under torch.distributed, over
+        every process's) with every B scaled by t in
         1, 1/2, ..., 1/64 is compared with t = 0 (B = 0, the output of a "gradient" or "zero"
         init); the first t that is no worse is kept, else 0. Returns t. Only B changes (its
         optimizer state is still zero after the re-initialisation).
@@ -441,7 +437,8 @@ class GARD:
             for batch in kept:
                 loss = self._loss(batch, loss_fn)
                 total += float(loss)
-            return total / max(len(kept), 1)
+            # Under torch.distributed: the mean over every process's batches, so all keep one t.
+            return distributed.mean_of_scalar(total / max(len(kept), 1), self.ring.device)
 
         start = loss_at(0.0)
         for t in (2.0**-k for k in range(_SAFE_INIT_HALVINGS + 1)):

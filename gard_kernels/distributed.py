@@ -87,6 +87,16 @@ def mean_over_processes(
     return packed[..., :-1] / dist.get_world_size(group), packed[..., -1] == 0
 
 
+def mean_of_scalar(value: float, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> float:
+    """The processes' mean of one number (`value` itself when not distributed); every process
+    gets the same float, so decisions taken from it agree."""
+    if not is_distributed(group):
+        return value
+    packed = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return float(packed[0]) / dist.get_world_size(group)
+
+
 def check_same_config(config: dict[str, Any], group: Optional[dist.ProcessGroup] = None) -> None:
     """Raise on every process if `config` (GARDConfig.to_dict()) differs between the processes.
 

@@ -216,10 +216,37 @@ def _profile_marginal_gain(rank: int, out_dir: str) -> None:
     # Pieces of 100 floats (a probe's sums are larger): every probe in a collective of its own.
     distributed._GAIN_BUCKET_FLOATS = 100
     again = poisoned.profile([dict(b, scale=1.0) for b in _profile_batches(rank)], loss_fn=_scaled_loss)
+    # GoRA's step checked on the profile batches: the losses are averaged over the processes.
+    checked, checked_event = _gora_safe_profile(_gora_safe_batches(rank))
     torch.save(
-        {"event": event, "refused": str(refused.value), "unallocated": unallocated, "again": again},
+        {"event": event, "refused": str(refused.value), "unallocated": unallocated, "again": again,
+         "checked_event": checked_event, "checked_b": [layer.lora_B.detach().clone() for layer in checked.manager.layers]},
         os.path.join(out_dir, f"profile{rank}.pt"),
     )
+
+
+def _gora_safe_batches(rank: int) -> list[dict]:
+    """Process 0: one repeated pattern (GoRA's step helps its other batches; alone it keeps the
+    whole step); process 1: random tokens (alone it drops the step). Only the mean over both
+    decides the same for both."""
+    if rank == 1:
+        return _profile_batches(1)
+    generator = torch.Generator().manual_seed(20)
+    pattern = (torch.arange(12) * 7) % 11
+    out = []
+    for _ in range(PROFILE_STEPS):
+        ids = pattern.repeat(2, 1).clone()
+        ids[:, torch.randint(0, 12, (2,), generator=generator)] = torch.randint(0, 11, (2,), generator=generator)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _gora_safe_profile(batches_: list) -> tuple:
+    from .models import tiny_llama
+
+    gard = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG, grow_init="gora_safe", scaling_rule="rslora"))
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=3e-2))
+    return gard, gard.profile(batches_)
 
 
 def test_marginal_gain_profile_of_two_processes_equals_one_process_seeing_both(spawned, one_thread):
@@ -247,6 +274,24 @@ def test_a_nan_loss_on_one_process_refuses_the_profile_on_every_process(spawned)
     # Refused together, the processes stay in step: the next profile, on finite batches, is the clean
     # one (its collectives split in pieces, one per probe, as a model too large for one piece is).
     assert profile_runs[0]["again"] == profile_runs[1]["again"] == profile_runs[0]["event"]
+
+
+def test_gora_safe_check_of_two_processes_equals_one_process_seeing_both(spawned, one_thread):
+    """grow_init="gora_safe" under torch.distributed: every process keeps the same share of GoRA's
+    step (the mean loss over all processes' batches decides) and the same B, as one process
+    profiling the joined batches does."""
+    runs = spawned["profile"]
+    assert runs[0]["checked_event"] == runs[1]["checked_event"]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["checked_b"], runs[1]["checked_b"]))
+    joint = [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(_gora_safe_batches(0), _gora_safe_batches(1))]
+    single, event = _gora_safe_profile(joint)
+    # Alone, the two processes would decide differently (1 and 0): the reduction is what agrees.
+    assert {_gora_safe_profile(_gora_safe_batches(rank))[1]["init_step_scale"] for rank in (0, 1)} == {0.0, 1.0}
+    assert runs[0]["checked_event"]["init_step_scale"] == event["init_step_scale"]
+    assert runs[0]["checked_event"]["ranks"] == event["ranks"]
+    for mine, theirs in zip(runs[0]["checked_b"], [layer.lora_B.detach() for layer in single.manager.layers]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
+    assert any(b.abs().sum() > 0 for b in runs[0]["checked_b"])  # a step was kept, not dropped
 
 
 def test_single_process_is_a_no_op():

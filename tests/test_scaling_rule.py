@@ -223,15 +223,3 @@ def test_a_failing_check_of_gora_s_step_leaves_gard_as_it_was():
         assert layer.rank == rank and torch.equal(layer.lora_A.detach(), a) and torch.equal(layer.lora_B.detach(), b)
     event = gard.profile(batches(3))
     assert 0.0 <= event["init_step_scale"] <= 1.0
-
-
-def test_gora_safe_is_refused_under_torch_distributed(monkeypatch):
-    from gard_kernels import distributed
-
-    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", score="update_nuclear", window=2, backend="torch"))
-    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-2))
-    monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
-    data = iter(batches(2))
-    with pytest.raises(ValueError, match="gora_safe' is not supported under torch.distributed"):
-        gard.profile(data)
-    assert len(list(data)) == 2  # refused before a batch was taken

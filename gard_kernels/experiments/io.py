@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import omitted_at_default_fields
+from ..config import fingerprint_omissions
 from .presets import BASELINE_OPTIONS, method_kind, method_options
 from .settings import GardSettings, TrainSettings, config_default
 
@@ -42,7 +42,7 @@ def run_spec(method: str, budget: int, seed: int, train: TrainSettings, gard: Ga
     return spec
 
 
-OMITTED_AT_DEFAULT = omitted_at_default_fields()
+FINGERPRINT_OMISSIONS = fingerprint_omissions()
 
 
 def options_read_by(method: str, gard: GardSettings) -> dict:
@@ -50,11 +50,11 @@ def options_read_by(method: str, gard: GardSettings) -> dict:
     shared bounds (presets.BASELINE_OPTIONS) for baselines."""
     options = gard.options(method)
     if method_kind(method) == "gard":
-        # Fields added after runs were committed, whose default is the earlier behaviour, are left
-        # out at that default: those runs keep their fingerprints (config.omitted_at_default_fields).
+        # Fields added after runs were committed are left out at the value that was the earlier
+        # behaviour: those runs keep their fingerprints (config.fingerprint_omissions).
         return {
             name: value for name, value in options.items()
-            if not (name in OMITTED_AT_DEFAULT and value == config_default(name))
+            if not (name in FINGERPRINT_OMISSIONS and value == FINGERPRINT_OMISSIONS[name])
         }
     return {name: options[name] for name in BASELINE_OPTIONS}
 
