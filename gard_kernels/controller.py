@@ -249,13 +249,20 @@ class GARD:
         after fixing the cause gives the run that was meant.
         """
         if self._needs_profile() and not self.allocated:
-            what = f"score={self.config.score!r}" if self.config.score in GAIN_SCORES else "grow_init='gora_safe'"
+            needs = [f"score={self.config.score!r}"] if self.config.score in GAIN_SCORES else []
+            if self.config.grow_init == "gora_safe":
+                needs.append("grow_init='gora_safe'")
+            what = " and ".join(needs)
             if self.config.score == DEFAULT_SCORES["static"]:
-                what += " (the default)"
+                what += " (the defaults)" if len(needs) > 1 else " (the default)"
+            # Profiling in the loop needs a layer score and a start that no profile checks.
+            instead = "score='update_nuclear'" if self.config.score in GAIN_SCORES else ""
+            if self.config.grow_init == "gora_safe":
+                instead += (" and " if instead else "") + "grow_init='gora' (or 'zero')"
             raise RuntimeError(
                 f"{what} allocates from profile batches: call gard.profile(batches) before the "
                 "first optimizer step (e.g. gard.profile(itertools.islice(loader, gard.config.window))), or set "
-                "score='update_nuclear' to profile inside the training loop's first `window` steps"
+                f"{instead} to profile inside the training loop's first `window` steps"
             )
         self._check_parameters_current()
         if self.optimizer is None and self._gradient_sync.needed():
