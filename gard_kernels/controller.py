@@ -163,9 +163,11 @@ class GARD:
         Raises:
             ValueError: it does not hold every LoRA factor.
             TypeError: its state could not follow a rank change (factored or quantised state such
-                as Adafactor's or 8-bit Adam's, a paged optimizer), refused now rather than at the
-                first resize. Not checked in static mode once its one allocation has happened
-                (after `profile()`): no resize follows it.
+                as Adafactor's or 8-bit Adam's, a paged optimizer, or with a rank-dependent
+                scaling_rule state GARD cannot rescale), refused now rather than at the first
+                resize. Not checked in static mode once its one allocation has happened (after
+                `profile()`): no resize follows it; nor before a profile that allocates while the
+                optimizer holds no state for the factors (checked again at profile()).
         """
         fsdp.check_adapters_outside_fsdp(self.manager.layers)
         owned = {id(p) for p in self.lora_parameters()}
@@ -176,8 +178,8 @@ class GARD:
                 f"the optimizer does not hold {len(missing)} of GARD's {len(owned)} LoRA parameters; "
                 "build it from gard.lora_parameters() (rank-0 factors included)"
             )
-        if self.config.mode != "static" or not self.allocated:
-            check_optimizer_supported(optimizer, self._largest_factor_shape())
+        if (self.config.mode != "static" or not self.allocated) and not self._allocates_before_state(optimizer):
+            self._check_optimizer(optimizer)
         # Grown directions recorded in a loaded optimizer state keep their fresh-Adam treatment.
         track_new_directions(optimizer)
         self.optimizer = optimizer
@@ -198,6 +200,21 @@ class GARD:
         hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)
         if hooks is not None and self._optimizer_hook.id in hooks:
             hooks.move_to_end(self._optimizer_hook.id, last=False)
+
+    def _allocates_before_state(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether static mode's one allocation (gard.profile) is still to come and `optimizer`
+        holds no state for the LoRA factors: the resize then has no state to carry or rescale
+        (profile() checks again, in case a step came in between)."""
+        return (
+            self.config.mode == "static" and not self.allocated and self._needs_profile()
+            and not any(param in optimizer.state for param in self.lora_parameters())
+        )
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """optim_state.check_optimizer_supported for the resizes this configuration makes."""
+        check_optimizer_supported(
+            optimizer, self._largest_factor_shape(), rescaled=self.config.scaling_rule != "constant"
+        )
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook of the attached optimizer: refuse stale parameters, reduce gradients under FSDP2."""
@@ -392,6 +409,9 @@ class GARD:
         self._check_parameters_current()
         if self.config.layer_grow_init == "gora" and self.optimizer is None:
             raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
+        if self.config.mode == "static" and self.optimizer is not None and not self._allocates_before_state(self.optimizer):
+            # attach_optimizer may have left it unchecked as holding no state; a step since made some.
+            self._check_optimizer(self.optimizer)
 
     def _profile_passes(self, batch_iter, steps: int, loss_fn: Optional[Callable], kept: list) -> None:
         """Forward / backward over `steps` batches of `batch_iter`, sketching each (and, for the
