@@ -34,7 +34,7 @@ from .spectra import equalize_valid_slots, gram_eigenvalues, spectral_scores
 _EXHAUSTED = object()
 # Refused before a profile takes a batch and before a grow (the message names both).
 _GORA_NEEDS_OPTIMIZER = (
-    "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
+    "grow_init={!r} takes one gradient step of the optimizer's learning rate: attach the "
     "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
 )
 # Halvings of GoRA's step that grow_init="gora_safe" tries before it drops the step.
@@ -408,7 +408,7 @@ class GARD:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
         self._check_parameters_current()
         if self.config.layer_grow_init == "gora" and self.optimizer is None:
-            raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
+            raise RuntimeError(_GORA_NEEDS_OPTIMIZER.format(self.config.grow_init))
         if self.config.mode == "static" and self.optimizer is not None and not self._allocates_before_state(self.optimizer):
             # attach_optimizer may have left it unchecked as holding no state; a step since made some.
             self._check_optimizer(self.optimizer)
@@ -690,7 +690,7 @@ class GARD:
                     )
         grows = any(new[i] > start[i] for i in changed)
         if cfg.layer_grow_init == "gora" and grows and self.optimizer is None:
-            raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
+            raise RuntimeError(_GORA_NEEDS_OPTIMIZER.format(self.config.grow_init))
         snapshots = [layer.snapshot(self.optimizer) for layer in layers]
         generator_state = self._generator.get_state()
         discarded = 0.0
