@@ -409,7 +409,8 @@ class GARD:
         self._check_parameters_current()
         if self.config.layer_grow_init == "gora" and self.optimizer is None:
             raise RuntimeError(_GORA_NEEDS_OPTIMIZER.format(self.config.grow_init))
-        if self.config.mode == "static" and self.optimizer is not None and not self._allocates_before_state(self.optimizer):
+        static_allocation = self.config.mode == "static" and not self.allocated
+        if static_allocation and self.optimizer is not None and not self._allocates_before_state(self.optimizer):
             # attach_optimizer may have left it unchecked as holding no state; a step since made some.
             self._check_optimizer(self.optimizer)
 
