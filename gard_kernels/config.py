@@ -19,6 +19,10 @@ SHRINKS = ("norm", "svd")
 # The score each mode runs when none is set: the all-linear study's choice for static mode (it
 # needs gard.profile), and the best layer score that dynamic mode can re-allocate from.
 DEFAULT_SCORES = {"static": "marginal_gain", "dynamic": "update_nuclear"}
+# The start of new directions when none is set: GoRA's step checked on the profile batches
+# (static mode, with gard.profile), and B = 0 where no profile checks it (GoRA's unchecked step
+# cost 1 PPL at all-linear average rank 8, docs/results.md).
+DEFAULT_GROW_INITS = {"static": "gora_safe", "dynamic": "zero"}
 
 # The layer's grow inits, and "gora_safe": GoRA's step, checked on the profile batches.
 GROW_INITS = (*_layer.GROW_INITS, "gora_safe")
@@ -32,11 +36,13 @@ class GARDConfig:
     The defaults are the recommended configuration, chosen on validation in the all-linear study of
     docs/results.md (seven projections, average rank 8): a static profile of 4 batches
     (gard.profile), ranks granted unit by unit by marginal gain (the singular values of each
-    layer's mean gradient, from a cross-fitted randomized SVD, per parameter the unit costs), and
-    adapters that start at B = 0 at their allocated ranks. The recommendation before that study
-    was score="update_nuclear", grow_init="gora" (the first profile steps inside the training
-    loop); the paper's configuration is mode="dynamic" (or "static"), score="spectral",
-    grow_init="zero".
+    layer's mean gradient, from a cross-fitted randomized SVD, per parameter the unit costs), a
+    rank-stabilised scale (rsLoRA's alpha / sqrt(r), equal to `scaling` at the average rank), and
+    adapters that start at GoRA's projected gradient step, kept only as far as it does not raise
+    the loss on the profile batches ("gora_safe"; attach the optimizer before the profile). The
+    recommendation before that study was score="update_nuclear", grow_init="gora",
+    scaling_rule="constant" (profiled inside the training loop); the paper's configuration is
+    mode="dynamic" (or "static"), score="spectral", grow_init="zero", scaling_rule="constant".
     """
 
     budget: int = field(metadata={"help": (
@@ -98,8 +104,9 @@ class GARDConfig:
     warmup: Optional[int] = field(default=None, metadata={"help": "steps before the first dynamic re-allocation; None uses `window`"})
     freeze_after: Optional[int] = field(default=None, metadata={"help": (
         'dynamic mode stops re-allocating after this step ("early-dynamic"); None never')})
-    grow_init: str = field(default="zero", metadata={"help": (
-        'new directions start with B = 0 and A random ("zero") or A along the top singular directions of the '
+    grow_init: Optional[str] = field(default=None, metadata={"help": (
+        'None (the default): "gora_safe" in static mode, "zero" in dynamic mode (DEFAULT_GROW_INITS). '
+        'New directions start with B = 0 and A random ("zero") or A along the top singular directions of the '
         'current weight gradient ("gradient"), or with those A rows and B taking one gradient step of the '
         'optimizer\'s lr along them ("gora": GoRA\'s initialisation, He et al. 2025, for grown directions; this '
         "changes the output). Static mode's re-initialisation at the allocation follows it too. \"gora_safe\" "
@@ -113,7 +120,7 @@ class GARDConfig:
     scaling: float = field(default=2.0, metadata={"help": (
         "factor of the LoRA branch, y = W x + scale(r) * B A x, with scale(r) = scaling at the reference rank "
         "(see scaling_rule); PEFT's lora_alpha = scale(r) * r per layer.")})
-    scaling_rule: str = field(default="constant", metadata={"fingerprint_omit": "constant", "help": (
+    scaling_rule: str = field(default="rslora", metadata={"fingerprint_omit": "constant", "help": (
         'how the scale depends on a layer\'s rank r: scale(r) = scaling * (r_ref / r)^p with p = 0 ("constant": '
         'a resize never rescales what was learned), 1/2 ("rslora", rank-stabilised) or 1 ("linear", PEFT\'s '
         "alpha / r), r_ref = budget / Σ(d_in + d_out), the average rank the budget allows (uniform LoRA at "
@@ -132,6 +139,8 @@ class GARDConfig:
 
         if self.score is None and self.mode in DEFAULT_SCORES:
             self.score = DEFAULT_SCORES[self.mode]
+        if self.grow_init is None and self.mode in DEFAULT_GROW_INITS:
+            self.grow_init = DEFAULT_GROW_INITS[self.mode]
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)

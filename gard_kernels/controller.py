@@ -34,7 +34,7 @@ from .spectra import equalize_valid_slots, gram_eigenvalues, spectral_scores
 _EXHAUSTED = object()
 # Refused before a profile takes a batch and before a grow (the message names both).
 _GORA_NEEDS_OPTIMIZER = (
-    "grow_init='gora' takes one gradient step of the optimizer's learning rate: attach the "
+    "grow_init={!r} takes one gradient step of the optimizer's learning rate: attach the "
     "optimizer (gard.attach_optimizer) before profile() or the first re-allocation"
 )
 # Halvings of GoRA's step that grow_init="gora_safe" tries before it drops the step.
@@ -163,9 +163,11 @@ class GARD:
         Raises:
             ValueError: it does not hold every LoRA factor.
             TypeError: its state could not follow a rank change (factored or quantised state such
-                as Adafactor's or 8-bit Adam's, a paged optimizer), refused now rather than at the
-                first resize. Not checked in static mode once its one allocation has happened
-                (after `profile()`): no resize follows it.
+                as Adafactor's or 8-bit Adam's, a paged optimizer, or with a rank-dependent
+                scaling_rule state GARD cannot rescale), refused now rather than at the first
+                resize. Not checked in static mode once its one allocation has happened (after
+                `profile()`): no resize follows it; nor before a profile that allocates while the
+                optimizer holds no state for the factors (checked again at profile()).
         """
         fsdp.check_adapters_outside_fsdp(self.manager.layers)
         owned = {id(p) for p in self.lora_parameters()}
@@ -176,8 +178,8 @@ class GARD:
                 f"the optimizer does not hold {len(missing)} of GARD's {len(owned)} LoRA parameters; "
                 "build it from gard.lora_parameters() (rank-0 factors included)"
             )
-        if self.config.mode != "static" or not self.allocated:
-            check_optimizer_supported(optimizer, self._largest_factor_shape())
+        if (self.config.mode != "static" or not self.allocated) and not self._allocates_before_state(optimizer):
+            self._check_optimizer(optimizer)
         # Grown directions recorded in a loaded optimizer state keep their fresh-Adam treatment.
         track_new_directions(optimizer)
         self.optimizer = optimizer
@@ -198,6 +200,21 @@ class GARD:
         hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)
         if hooks is not None and self._optimizer_hook.id in hooks:
             hooks.move_to_end(self._optimizer_hook.id, last=False)
+
+    def _allocates_before_state(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether static mode's one allocation (gard.profile) is still to come and `optimizer`
+        holds no state for the LoRA factors: the resize then has no state to carry or rescale
+        (profile() checks again, in case a step came in between)."""
+        return (
+            self.config.mode == "static" and not self.allocated and self._needs_profile()
+            and not any(param in optimizer.state for param in self.lora_parameters())
+        )
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """optim_state.check_optimizer_supported for the resizes this configuration makes."""
+        check_optimizer_supported(
+            optimizer, self._largest_factor_shape(), rescaled=self.config.scaling_rule != "constant"
+        )
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook of the attached optimizer: refuse stale parameters, reduce gradients under FSDP2."""
@@ -249,13 +266,20 @@ class GARD:
         after fixing the cause gives the run that was meant.
         """
         if self._needs_profile() and not self.allocated:
-            what = f"score={self.config.score!r}" if self.config.score in GAIN_SCORES else "grow_init='gora_safe'"
+            needs = [f"score={self.config.score!r}"] if self.config.score in GAIN_SCORES else []
+            if self.config.grow_init == "gora_safe":
+                needs.append("grow_init='gora_safe'")
+            what = " and ".join(needs)
             if self.config.score == DEFAULT_SCORES["static"]:
-                what += " (the default)"
+                what += " (the defaults)" if len(needs) > 1 else " (the default)"
+            # Profiling in the loop needs a layer score and a start that no profile checks.
+            instead = "score='update_nuclear'" if self.config.score in GAIN_SCORES else ""
+            if self.config.grow_init == "gora_safe":
+                instead += (" and " if instead else "") + "grow_init='gora' (or 'zero')"
             raise RuntimeError(
                 f"{what} allocates from profile batches: call gard.profile(batches) before the "
                 "first optimizer step (e.g. gard.profile(itertools.islice(loader, gard.config.window))), or set "
-                "score='update_nuclear' to profile inside the training loop's first `window` steps"
+                f"{instead} to profile inside the training loop's first `window` steps"
             )
         self._check_parameters_current()
         if self.optimizer is None and self._gradient_sync.needed():
@@ -384,7 +408,11 @@ class GARD:
             raise ValueError(f"profile needs at least 2 steps to form a spectrum, got steps={steps!r}")
         self._check_parameters_current()
         if self.config.layer_grow_init == "gora" and self.optimizer is None:
-            raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
+            raise RuntimeError(_GORA_NEEDS_OPTIMIZER.format(self.config.grow_init))
+        static_allocation = self.config.mode == "static" and not self.allocated
+        if static_allocation and self.optimizer is not None and not self._allocates_before_state(self.optimizer):
+            # attach_optimizer may have left it unchecked as holding no state; a step since made some.
+            self._check_optimizer(self.optimizer)
 
     def _profile_passes(self, batch_iter, steps: int, loss_fn: Optional[Callable], kept: list) -> None:
         """Forward / backward over `steps` batches of `batch_iter`, sketching each (and, for the
@@ -663,7 +691,7 @@ class GARD:
                     )
         grows = any(new[i] > start[i] for i in changed)
         if cfg.layer_grow_init == "gora" and grows and self.optimizer is None:
-            raise RuntimeError(_GORA_NEEDS_OPTIMIZER)
+            raise RuntimeError(_GORA_NEEDS_OPTIMIZER.format(self.config.grow_init))
         snapshots = [layer.snapshot(self.optimizer) for layer in layers]
         generator_state = self._generator.get_state()
         discarded = 0.0

@@ -99,7 +99,7 @@ def test_gradient_checkpointing_does_not_double_count():
 def test_rank_zero_layers_are_profiled():
     model = tiny_llama()
     # Rank 1 on every layer would cost 4 * (64 + 48) > 100: r_init falls to 0.
-    gard = gk.GARD(model, gk.GARDConfig(budget=100, target_modules=["q_proj", "v_proj"], window=3, interval=3, score="update_nuclear"))
+    gard = gk.GARD(model, gk.GARDConfig(budget=100, target_modules=["q_proj", "v_proj"], window=3, interval=3, score="update_nuclear", grow_init="zero"))
     assert set(gard.ranks.values()) == {0} and gard.num_lora_params == 0
     opt = torch.optim.SGD(gard.lora_parameters(), lr=0.1)
     gard.attach_optimizer(opt)
@@ -147,7 +147,7 @@ def test_dynamic_run_keeps_budget_and_changes_ranks(grow_init, shrink, optimizer
 
 def test_static_mode_changes_ranks_exactly_once():
     model = tiny_llama()
-    cfg = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=4, r_init=0, r_max=8, score="update_nuclear")
+    cfg = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=4, r_init=0, r_max=8, score="update_nuclear", grow_init="zero")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
     gard.attach_optimizer(opt)
@@ -234,7 +234,7 @@ def test_wrapping_errors_are_clear():
 
 def test_step_without_optimizer_when_resize_is_due_raises():
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=2, score="update_nuclear"))
+    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, mode="static", window=2, score="update_nuclear", grow_init="zero"))
     for batch in batches(1):
         model(**batch).loss.backward()
         gard.step()
@@ -265,7 +265,7 @@ def test_config_validation(bad, message):
 def test_all_rank_zero_start_keeps_capturing_until_layers_grow():
     """With every rank at 0 and the base frozen, only capture lets loss.backward() run at all."""
     model = tiny_llama()
-    cfg = gk.GARDConfig(budget=300, target_modules=["q_proj", "v_proj"], window=3, interval=10, warmup=3, score="update_nuclear")
+    cfg = gk.GARDConfig(budget=300, target_modules=["q_proj", "v_proj"], window=3, interval=10, warmup=3, score="update_nuclear", grow_init="zero")
     gard = gk.GARD(model, cfg)
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
     gard.attach_optimizer(opt)
@@ -275,3 +275,28 @@ def test_all_rank_zero_start_keeps_capturing_until_layers_grow():
         opt.step(), gard.step(), opt.zero_grad()
     assert gard.history[9]["params"] > 0  # grew at the first re-allocation (step 10)
     assert all(h.out is None for h in gard.handles)  # and the window closed again
+
+
+def test_default_static_config_without_profile_says_what_profiles_in_the_loop():
+    """The defaults need gard.profile twice over (marginal gain and gora_safe): the refusal names
+    both and its alternative (a layer score and an unchecked start) then runs in the loop."""
+    model = tiny_llama()
+    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, window=2))
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
+    gard.attach_optimizer(opt)
+    model(**batches(1)[0]).loss.backward()
+    with pytest.raises(RuntimeError) as refused:
+        gard.step()
+    message = str(refused.value)
+    assert "score='marginal_gain' and grow_init='gora_safe' (the defaults)" in message
+    assert "set score='update_nuclear' and grow_init='gora' (or 'zero')" in message
+    assert gard.step_count == 0
+    model = tiny_llama()
+    gard = gk.GARD(model, gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, window=2,
+                                        score="update_nuclear", grow_init="gora"))
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=1e-2)
+    gard.attach_optimizer(opt)
+    for batch in batches(3):
+        model(**batch).loss.backward()
+        opt.step(), gard.step(), opt.zero_grad()
+    assert [r["step"] for r in gard.history if "reallocation" in r] == [2]

@@ -197,6 +197,14 @@ def _scaled_loss(model, batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss * batch["scale"]
 
 
+def _default_gard(model) -> gk.GARD:
+    """GARD with the static defaults on `model`, its optimizer attached: grow_init="gora_safe"
+    takes the optimizer's learning rate at the profile."""
+    gard = gk.GARD(model, gk.GARDConfig(**PROFILE_CONFIG))
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=3e-2))
+    return gard
+
+
 def _profile_marginal_gain(rank: int, out_dir: str) -> None:
     """The static default profiled on this process's batches; then a NaN loss on process 1 only.
     (A process left waiting in a collective fails the test at the process group's timeout.)"""
@@ -204,11 +212,11 @@ def _profile_marginal_gain(rank: int, out_dir: str) -> None:
 
     config = gk.GARDConfig(**PROFILE_CONFIG)
     assert config.mode == "static" and config.score == "marginal_gain"
-    gard = gk.GARD(tiny_llama(seed=0), config)
+    gard = _default_gard(tiny_llama(seed=0))
     event = gard.profile(_profile_batches(rank))
 
     # A NaN loss on one batch of process 1 only: both processes refuse, and stay usable.
-    poisoned = gk.GARD(tiny_llama(seed=0), config)
+    poisoned = _default_gard(tiny_llama(seed=0))
     scales = [float("nan") if rank == 1 and i == 1 else 1.0 for i in range(PROFILE_STEPS)]
     with pytest.raises(ValueError, match="needs finite gradients on every profile batch") as refused:
         poisoned.profile([dict(b, scale=s) for b, s in zip(_profile_batches(rank), scales)], loss_fn=_scaled_loss)
@@ -257,13 +265,13 @@ def test_marginal_gain_profile_of_two_processes_equals_one_process_seeing_both(s
     # One process whose every batch joins the two processes' batches: with the same number of
     # tokens and every label valid, its mean loss is the mean of theirs, so its gradient is DDP's.
     joint = [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(_profile_batches(0), _profile_batches(1))]
-    single = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG)).profile(joint)
+    single = _default_gard(tiny_llama(seed=0)).profile(joint)
     assert events[0]["ranks"] == single["ranks"]
     assert len(set(single["ranks"])) > 1
     for mine, theirs in zip(events[0]["gains"], single["gains"]):
         assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), rtol=1e-4, atol=1e-8)
     # The process's own batches alone give other gains: the reduction is what makes them agree.
-    alone = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG)).profile(_profile_batches(0))
+    alone = _default_gard(tiny_llama(seed=0)).profile(_profile_batches(0))
     assert not torch.allclose(torch.tensor(alone["gains"][1]), torch.tensor(single["gains"][1]), rtol=1e-2)
 
 

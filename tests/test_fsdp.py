@@ -397,7 +397,10 @@ def test_default_marginal_gain_profiles_under_sharding_like_one_process(runs, on
     events = [r["default"]["history"][-1]["reallocation"] for r in runs["run"]]
     assert events[0] == events[1]
     # One unsharded process on the joined batches (same token count per process: its mean loss is theirs).
-    single = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**DEFAULT_CONFIG)).profile(_default_batches())
+    single = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**DEFAULT_CONFIG))
+    # As the callback attaches the Trainer's: grow_init="gora_safe" takes its learning rate.
+    single.attach_optimizer(torch.optim.AdamW(single.lora_parameters(), lr=1e-2))
+    single = single.profile(_default_batches())
     assert events[0]["ranks"] == single["ranks"] and len(set(single["ranks"])) > 1
     for mine, theirs in zip(events[0]["gains"], single["gains"]):
         assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), rtol=1e-4, atol=1e-8)

@@ -97,14 +97,18 @@ def test_trainer_runs_gard_once_per_optimizer_step(full_run):
 
 
 def test_trainer_runs_the_recommended_defaults(tmp_path):
-    """GARDConfig's defaults (static, marginal gain from a profile, B = 0 at the allocated ranks)
-    through the Trainer: one allocation before the first step, none after, budget held."""
+    """GARDConfig's defaults (static, marginal gain from a profile, GoRA's step checked on it at
+    the Trainer's learning rate, rsLoRA's scale) through the Trainer: one allocation before the
+    first step, none after, budget held."""
     callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS))
     trainer = _trainer(tmp_path, callback, max_steps=6)
     trainer.train()
     gard = callback.gard
-    assert (gard.config.mode, gard.config.score, gard.config.grow_init) == ("static", "marginal_gain", "zero")
+    assert (gard.config.mode, gard.config.score, gard.config.grow_init, gard.config.scaling_rule) == (
+        "static", "marginal_gain", "gora_safe", "rslora"
+    )
     assert gard.history[0].get("profile") and gard.history[0]["step"] == 0
+    assert 0.0 <= gard.history[0]["reallocation"]["init_step_scale"] <= 1.0
     assert not [r for r in gard.history[1:] if "reallocation" in r]
     assert gard.step_count == 6 and all(r["params"] <= BUDGET for r in gard.history)
     assert gard.num_lora_params > 0 and all(p.isfinite().all() for p in gard.lora_parameters())
@@ -339,8 +343,9 @@ def test_profile_refuses_a_dataloader_with_fewer_batches_than_the_window(tmp_pat
 
 
 def _training_batches(tmp_path, score):
-    """First tokens of every batch the model sees in a 2-step run (the profile's passes first)."""
-    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, score=score))
+    """First tokens of every batch the model sees in a 2-step run (the profile's passes first).
+    B = 0 at the allocation: gora_safe's check would add forward passes over the profile batches."""
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, score=score, grow_init="zero"))
     trainer = _trainer(tmp_path, callback, max_steps=2)
     seen = []
     trainer.model.register_forward_pre_hook(

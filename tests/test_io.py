@@ -15,7 +15,9 @@ STUDIES = sorted((ROOT / "docs" / "metrics").glob("study-*"))
 
 def _recomputed_fingerprint(run: dict) -> str:
     """The fingerprint of a finished run from what its metrics.json recorded."""
-    recorded = run["hyperparameters"]
+    # A run recorded before a `fingerprint_omit` field existed (or at its earlier value) lacks
+    # it: it ran that earlier value, whatever the field's default is today.
+    recorded = {**io.FINGERPRINT_OMISSIONS, **run["hyperparameters"]}
     train = TrainSettings(**{f.name: recorded[f.name] for f in dataclasses.fields(TrainSettings)})
     gard = GardSettings(**{k: recorded[k] for k in CONFIG_FIELDS if k in recorded and k not in PER_RUN_FIELDS})
     context = {key: run.get(key) for key in ("model", "corpus", "data")}

@@ -22,14 +22,16 @@ def _config(targets, **overrides) -> gk.GARDConfig:
     base = dict(
         budget=1_500, target_modules=targets, window=2, interval=2, warmup=2, delta_max=3, r_max=6,
         score="random", ema=0.0, seed=2, scaling=1.5,
+        # In-loop static profiling (no gard.profile) and one scale at every rank: alpha = 1.5 r.
+        grow_init="zero", scaling_rule="constant",
     )
     return gk.GARDConfig(**(base | overrides))
 
 
-def _trained(make_model, targets):
+def _trained(make_model, targets, **overrides):
     """A GARD model after a few steps with unequal ranks, one layer at rank 0."""
     model = make_model()
-    gard = gk.GARD(model, _config(targets))
+    gard = gk.GARD(model, _config(targets, **overrides))
     opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
     gard.attach_optimizer(opt)
     for batch in batches(6, seed=4):
@@ -74,6 +76,31 @@ def test_peft_reproduces_gard_and_merges(tmp_path, make_model, targets):
     merged = peft_model.merge_and_unload()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, batch), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_rslora_scales_export_as_peft_rslora(tmp_path):
+    """scaling_rule="rslora": PEFT's use_rslora with one lora_alpha = scaling * sqrt(r_ref), and
+    PEFT (and GARD reading it back) computes the rank-dependent scales of the resized layers."""
+    model, gard = _trained(tiny_llama, LLAMA_TARGETS, scaling_rule="rslora")
+    live = {name: r for name, r in gard.ranks.items() if r > 0}
+    r_ref = 1_500 / sum(layer.d_in + layer.d_out for layer in gard.manager.layers)
+    scales = {name: layer.scaling for name, layer in zip(gard.names, gard.manager.layers) if layer.rank}
+    assert scales == pytest.approx({name: 1.5 * (r_ref / r) ** 0.5 for name, r in live.items()})
+    assert len(set(scales.values())) > 1
+    gard.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    assert config["use_rslora"] is True and config["rank_pattern"] == live
+    assert config["lora_alpha"] == pytest.approx(1.5 * r_ref**0.5)
+    assert config["alpha_pattern"] == pytest.approx({name: 1.5 * r_ref**0.5 for name in live})
+    batch = batches(1, seed=8)[0]
+    expected = _logits(model, batch)
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    for name, r in live.items():
+        assert peft_model.base_model.model.get_submodule(name).scaling["default"] == pytest.approx(scales[name])
+    torch.testing.assert_close(_logits(peft_model, batch), expected, rtol=1e-5, atol=1e-5)
+    resumed = gk.load_adapter(tiny_llama(), tmp_path, config=_config(LLAMA_TARGETS, scaling_rule="rslora"))
+    assert [layer.scaling for layer in resumed.manager.layers if layer.rank] == pytest.approx(list(scales.values()))
+    torch.testing.assert_close(_logits(resumed.model.eval(), batch), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("make_model, targets", CASES)

@@ -231,8 +231,9 @@ def test_peft_reload_gives_the_same_low_precision_outputs(kind, compute_dtype, t
 
 def test_8bit_optimizers_are_refused_before_a_resize_can_meet_their_state(one_thread):
     model = _model("nf4")
-    for mode in ("dynamic", "static"):
-        gard = gk.GARD(model, _config(mode))
+    # Static mode profiling in the loop: the allocation at step `window` meets the optimizer's state.
+    for mode, options in (("dynamic", {}), ("static", {"score": "update_nuclear"})):
+        gard = gk.GARD(model, _config(mode, **options))
         for optimizer in (bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit):
             # The trial parameter has the largest factor's size: a small one would get 32-bit state.
             with pytest.raises(TypeError, match=rf"{optimizer.__name__} .*torch\.optim\.AdamW.*gard\.profile"):
@@ -243,11 +244,52 @@ def test_8bit_optimizers_are_refused_before_a_resize_can_meet_their_state(one_th
 
 def test_8bit_optimizer_below_its_8bit_size_follows_resizes(one_thread):
     # min_8bit_size lives in bitsandbytes' `args`, not in `defaults`: the trial must use it.
-    gard = _train(_model("nf4"), "dynamic", steps=6, optimizer=lambda ps, lr: bnb.optim.AdamW8bit(ps, lr=lr, min_8bit_size=10**6))
+    unquantised = lambda ps, lr: bnb.optim.AdamW8bit(ps, lr=lr, min_8bit_size=10**6)  # noqa: E731
+    # Its 32-bit state ("state1", "state2") is remapped but GARD does not know how it follows a
+    # rescaled B: a rank-dependent scale is refused when the optimizer is attached, not mid-run.
+    with pytest.raises(TypeError, match=r"AdamW8bit keeps state \['state1', 'state2'\].*scaling_rule='constant'"):
+        _train(_model("nf4"), "dynamic", steps=6, optimizer=unquantised, scaling_rule="rslora")
+    gard = _train(_model("nf4"), "dynamic", steps=6, optimizer=unquantised, scaling_rule="constant")
     moved = [r for r in gard.history if "reallocation" in r and r["reallocation"]["old_ranks"] != r["ranks"]]
     assert moved
     state = gard.optimizer.state[gard.manager.layers[2].lora_B]
     assert state["state1"].dtype == torch.float32 and state["state1"].shape == gard.manager.layers[2].lora_B.shape
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit"])
+def test_default_static_config_takes_an_8bit_optimizer_attached_before_profiling(optimizer, one_thread):
+    """The defaults (gora_safe takes the optimizer's lr at the profile, rslora rescales B at the
+    allocation): the one resize comes before the optimizer's first step, with no state to carry."""
+    model = _model("nf4")
+    gard = gk.GARD(model, gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, window=2, r_max=8, backend="torch", seed=3))
+    assert (gard.config.grow_init, gard.config.scaling_rule) == ("gora_safe", "rslora")
+    opt = getattr(bnb.optim, optimizer)(gard.lora_parameters(), lr=1e-2, min_8bit_size=256)
+    gard.attach_optimizer(opt)
+    data = _data(6)
+    event = gard.profile(data[:2], loss_fn=_loss)
+    assert "init_step_scale" in event and len(set(gard.ranks.values())) > 1
+    for batch in data[2:]:
+        _loss(model, batch).backward()
+        opt.step(), gard.step(), opt.zero_grad()
+    assert gard.step_count == 4 and all("reallocation" not in r for r in gard.history[1:])
+    assert torch.uint8 in {state["state1"].dtype for state in opt.state.values()}
+
+
+def test_profile_refuses_an_8bit_optimizer_that_stepped_before_it(one_thread):
+    """Attached unchecked as holding no state, the optimizer stepped before gard.profile: the
+    allocation would meet quantised state, so profile refuses before it takes a batch."""
+    model = _model("nf4")
+    gard = gk.GARD(model, gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, window=2, r_max=8, backend="torch", seed=3))
+    opt = bnb.optim.AdamW8bit(gard.lora_parameters(), lr=1e-2, min_8bit_size=256)
+    gard.attach_optimizer(opt)
+    data = _data(3)
+    _loss(model, data[0]).backward()
+    opt.step(), opt.zero_grad()
+    ranks = dict(gard.ranks)
+    batches_left = iter(data[1:])
+    with pytest.raises(TypeError, match=r"AdamW8bit keeps state\['state1'\] as torch.uint8"):
+        gard.profile(batches_left, loss_fn=_loss)
+    assert gard.ranks == ranks and not gard.allocated and len(list(batches_left)) == 2
 
 
 def test_static_mode_takes_an_8bit_optimizer_after_profiling(one_thread):

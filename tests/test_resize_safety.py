@@ -191,16 +191,23 @@ def test_shared_module_sketch_is_the_gradient_of_both_uses():
     assert rel_error(got, expected) < 1e-4
 
 
-def test_factored_optimizer_is_refused_when_attached():
+# Configurations whose resizes meet the optimizer's state (static mode's allocation from
+# gard.profile comes before the first step and is checked at profile(), test_quantized.py).
+RESIZES_AFTER_STEPS = [{"mode": "dynamic"}, {"mode": "static", "score": "update_nuclear", "grow_init": "zero"}]
+
+
+@pytest.mark.parametrize("options", RESIZES_AFTER_STEPS, ids=["dynamic", "in-loop-static"])
+def test_factored_optimizer_is_refused_when_attached(options):
     model = tiny_llama()
-    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"]))
+    gard = gk.GARD(model, gk.GARDConfig(budget=10_000, target_modules=["q_proj", "v_proj"], **options))
     with pytest.raises(TypeError, match=r"Adafactor.*(row_var|col_var).*AdamW"):
         gard.attach_optimizer(torch.optim.Adafactor(gard.lora_parameters(), lr=1e-2))
     assert gard.optimizer is None
     gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=1e-2))
 
 
-def test_quantised_state_is_refused_when_attached():
+@pytest.mark.parametrize("options", RESIZES_AFTER_STEPS, ids=["dynamic", "in-loop-static"])
+def test_quantised_state_is_refused_when_attached(options):
     class QuantisedAdam(torch.optim.Optimizer):
         """Keeps an int8 first moment, like 8-bit optimizers do."""
 
@@ -216,7 +223,7 @@ def test_quantised_state_is_refused_when_attached():
                         state.setdefault("m", torch.zeros_like(p, dtype=torch.int8))
                         p.add_(p.grad.sign(), alpha=-group["lr"])
 
-    gard = gk.GARD(tiny_gpt2(), gk.GARDConfig(budget=10_000, target_modules=["c_attn"]))
+    gard = gk.GARD(tiny_gpt2(), gk.GARDConfig(budget=10_000, target_modules=["c_attn"], **options))
     with pytest.raises(TypeError, match=r"QuantisedAdam keeps state\['m'\] as torch.int8"):
         gard.attach_optimizer(QuantisedAdam(gard.lora_parameters()))
 

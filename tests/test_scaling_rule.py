@@ -93,6 +93,18 @@ def test_unknown_optimizer_state_is_refused_before_anything_changes():
         rescale_optimizer_state(opt, layer.lora_B, 2.0)
 
 
+def test_state_that_cannot_be_rescaled_is_refused_when_attached_not_mid_run():
+    """Adamax's exp_inf is elementwise (it follows a remap) but GARD does not know how it follows
+    a rescaled B: under a rank-dependent scale, attach_optimizer refuses it, before any step."""
+    config = dict(budget=1_500, target_modules=["q_proj", "v_proj"], mode="dynamic", window=2, interval=2)
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(**config, scaling_rule="rslora"))
+    with pytest.raises(TypeError, match=r"Adamax keeps state \['exp_inf'\].*scaling_rule='constant'"):
+        gard.attach_optimizer(torch.optim.Adamax(gard.lora_parameters(), lr=1e-2))
+    assert gard.optimizer is None
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(**config, scaling_rule="constant"))
+    gard.attach_optimizer(torch.optim.Adamax(gard.lora_parameters(), lr=1e-2))
+
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -74,7 +74,16 @@ def _check_against_reference(config, gard, budget):
     assert len(ranks) < len(gard.ranks) or len(set(ranks.values())) > 1
     assert set(config.target_modules) == set(ranks)
     assert config.rank_pattern == ranks
-    assert config.alpha_pattern == {name: gard.config.scaling * rank for name, rank in ranks.items()}
+    # PEFT's scale must be GARD's scale(r): lora_alpha / r with one scale for every rank, rsLoRA's
+    # lora_alpha / sqrt(r) with lora_alpha = scaling * sqrt(r_ref) for the rank-stabilised rule.
+    if gard.config.scaling_rule == "rslora":
+        assert config.use_rslora is True
+        alpha = gard.config.scaling * _reference_rank(gard) ** 0.5
+        assert config.lora_alpha == pytest.approx(alpha)
+        assert config.alpha_pattern == pytest.approx({name: alpha for name in ranks})
+    else:
+        assert gard.config.scaling_rule == "constant" and config.use_rslora is False
+        assert config.alpha_pattern == {name: gard.config.scaling * rank for name, rank in ranks.items()}
     assert config.inference_mode is False
     assert 0 < gard.num_lora_params <= budget
 
@@ -90,7 +99,18 @@ def _check_peft_model(peft_model, config, gard):
         layer = gard.manager.layers[gard.names.index(name)]
         assert module.lora_A["default"].weight.shape == (layer.rank, layer.d_in)
         assert module.lora_B["default"].weight.shape == (layer.d_out, layer.rank)
-        assert module.scaling["default"] == pytest.approx(gard.config.scaling)
+        assert module.scaling["default"] == pytest.approx(_gard_scale(gard, layer.rank)) == pytest.approx(layer.scaling)
+
+
+def _reference_rank(gard):
+    """r_ref: the average rank the budget allows over every target layer."""
+    return gard.config.budget / sum(layer.d_in + layer.d_out for layer in gard.manager.layers)
+
+
+def _gard_scale(gard, rank):
+    """GARDConfig's scale(r) = scaling * (r_ref / r)^p, written out independently of the code."""
+    power = {"constant": 0.0, "rslora": 0.5}[gard.config.scaling_rule]
+    return gard.config.scaling * (_reference_rank(gard) / rank) ** power
 
 
 def test_llama_config_matches_static_gard_and_leaves_the_model(one_thread):
@@ -105,6 +125,17 @@ def test_llama_config_matches_static_gard_and_leaves_the_model(one_thread):
     assert isinstance(config, peft.LoraConfig) and config.task_type == "CAUSAL_LM"
     _check_against_reference(config, reference, budget)
     assert 0 in reference.ranks.values()
+    _check_peft_model(peft.get_peft_model(model, config), config, reference)
+
+
+def test_constant_scaling_rule_gives_alpha_scaling_times_r(one_thread):
+    budget = 900
+    model = tiny_llama()
+    reference = _reference(model, budget, LLAMA_TARGETS, scaling=1.5, scaling_rule="constant")
+    torch.manual_seed(0)
+    config = gk.suggest_lora_config(model, batches(8), budget=budget, target_modules=LLAMA_TARGETS,
+                                    window=WINDOW, scaling=1.5, scaling_rule="constant")
+    _check_against_reference(config, reference, budget)
     _check_peft_model(peft.get_peft_model(model, config), config, reference)
 
 

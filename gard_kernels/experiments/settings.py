@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..config import DEFAULT_SCORES, GARDConfig
+from ..config import DEFAULT_GROW_INITS, DEFAULT_SCORES, GARDConfig
 from .presets import method_kind, method_spec
 
 PRECISIONS = ("fp32", "bf16")
@@ -133,9 +133,11 @@ class GardSettings:
         merged = {name: config_default(name) for name in CONFIG_FIELDS if name not in PER_RUN_FIELDS}
         merged.update(preset)
         merged.update(self.overrides)
+        # As GARDConfig resolves them, so runs record (and fingerprint) what they ran.
         if merged["score"] is None:
-            # As GARDConfig resolves it, so runs record (and fingerprint) the score they ran.
             merged["score"] = DEFAULT_SCORES.get(merged["mode"])
+        if merged["grow_init"] is None:
+            merged["grow_init"] = DEFAULT_GROW_INITS.get(merged["mode"])
         return merged
 
     def value(self, name: str, method: str = "gard") -> Any:

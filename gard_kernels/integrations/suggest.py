@@ -2,8 +2,9 @@
 
 Static GARD (paper §3.3) profiles `window` batches (with the default score, marginal gain, three
 forward/backward passes over each), allocates ranks under the budget once, and the allocation is
-written in PEFT's vocabulary (per-module r and lora_alpha = scaling * r, the format of
-`GARD.save_pretrained`). The model is wrapped in place only while profiling: every
+written in PEFT's vocabulary (per-module r and the lora_alpha that gives GARD's scale(r): scaling
+* r, or with the default scaling_rule "rslora" PEFT's use_rslora and scaling * sqrt(r_ref); the
+format of `GARD.save_pretrained`). The model is wrapped in place only while profiling: every
 module, flag and tensor is put back afterwards, also when profiling fails.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ def suggest_lora_config(
             r_max, r_init, k_in, k_out, alpha, measure, score, scaling, seed, backend.
     Returns:
         peft.LoraConfig with target_modules, rank_pattern and alpha_pattern keyed by full module
-        names (anchored patterns where one name would reach another module; rank-0 modules left
+        names (use_rslora with scaling_rule="rslora", so PEFT's scale is GARD's scale(r)) (anchored patterns where one name would reach another module; rank-0 modules left
         out), fan_in_fan_out for Conv1D models, lora_dropout 0.
     Raises:
         ValueError: an invalid or dynamic-mode option (a budget below the cheapest module's
@@ -130,7 +131,7 @@ def _static_config(budget, target_modules, options: dict[str, Any]) -> GARDConfi
     if unknown:
         raise TypeError(f"unknown GARD option(s) {unknown}; the options are GARDConfig's fields: {sorted(known)}")
     # Only the ranks leave this function; the adapters it profiles with are thrown away, so they
-    # start at zero (GARDConfig's default too; a "gora" start would need an optimizer for nothing).
+    # start at zero (static GARD's default "gora_safe" would need an optimizer for nothing).
     return GARDConfig(budget=budget, target_modules=target_modules, mode="static", grow_init="zero", **options)
 
 

@@ -57,8 +57,8 @@ _RELEASE_TOLERANCE = 1e-3
 _WHAT_WORKS = (
     "Use torch.optim.AdamW (the Hugging Face Trainer's optim=\"adamw_torch\"): the LoRA factors are small, so "
     "8 bytes of state per LoRA parameter cost little next to the base model. In static mode "
-    "(mode=\"static\") any optimizer works when attached after gard.profile(...): no resize follows "
-    "the one allocation."
+    "(mode=\"static\") with gard.profile(...) any optimizer works, attached before the profile (the one "
+    "allocation comes before its first step, so it holds no state yet) or after it (no resize follows)."
 )
 
 
@@ -167,17 +167,22 @@ def rescale_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torc
     if optimizer is None or param not in optimizer.state:
         return
     state = optimizer.state[param]
-    unknown = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in _GRADIENT_POWER]
-    if unknown:
-        raise TypeError(
-            f"{type(optimizer).__name__} keeps state {unknown} for a LoRA factor whose scale changes with its "
-            f"rank (scaling_rule); GARD knows how {sorted(_GRADIENT_POWER)} follow a rescaled parameter. Use "
-            "scaling_rule='constant' or an optimizer such as torch.optim.AdamW"
-        )
+    _check_rescalable(optimizer, state)
     for key, value in state.items():
         power = _GRADIENT_POWER.get(key, 0)
         if power and isinstance(value, torch.Tensor) and value.dim() > 0:
             value.div_(factor**power)
+
+
+def _check_rescalable(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Refuse parameter-shaped state whose relation to the gradient is unknown (rescale_optimizer_state)."""
+    unknown = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in _GRADIENT_POWER]
+    if unknown:
+        raise TypeError(
+            f"{_qualified_name(optimizer)} keeps state {unknown} for a LoRA factor whose scale changes with its "
+            f"rank (scaling_rule); GARD knows how {sorted(_GRADIENT_POWER)} follow a rescaled parameter. Use "
+            "scaling_rule='constant' or an optimizer such as torch.optim.AdamW"
+        )
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> None:
@@ -193,7 +198,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.
         optimizer.state.pop(param, None)
 
 
-def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tuple[int, int] = (3, 2)) -> None:
+def check_optimizer_supported(
+    optimizer: torch.optim.Optimizer, probe_shape: tuple[int, int] = (3, 2), rescaled: bool = False
+) -> None:
     """Raise now if `optimizer`'s state could not follow a rank change later.
 
     Optimizers create state lazily, so factored or quantised state (Adafactor's row/column
@@ -207,6 +214,8 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
     Args:
         optimizer: the optimizer to check.
         probe_shape: shape of the trial parameter (default (3, 2)).
+        rescaled: a rank change also rescales B (a rank-dependent scaling_rule): its state must
+            be one whose relation to the gradient GARD knows (rescale_optimizer_state).
     Raises:
         TypeError: naming the optimizer and what works instead.
     """
@@ -222,6 +231,9 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
     for param in params:
         _check_not_quantised(optimizer, optimizer.state.get(param, {}))
     check_remappable(optimizer, params)
+    if rescaled:
+        for param in params:
+            _check_rescalable(optimizer, optimizer.state.get(param, {}))
     # On the parameters' device: some optimizers only step there (bitsandbytes without a CPU backend).
     device = params[0].device if params else None
     probe = torch.nn.Parameter(torch.zeros(probe_shape, device=device))
@@ -244,6 +256,8 @@ def check_optimizer_supported(optimizer: torch.optim.Optimizer, probe_shape: tup
             "(torch.optim.AdamW, Adam, SGD, RMSprop, ...)"
         ) from error
     _check_not_quantised(optimizer, trial.state[probe])
+    if rescaled:
+        _check_rescalable(optimizer, trial.state[probe])
     try:
         check_remappable(trial, [probe])
     except TypeError as error:

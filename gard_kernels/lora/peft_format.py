@@ -1,8 +1,12 @@
 """The PEFT LoRA adapter format of LoRA layers: write factors + config, read them back.
 
-A LoRALayer computes y = W x + scaling * B A x with one constant `scaling`; PEFT computes
-y = W x + (lora_alpha / r) * B A x. The adapter written here has, per layer, r = its rank and
-lora_alpha = scaling * r (rank_pattern / alpha_pattern), so PEFT reproduces the layers' outputs.
+A LoRALayer computes y = W x + scaling * B A x with its current `scaling`; PEFT computes
+y = W x + (lora_alpha / r) * B A x, or (lora_alpha / sqrt(r)) * B A x with use_rslora. The adapter
+written here has, per layer, r = its rank and lora_alpha = scaling * r (rank_pattern /
+alpha_pattern), so PEFT reproduces the layers' outputs. Layers whose scale follows rsLoRA's rule
+(scaling_rule="rslora": scale(r) = s * sqrt(r_ref / r)) are written with use_rslora and
+lora_alpha = scaling * sqrt(r) = s * sqrt(r_ref) per layer, one alpha for every rank as in
+rsLoRA itself, so a PEFT run that changes a rank keeps GARD's rule.
 Rank-0 layers are left out: PEFT has no rank-0 adapters and they add nothing. This module knows
 LoRA layers and the model they sit in, nothing of the GARD controller (GARD.save_pretrained and
 GARD.from_pretrained call it).
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from .layer import LoRALayer, adapter_shape
+from .scaling import RankScaling
 from .manager import match_target_modules, matches_target_list
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterFile", "adapter_config", "read_adapter", "write_adapter"]
@@ -79,7 +84,8 @@ def adapter_config(layers: list[LoRALayer], model: nn.Module, task_type: Optiona
     """The PEFT LoRA adapter config of `layers` at their current ranks, as a dict.
 
     What write_adapter writes to adapter_config.json, and what suggest_lora_config turns into a
-    peft.LoraConfig: rank-0 layers left out, per-layer r and lora_alpha = scaling * r.
+    peft.LoraConfig: rank-0 layers left out, per-layer r and lora_alpha = scaling * r (scaling *
+    sqrt(r) with use_rslora, where every layer follows scaling_rule="rslora").
 
     Args:
         layers: the model's LoRALayers.
@@ -93,8 +99,20 @@ def adapter_config(layers: list[LoRALayer], model: nn.Module, task_type: Optiona
         raise ValueError("every GARD adapter has rank 0: there is nothing to export")
     names = [layer.name for layer in layers]
     ranks = {layer.name: layer.rank for layer in layers}
-    alphas = {layer.name: _plain_number(layer.scaling * layer.rank) for layer in layers}
+    rslora = _follows_rslora(layers)
+    # PEFT's scale is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora): the alpha that gives
+    # each layer its current scale.
+    alphas = {
+        layer.name: _plain_number(layer.scaling * (math.sqrt(layer.rank) if rslora else layer.rank))
+        for layer in layers
+    }
     r_default = max(ranks.values())
+    if rslora:
+        # rsLoRA's alpha is the same at every rank: s * sqrt(r_ref), also for ranks PEFT adds later.
+        rule = layers[0].rank_scaling
+        alpha_default = _plain_number(rule.scaling * math.sqrt(rule.r_ref))
+    else:
+        alpha_default = _plain_number(layers[0].scaling * r_default)
 
     base_names = _unwrapped_module_names(model)
     # PEFT's list semantics would also pick up a module whose name ends with "." + a target.
@@ -116,13 +134,13 @@ def adapter_config(layers: list[LoRALayer], model: nn.Module, task_type: Optiona
         "revision": None,
         "inference_mode": True,
         "r": r_default,
-        "lora_alpha": _plain_number(layers[0].scaling * r_default),
+        "lora_alpha": alpha_default,
         "lora_dropout": 0.0,
         "target_modules": target_modules,
         "exclude_modules": None,
         "fan_in_fan_out": all(not isinstance(layer.base, nn.Linear) for layer in layers),
         "bias": "none",
-        "use_rslora": False,
+        "use_rslora": rslora,
         "use_dora": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -261,6 +279,15 @@ def _unwrapped_module_names(model: nn.Module) -> list[str]:
 def _pattern_hit(key: str, name: str) -> bool:
     """PEFT's rule for a rank_pattern / alpha_pattern key."""
     return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def _follows_rslora(layers: list[LoRALayer]) -> bool:
+    """Whether every layer's scale is rsLoRA's s * sqrt(r_ref / r), with one s and r_ref."""
+    rules = {layer.rank_scaling for layer in layers}
+    if len(rules) != 1:
+        return False
+    rule = rules.pop()
+    return isinstance(rule, RankScaling) and rule.rule == "rslora"
 
 
 def _plain_number(value: float) -> float | int:
