@@ -176,8 +176,8 @@ class GARDCallback(TrainerCallback):
             raise ValueError(
                 f"score={gard.config.score!r} / grow_init={gard.config.grow_init!r} allocate from profile "
                 "batches and the Trainer passed no train_dataloader to take them from: call "
-                "callback.gard.profile(batches) before trainer.train(), or use a layer score such as "
-                "'update_nuclear' (allocated from the first training steps)"
+                "callback.gard.profile(batches) before trainer.train(), or set score='update_nuclear' and "
+                "grow_init='gora' (or 'zero'), allocated from the first training steps"
             )
         if distributed.is_distributed() and not fsdp.is_fully_sharded(gard.model):
             # DDP: the Trainer built its wrapper (buckets of the adapters' current shapes) before
