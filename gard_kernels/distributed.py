@@ -173,18 +173,22 @@ def reduce_range_finders(finders: Sequence[Any], device: torch.device, group: Op
     armed = [f for f in finders if f.armed]
     if not armed or not is_distributed(group):
         return
-    buffers = [t for f in armed for t in f.sums]
-    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in buffers])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for t in buffers:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    _mean_in_place([t for f in armed for t in f.sums], device, group)
     tokens = torch.tensor([f.tokens for f in armed], dtype=torch.int64, device=device)
     dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
     for f, count in zip(armed, tokens.tolist()):
         f.tokens = count
+
+
+def _mean_in_place(tensors: Sequence[torch.Tensor], device: torch.device, group: Optional[dist.ProcessGroup]) -> None:
+    """Replace each tensor by its mean over the processes: one all-reduce of one flat float32 copy."""
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 # The most floats one all-reduce of reduce_gain_probes carries (256 MiB of float32): the probes'
@@ -224,16 +228,8 @@ def reduce_gain_probes(probes: Sequence[Any], device: torch.device, group: Optio
         piece.append(sums)
         size += sums.numel()
     pieces.append(piece)
-    world = dist.get_world_size(group)
     for piece in pieces:
-        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in piece])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat /= world
-        offset = 0
-        for t in piece:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        del flat
+        _mean_in_place(piece, device, group)
     flags = (flags == 0).view(len(recording), 2).tolist()
     for probe, finite in zip(recording, flags):
         probe.finite = finite

@@ -28,6 +28,16 @@ def _config(targets, **overrides) -> gk.GARDConfig:
     return gk.GARDConfig(**(base | overrides))
 
 
+def _continue_training(gard, lr: float, steps: int) -> None:
+    """A few AdamW steps of a loaded run, GARD stepped after each."""
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=lr)
+    gard.attach_optimizer(opt)
+    gard.model.train()
+    for batch in batches(steps, seed=6):
+        gard.model(**batch).loss.backward()
+        opt.step(), gard.step(), opt.zero_grad()
+
+
 def _trained(make_model, targets, **overrides):
     """A GARD model after a few steps with unequal ranks, one layer at rank 0."""
     model = make_model()
@@ -113,12 +123,7 @@ def test_load_adapter_continues_at_saved_ranks(tmp_path, make_model, targets):
     resumed = gk.load_adapter(make_model(), tmp_path, config=_config(targets))
     assert resumed.ranks == gard.ranks
     torch.testing.assert_close(_logits(resumed.model.eval(), batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
-    opt = torch.optim.AdamW(resumed.lora_parameters(), lr=1e-2)
-    resumed.attach_optimizer(opt)
-    resumed.model.train()
-    for step_batch in batches(3, seed=6):
-        resumed.model(**step_batch).loss.backward()
-        opt.step(), resumed.step(), opt.zero_grad()
+    _continue_training(resumed, lr=1e-2, steps=3)
     assert resumed.num_lora_params <= resumed.config.budget
 
     # Without a config: the adapter's modules only, at their ranks, scaling from lora_alpha / r.
@@ -139,12 +144,7 @@ def test_static_run_continues_the_loaded_adapter_without_reallocating(tmp_path, 
     config = gk.GARDConfig(budget=1_500, target_modules=LLAMA_TARGETS, window=2, r_max=6, scaling=1.5, **options)
     resumed = gk.load_adapter(make_model(), tmp_path, config=config)
     loaded_b = {name: layer.lora_B.detach().clone() for name, layer in zip(resumed.names, resumed.manager.layers)}
-    opt = torch.optim.AdamW(resumed.lora_parameters(), lr=1e-3)
-    resumed.attach_optimizer(opt)
-    resumed.model.train()
-    for step_batch in batches(4, seed=6):
-        resumed.model(**step_batch).loss.backward()
-        opt.step(), resumed.step(), opt.zero_grad()
+    _continue_training(resumed, lr=1e-3, steps=4)
     assert resumed.ranks == gard.ranks and not [r for r in resumed.history if "reallocation" in r]
     for name, layer in zip(resumed.names, resumed.manager.layers):
         if layer.rank:
