@@ -1,17 +1,16 @@
 """Data-parallel GARD on CPU: two gloo processes against one process that sees both halves."""
 import contextlib
-import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gard_kernels as gk
 from gard_kernels import distributed
+
+from . import gloo_processes
 
 WORLD = 2
 STEPS = 14
@@ -69,54 +68,40 @@ def _events(gard: gk.GARD) -> list[dict]:
     return [r["reallocation"] for r in gard.history if "reallocation" in r]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
+def _worker(rank: int, out_dir: str) -> None:
+    _check_reduce_window(rank)
+    model = _model()
+    with pytest.raises(TypeError, match="rebuild_ddp"):
+        gk.GARD(nn.parallel.DistributedDataParallel(_model()), gk.GARDConfig(**CONFIG))
+    gard = gk.GARD(model, gk.GARDConfig(**CONFIG))
+    ddp = distributed.wrap_ddp(model)
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
+    gard.attach_optimizer(opt)
+    after_resize = []
+    for step in range(STEPS):
+        batches = _micro_batches(step, rank)
+        for index, (x, y) in enumerate(batches):
+            last = index == len(batches) - 1
+            with ddp.no_sync() if not last else contextlib.nullcontext():
+                loss = nn.functional.mse_loss(ddp(x), y) / len(batches)
+                loss.backward()
+        opt.step()
+        event = gard.step()
+        opt.zero_grad()
+        if event is not None:
+            ddp = distributed.rebuild_ddp(ddp)
+        elif _events(gard) and _events(gard)[-1]["step"] == step:
+            # The first step after a resize went through the rebuilt wrapper.
+            after_resize.append(_adapters(gard))
+    # A wrapper built directly (not by wrap_ddp) is rebuilt with its own arguments.
+    plain = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, bucket_cap_mb=1)
+    rebuilt = distributed.rebuild_ddp(plain)
+    assert rebuilt.find_unused_parameters and rebuilt.bucket_bytes_cap == 1024 * 1024
+    torch.save(
+        {"history": gard.history, "adapters": _adapters(gard), "after_resize": after_resize},
+        os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    try:
-        _check_reduce_window(rank)
-        model = _model()
-        with pytest.raises(TypeError, match="rebuild_ddp"):
-            gk.GARD(nn.parallel.DistributedDataParallel(_model()), gk.GARDConfig(**CONFIG))
-        gard = gk.GARD(model, gk.GARDConfig(**CONFIG))
-        ddp = distributed.wrap_ddp(model)
-        opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
-        gard.attach_optimizer(opt)
-        after_resize = []
-        for step in range(STEPS):
-            batches = _micro_batches(step, rank)
-            for index, (x, y) in enumerate(batches):
-                last = index == len(batches) - 1
-                with ddp.no_sync() if not last else contextlib.nullcontext():
-                    loss = nn.functional.mse_loss(ddp(x), y) / len(batches)
-                    loss.backward()
-            opt.step()
-            event = gard.step()
-            opt.zero_grad()
-            if event is not None:
-                ddp = distributed.rebuild_ddp(ddp)
-            elif _events(gard) and _events(gard)[-1]["step"] == step:
-                # The first step after a resize went through the rebuilt wrapper.
-                after_resize.append(_adapters(gard))
-        # A wrapper built directly (not by wrap_ddp) is rebuilt with its own arguments.
-        plain = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, bucket_cap_mb=1)
-        rebuilt = distributed.rebuild_ddp(plain)
-        assert rebuilt.find_unused_parameters and rebuilt.bucket_bytes_cap == 1024 * 1024
-        torch.save(
-            {"history": gard.history, "adapters": _adapters(gard), "after_resize": after_resize},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-        _profile_marginal_gain(rank, out_dir)
-    finally:
-        dist.destroy_process_group()
+    _profile_marginal_gain(rank, out_dir)
 
 
 def _check_reduce_window(rank: int) -> None:
@@ -147,7 +132,7 @@ def _single_process_run() -> gk.GARD:
 def spawned(tmp_path_factory):
     """One spawn of two gloo processes for every test of this file: each one is seconds of imports."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    gloo_processes.run(_worker, str(out), world=WORLD)
     load = lambda name: [torch.load(out / f"{name}{r}.pt", weights_only=False) for r in range(WORLD)]  # noqa: E731
     return {"run": load("rank"), "profile": load("profile")}
 

@@ -5,20 +5,18 @@ static mode through GARDCallback, the refusals); a second spawn, fresh processes
 first run from its torch.distributed.checkpoint. The parent compares with single-process runs.
 The checks that need no process group (stale optimizer, ZeRO-3, state layout) run in-process.
 """
-import datetime
 import os
-import socket
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gard_kernels as gk
 from gard_kernels import fsdp
 
+from . import gloo_processes
 
 WORLD = 2
 MICRO = 2  # micro-batches per process and optimizer step
@@ -116,26 +114,14 @@ def _start_net(sharded: bool = True):
     return model, gard, opt
 
 
-def _init(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-
-
-def _run_worker(rank: int, port: int, out_dir: str) -> None:
-    _init(rank, port)
-    try:
-        result = {}
-        result["net"] = _net_run(rank, out_dir)
-        result["llama"] = _llama_run(rank, out_dir)
-        result["default"] = _llama_default_run(rank, out_dir)
-        _mixed_precision_run(rank)
-        _refusals(rank)
-        torch.save(result, os.path.join(out_dir, f"run{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _run_worker(rank: int, out_dir: str) -> None:
+    result = {}
+    result["net"] = _net_run(rank, out_dir)
+    result["llama"] = _llama_run(rank, out_dir)
+    result["default"] = _llama_default_run(rank, out_dir)
+    _mixed_precision_run(rank)
+    _refusals(rank)
+    torch.save(result, os.path.join(out_dir, f"run{rank}.pt"))
 
 
 def _net_run(rank: int, out_dir: str) -> dict:
@@ -305,29 +291,19 @@ def _refusals(rank: int) -> None:
         gk.GARD(wrapped, gk.GARDConfig(**NET_CONFIG))
 
 
-def _resume_worker(rank: int, port: int, out_dir: str) -> None:
+def _resume_worker(rank: int, out_dir: str) -> None:
     """Fresh processes: GARD's state into a fresh GARD in place, then the optimizer's, as documented."""
     import torch.distributed.checkpoint as dcp
 
-    _init(rank, port)
-    try:
-        model, gard, opt = _start_net()
-        state = {"gard": gard.state_dict()}
-        dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
-        gard.load_state_dict(state["gard"])
-        opt.load_state_dict(torch.load(os.path.join(out_dir, "optimizer.pt")))
-        gard.attach_optimizer(opt)
-        for step in range(SAVE_AT, STEPS):
-            _net_step(model, opt, gard, _net_batches(step, rank))
-        torch.save({"history": gard.history, "factors": _factors(gard)}, os.path.join(out_dir, f"resumed{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    model, gard, opt = _start_net()
+    state = {"gard": gard.state_dict()}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+    gard.load_state_dict(state["gard"])
+    opt.load_state_dict(torch.load(os.path.join(out_dir, "optimizer.pt")))
+    gard.attach_optimizer(opt)
+    for step in range(SAVE_AT, STEPS):
+        _net_step(model, opt, gard, _net_batches(step, rank))
+    torch.save({"history": gard.history, "factors": _factors(gard)}, os.path.join(out_dir, f"resumed{rank}.pt"))
 
 
 def _single_net_run() -> gk.GARD:
@@ -356,8 +332,8 @@ def runs(tmp_path_factory):
     if not fsdp.fully_shard_available():
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_run_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    mp.spawn(_resume_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    gloo_processes.run(_run_worker, str(out), world=WORLD)
+    gloo_processes.run(_resume_worker, str(out), world=WORLD)
     load = lambda name: [torch.load(out / f"{name}{r}.pt", weights_only=False) for r in range(WORLD)]  # noqa: E731
     return {"run": load("run"), "resumed": load("resumed"), "dir": out}
 
