@@ -6,6 +6,7 @@ controller; not imported here, so the controller can import this module).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional
 
@@ -17,6 +18,7 @@ from .config import R_MAX_FLOOR, GARDConfig
 from .lora import peft_format
 from .lora.layer import adapter_shape
 from .lora.manager import find_targets
+from .lora.scaling import SCALING_RULES
 
 
 def run_state(gard) -> dict[str, Any]:
@@ -170,7 +172,8 @@ def gard_from_peft_adapter(cls: type, model: nn.Module, path, config: Optional[G
             or any plain PEFT LoRA adapter on Linear / Conv1D modules).
         config: GARDConfig of the continued run; its target_modules must cover the adapter's
             modules and its budget the adapter's parameters. None: the adapter's modules only,
-            budget = the adapter's parameter count, scaling = lora_alpha / r of its first layer.
+            budget = the adapter's parameter count, and PEFT's own scale at every rank
+            (lora_alpha / r, or / sqrt(r) with use_rslora: scaling_rule "linear" or "rslora").
     Raises:
         ValueError: not a LoRA adapter GARD can represent (DoRA, biases, modules_to_save,
             other weight names), or it does not fit `config` (modules, shapes, ranks, budget);
@@ -178,14 +181,7 @@ def gard_from_peft_adapter(cls: type, model: nn.Module, path, config: Optional[G
     """
     adapter = peft_format.read_adapter(path)
     if config is None:
-        names = list(adapter.factors)
-        config = GARDConfig(
-            budget=adapter.num_params,
-            target_modules="|".join(re.escape(n) for n in names),
-            r_init=0,
-            r_max=max(R_MAX_FLOOR, adapter.max_rank),
-            scaling=adapter.scalings[names[0]],
-        )
+        config = _config_of_adapter(adapter)
     if config.r_max is None:
         costs = [sum(adapter_shape(t.module)) for t in find_targets(model, config.target_modules)]
         config = config.with_resolved_r_max(costs)
@@ -204,3 +200,32 @@ def gard_from_peft_adapter(cls: type, model: nn.Module, path, config: Optional[G
         gard.allocated = True
         gard._set_capture(gard._capture_due(gard.step_count))
     return gard
+
+
+def _config_of_adapter(adapter: peft_format.AdapterFile) -> GARDConfig:
+    """The config that continues a PEFT adapter as PEFT would train it: its modules, its parameter
+    count as the budget, and the rule its scales follow, so that nothing is folded into B (the
+    factors' gradients are PEFT's) and a later resize keeps the rule: "rslora" with use_rslora
+    (lora_alpha / sqrt(r)), "constant" where unequal ranks share one scale (GARD's export of that
+    rule), else PEFT's lora_alpha / r ("linear"). A module whose alpha_pattern breaks the rule has
+    its scale folded into B."""
+    names = list(adapter.factors)
+    ranks = [a.shape[0] for a, _ in adapter.factors.values()]
+    scales = [adapter.scalings[name] for name in names]
+    if adapter.config.get("use_rslora"):
+        rule = "rslora"
+    elif len(set(ranks)) > 1 and all(math.isclose(s, scales[0], rel_tol=1e-9) for s in scales):
+        rule = "constant"
+    else:
+        rule = "linear"
+    costs = [a.shape[1] + b.shape[0] for a, b in adapter.factors.values()]
+    r_ref = adapter.num_params / sum(costs)  # GARD's reference rank: budget / Σ(d_in + d_out)
+    return GARDConfig(
+        budget=adapter.num_params,
+        target_modules="|".join(re.escape(n) for n in names),
+        r_init=0,
+        r_max=max(R_MAX_FLOOR, adapter.max_rank),
+        # scale(r) = scaling * (r_ref / r)^p equals the first module's PEFT scale at its rank.
+        scaling=scales[0] * (ranks[0] / r_ref) ** SCALING_RULES[rule],
+        scaling_rule=rule,
+    )

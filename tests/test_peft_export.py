@@ -218,3 +218,30 @@ def test_export_is_unambiguous_for_nested_names(tmp_path, targets, ranks):
     assert adapted == ranks
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert gk.load_adapter(_Nested(), tmp_path).ranks == ranks
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha-over-r", "rslora"])
+def test_load_adapter_without_config_trains_as_peft_does(tmp_path, use_rslora):
+    """An adapter with unequal ranks loaded without a config keeps PEFT's scale at every rank
+    (lora_alpha / r, or / sqrt(r) with use_rslora): B as saved, nothing folded, so the factors'
+    gradients are PEFT's and a resize follows PEFT's rule."""
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2, "down_proj": 3},
+        init_lora_weights=False, use_rslora=use_rslora,
+    )
+    peft_model = peft.get_peft_model(tiny_llama(), lora)
+    peft_model.save_pretrained(tmp_path)
+    gard = gk.load_adapter(tiny_llama(), tmp_path)
+    assert gard.config.scaling_rule == ("rslora" if use_rslora else "linear")
+    assert len(set(gard.ranks.values())) == 3
+    batch = batches(1, seed=3)[0]
+    peft_model(**batch).loss.backward()
+    gard.model(**batch).loss.backward()
+    for name, layer in zip(gard.names, gard.manager.layers):
+        theirs = peft_model.base_model.model.get_submodule(name)
+        assert layer.scaling == pytest.approx(theirs.scaling["default"], rel=1e-12), name
+        assert torch.equal(layer.lora_B.detach(), theirs.lora_B["default"].weight.detach()), name
+        torch.testing.assert_close(layer.lora_A.grad, theirs.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(layer.lora_B.grad, theirs.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-7)
+        # A resize keeps PEFT's rule: at rank 1 the scale is lora_alpha / 1 either way.
+        assert layer.scale_at(1) == pytest.approx(6.0), name
