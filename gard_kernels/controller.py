@@ -83,6 +83,8 @@ class GARD:
         device = next(model.parameters()).device
         self.step_count = 0
         self.allocated = False  # static mode: the one allocation has happened
+        # Step of the last resize that no step has yet checked the processes agree after (None: checked).
+        self._resized_at: Optional[int] = None
         self._probe_halves = (0, 0)  # batches in each half of the profile (marginal-gain scores)
         self.ema_statistic: Optional[torch.Tensor] = None
         self.history: list[dict[str, Any]] = []
@@ -289,6 +291,8 @@ class GARD:
                 "Call gard.attach_optimizer(optimizer) before the first optimizer step"
             )
         due = self._reallocation_due(self.step_count + 1)
+        if distributed.is_distributed() and (due or self._resized_at is not None):
+            self._check_replicas()
         if due and self.schedule.reinitialises_every_layer:
             # A static allocation re-initialises every layer: that always needs the optimizer.
             self._require_optimizer()
@@ -314,8 +318,35 @@ class GARD:
             event = None
         if event is not None:
             record["reallocation"] = event
+            self._resized_at = self.step_count
         self.history.append(record)
         return event
+
+    def _check_replicas(self) -> None:
+        """Under torch.distributed, raise unless every process holds the same LoRA factors.
+
+        Data parallelism keeps them equal; a DDP wrapper built before a resize does not (it
+        averages the gradients of the parameters it was built with), and the processes' adapters
+        drift apart without an error. Checked at every re-allocation and at the first step after
+        one (or after the profile): two float64 sums per factor, one small all-reduce.
+        """
+        sums = [
+            value
+            for layer in self.manager.layers
+            for factor in (layer.lora_A, layer.lora_B)
+            for value in (factor.detach().double().sum(), factor.detach().double().square().sum())
+        ]
+        advice = {}
+        if self._resized_at is not None:
+            advice["advice"] = (
+                f"The adapters were resized at step {self._resized_at}: a DDP wrapper built before that still "
+                "averages the old parameters' gradients only. Rebuild it whenever gard.step() returns a "
+                "re-allocation (ddp = gard_kernels.distributed.rebuild_ddp(ddp)) and profile before wrapping; a "
+                "framework that owns its wrapper (the Hugging Face Trainer) cannot: use static mode profiled "
+                "before trainer.train(), or FSDP2 (docs/distributed.md)"
+            )
+        fsdp.check_replicated(torch.stack(sums).to(self.ring.device), "the checksums of GARD's LoRA factors", **advice)
+        self._resized_at = None
 
     def _require_optimizer(self) -> None:
         if self.optimizer is None:
@@ -399,6 +430,7 @@ class GARD:
         self._set_capture(self._capture_due(self.step_count))
         self.history.append({"step": self.step_count, "ranks": self.manager.ranks, "params": self.num_lora_params,
                              "reallocation": event, "profile": True})
+        self._resized_at = self.step_count
         return event
 
     def _check_profile_call(self, steps: Any) -> None:

@@ -176,12 +176,22 @@ def _check_mesh_spans_group(model: nn.Module, group) -> None:
             return
 
 
-def check_replicated(values: torch.Tensor, what: str, group: Optional[dist.ProcessGroup] = None) -> None:
+_REPLICATION_ADVICE = (
+    "Under FSDP2 attach the optimizer (gard.attach_optimizer) before the first step, so that GARD "
+    "averages them; under DDP build the wrapper with gard_kernels.distributed.wrap_ddp and rebuild it "
+    "after every re-allocation"
+)
+
+
+def check_replicated(
+    values: torch.Tensor, what: str, group: Optional[dist.ProcessGroup] = None, advice: str = _REPLICATION_ADVICE
+) -> None:
     """Raise unless `values` is bit-identical on every process (one all-reduce of 2 x numel floats).
 
     Args:
         values: 1-D tensor, the same shape on every process.
         what: what the values are, for the message.
+        advice: what to change, for the message.
     """
     if not is_distributed(group) or values.numel() == 0:
         return
@@ -193,7 +203,5 @@ def check_replicated(values: torch.Tensor, what: str, group: Optional[dist.Proce
     if bool(differs.any()):
         raise RuntimeError(
             f"{what} differ between processes (by up to {float((high - low)[differs].abs().max()):.3g}): their "
-            "gradients were not reduced. Under FSDP2 attach the optimizer (gard.attach_optimizer) before the "
-            "first step, so that GARD averages them; under DDP build the wrapper with "
-            "gard_kernels.distributed.wrap_ddp and rebuild it after every re-allocation"
+            f"gradients were not reduced. {advice}"
         )

@@ -101,7 +101,29 @@ def _worker(rank: int, out_dir: str) -> None:
         {"history": gard.history, "adapters": _adapters(gard), "after_resize": after_resize},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    torch.save(_stale_wrapper_run(rank), os.path.join(out_dir, f"stale{rank}.pt"))
     _profile_marginal_gain(rank, out_dir)
+
+
+def _stale_wrapper_run(rank: int) -> dict:
+    """The loop above without rebuild_ddp: the wrapper built before the first re-allocation keeps
+    averaging the old parameters only, and the resized adapters drift apart. GARD's first step
+    after the resize refuses on every process."""
+    model = _model()
+    gard = gk.GARD(model, gk.GARDConfig(**CONFIG))
+    ddp = distributed.wrap_ddp(model)
+    opt = torch.optim.AdamW(gard.lora_parameters(), lr=2e-2)
+    gard.attach_optimizer(opt)
+    for step in range(STEPS):
+        for x, y in _micro_batches(step, rank):
+            (nn.functional.mse_loss(ddp(x), y) / MICRO).backward()
+        opt.step()
+        try:
+            gard.step()
+        except RuntimeError as refused:
+            return {"step": step, "message": str(refused), "events": _events(gard)}
+        opt.zero_grad()
+    return {"step": None, "message": "", "events": _events(gard)}
 
 
 def _check_reduce_window(rank: int) -> None:
@@ -134,7 +156,7 @@ def spawned(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     gloo_processes.run(_worker, str(out), world=WORLD)
     load = lambda name: [torch.load(out / f"{name}{r}.pt", weights_only=False) for r in range(WORLD)]  # noqa: E731
-    return {"run": load("rank"), "profile": load("profile")}
+    return {"run": load("rank"), "profile": load("profile"), "stale": load("stale")}
 
 
 def test_two_processes_allocate_like_one_process_seeing_both_halves(spawned):
@@ -240,6 +262,15 @@ def _gora_safe_profile(batches_: list) -> tuple:
     gard = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG, grow_init="gora_safe", scaling_rule="rslora"))
     gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=3e-2))
     return gard, gard.profile(batches_)
+
+
+def test_a_wrapper_not_rebuilt_after_a_resize_is_refused_at_the_next_step(spawned):
+    stale = spawned["stale"]
+    resized = stale[0]["events"][0]["step"]  # GARD counts steps from 1: the loop's index `resized` - 1
+    # Refused at the next optimizer step (loop index `resized`), on every process, with what to do.
+    assert [r["step"] for r in stale] == [resized] * WORLD
+    assert stale[0]["message"] == stale[1]["message"]
+    assert f"resized at step {resized}" in stale[0]["message"] and "rebuild_ddp(ddp)" in stale[0]["message"]
 
 
 def test_marginal_gain_profile_of_two_processes_equals_one_process_seeing_both(spawned, one_thread):

@@ -367,15 +367,22 @@ def test_profile_pass_leaves_the_epoch_order_under_the_seedable_sampler(tmp_path
     assert profiled[:window] == in_loop[:window]
 
 
-def test_profile_under_ddp_is_refused_before_the_wrapper_goes_stale(tmp_path, monkeypatch):
-    """Under DDP the Trainer's wrapper exists before on_train_begin: the callback does not resize
-    the adapters under it, and says to profile before trainer.train()."""
+@pytest.mark.parametrize(
+    "options, why",
+    [({}, "static mode allocates"), ({"score": "update_nuclear", "grow_init": "zero"}, "static mode allocates"),
+     ({"mode": "dynamic"}, "dynamic mode re-allocates")],
+    ids=["profiled-static", "in-loop-static", "dynamic"],
+)
+def test_resizing_under_ddp_is_refused_before_the_wrapper_goes_stale(tmp_path, monkeypatch, options, why):
+    """Under DDP the Trainer's wrapper exists before on_train_begin and is never rebuilt: the
+    callback refuses every run that would resize the adapters under it (its own profile, an
+    in-loop static allocation, dynamic re-allocation), and says what trains instead."""
     from gard_kernels import distributed
 
-    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS))
+    callback = GARDCallback(gk.GARDConfig(budget=BUDGET, target_modules=TARGETS, **options))
     trainer = _trainer(tmp_path, callback, max_steps=2)
     monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
-    with pytest.raises(ValueError, match=r"before trainer.train\(\)"):
+    with pytest.raises(ValueError, match=rf"{why}.*profile\(batches\).*before trainer.train\(\), or shard with FSDP2"):
         callback.on_train_begin(trainer.args, trainer.state, transformers.TrainerControl(), model=trainer.model,
                                 optimizer=trainer.create_optimizer(), train_dataloader=trainer.get_train_dataloader())
     assert not callback.gard.allocated and callback.gard.step_count == 0

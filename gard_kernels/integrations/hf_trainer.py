@@ -159,6 +159,7 @@ class GARDCallback(TrainerCallback):
             raise ValueError("GARDCallback needs the Trainer's optimizer at on_train_begin")
         optimizer = _unwrap_optimizer(optimizer)
         _check_state_shapes(optimizer, gard)
+        _refuse_resizes_under_ddp(gard)
         gard.attach_optimizer(optimizer)
         if gard._needs_profile() and not gard.allocated:
             self._profile(gard, args, kwargs.get("train_dataloader"))
@@ -178,15 +179,6 @@ class GARDCallback(TrainerCallback):
                 "batches and the Trainer passed no train_dataloader to take them from: call "
                 "callback.gard.profile(batches) before trainer.train(), or set score='update_nuclear' and "
                 "grow_init='gora' (or 'zero'), allocated from the first training steps"
-            )
-        if distributed.is_distributed() and not fsdp.is_fully_sharded(gard.model):
-            # DDP: the Trainer built its wrapper (buckets of the adapters' current shapes) before
-            # this event, and the allocation resizes the adapters under it.
-            raise ValueError(
-                "under torch.distributed without FSDP2 the Trainer wraps the model in DDP before this callback "
-                "could profile, and the allocation would resize the adapters under that wrapper: call "
-                "callback.gard.profile(batches) (each process its own batches) before trainer.train() "
-                "(docs/distributed.md)"
             )
         _check_enough_batches(gard, train_dataloader)
         gard.profile(_on_device(batch, args.device) for batch in train_dataloader)
@@ -290,6 +282,26 @@ def _check_quantization_trains(model: nn.Module) -> None:
         "quantization, with or without adapters. If its weights are in fact floats (GGUF files load "
         "de-quantized), the flags are stale: clear them first with "
         "gard_kernels.experiments.models.clear_dequantized_flags(model)"
+    )
+
+
+def _refuse_resizes_under_ddp(gard: GARD) -> None:
+    """Under DDP (torch.distributed without FSDP2) the Trainer wrapped the model before this
+    callback runs and never rebuilds that wrapper: an adapter resized afterwards would have its
+    gradients averaged no more, and the processes would drift apart. Only a static run whose one
+    allocation is done (profiled before trainer.train()) trains there."""
+    if not distributed.is_distributed() or fsdp.is_fully_sharded(gard.model):
+        return
+    if gard.config.mode == "static" and gard.allocated:
+        return
+    what = "dynamic mode re-allocates during training" if gard.config.mode == "dynamic" else (
+        "static mode allocates at the start of training"
+    )
+    raise ValueError(
+        f"under torch.distributed without FSDP2 the Trainer wraps the model in DDP before this callback runs, "
+        f"and {what}: the resized adapters' gradients would no longer be averaged over the processes. Use "
+        "static mode and call callback.gard.profile(batches) (each process its own batches) before "
+        "trainer.train(), or shard with FSDP2 (docs/distributed.md)"
     )
 
 
