@@ -24,8 +24,10 @@ DEFAULT_SCORES = {"static": "marginal_gain", "dynamic": "update_nuclear"}
 # cost 1 PPL at all-linear average rank 8, docs/results.md).
 DEFAULT_GROW_INITS = {"static": "gora_safe", "dynamic": "zero"}
 
-# The layer's grow inits, and "gora_safe": GoRA's step, checked on the profile batches.
-GROW_INITS = (*_layer.GROW_INITS, "gora_safe")
+# The layer's grow inits, and GoRA's step checked on the profile batches: from the last batch's
+# gradient ("gora_safe") or from the mean gradient of the others ("gora_mean").
+CHECKED_GROW_INITS = ("gora_safe", "gora_mean")
+GROW_INITS = (*_layer.GROW_INITS, *CHECKED_GROW_INITS)
 
 
 @dataclass
@@ -113,7 +115,9 @@ class GARDConfig:
         "(static mode, with gard.profile): GoRA's step, then halved (up to 6 times, else dropped: B = 0) until "
         "the mean loss over the profile batches but the last (the one the gradient came from) is no higher "
         "than with B = 0, so it can never start worse than \"gradient\" does; the allocation record holds the "
-        'factor kept ("init_step_scale").')})
+        'factor kept ("init_step_scale"). "gora_mean" (static mode, with gard.profile): the same, but the '
+        "directions and the step come from the mean gradient of the profile batches but the first (GoRA's own "
+        "mean over its profile), and the check runs on the first.")})
     shrink: str = field(default="norm", metadata={"help": (
         'which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the best rank-r '
         'approximation of the current update ("svd")')})
@@ -176,8 +180,8 @@ class GARDConfig:
             f"use mode='static', or a layer score ({', '.join(LAYER_SCORES)}) for mode='dynamic'",
         )
         require(
-            self.grow_init != "gora_safe" or self.mode == "static",
-            "grow_init='gora_safe' checks GoRA's step on the profile batches (gard.profile), which dynamic "
+            self.grow_init not in CHECKED_GROW_INITS or self.mode == "static",
+            f"grow_init={self.grow_init!r} checks GoRA's step on the profile batches (gard.profile), which dynamic "
             "re-allocations do not have: use mode='static', or grow_init='gora' / 'gradient' for mode='dynamic'",
         )
         require(is_int(self.r_min) and self.r_min >= 0, f"r_min must be an int >= 0, got {self.r_min!r}")
@@ -223,8 +227,8 @@ class GARDConfig:
 
     @property
     def layer_grow_init(self) -> str:
-        """The grow_init LoRALayer.resize runs ("gora_safe" grows as "gora" and is checked afterwards)."""
-        return "gora" if self.grow_init == "gora_safe" else self.grow_init
+        """The grow_init LoRALayer.resize runs (CHECKED_GROW_INITS grow as "gora" and are checked afterwards)."""
+        return "gora" if self.grow_init in CHECKED_GROW_INITS else self.grow_init
 
     @property
     def warmup_steps(self) -> int:

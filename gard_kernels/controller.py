@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import checkpoint, distributed, fsdp
 from .allocate import allocate_ranks
-from .config import DEFAULT_SCORES, GARDConfig, default_r_max
+from .config import CHECKED_GROW_INITS, DEFAULT_SCORES, GARDConfig, default_r_max
 from .lora.capture import CaptureHandle
 from .lora.layer import adapter_shape
 from .lora.manager import LoRAManager, find_targets
@@ -269,14 +269,14 @@ class GARD:
         """
         if self._needs_profile() and not self.allocated:
             needs = [f"score={self.config.score!r}"] if self.config.score in GAIN_SCORES else []
-            if self.config.grow_init == "gora_safe":
-                needs.append("grow_init='gora_safe'")
+            if self._checks_init_step():
+                needs.append(f"grow_init={self.config.grow_init!r}")
             what = " and ".join(needs)
             if self.config.score == DEFAULT_SCORES["static"]:
                 what += " (the defaults)" if len(needs) > 1 else " (the default)"
             # Profiling in the loop needs a layer score and a start that no profile checks.
             instead = "score='update_nuclear'" if self.config.score in GAIN_SCORES else ""
-            if self.config.grow_init == "gora_safe":
+            if self._checks_init_step():
                 instead += (" and " if instead else "") + "grow_init='gora' (or 'zero')"
             raise RuntimeError(
                 f"{what} allocates from profile batches: call gard.profile(batches) before the "
@@ -406,6 +406,7 @@ class GARD:
         try:
             try:
                 self._profile_passes(batch_iter, steps, loss_fn, kept)
+                self._average_range_finders(steps)
             finally:
                 for param, grad, value in grads:
                     if grad is not None:
@@ -417,8 +418,9 @@ class GARD:
             event = self._reallocate(require_optimizer=False, skip_junk=False)
             if layers is not None:
                 # Checked on the batches the range finder did not see: the step is a gradient step
-                # of the last batch, and would look good on that batch whatever its size.
-                event["init_step_scale"] = self._check_init_step(kept[:-1], loss_fn)
+                # of the others, and would look good on them whatever its size.
+                unseen = kept[:1] if self.config.grow_init == "gora_mean" else kept[:-1]
+                event["init_step_scale"] = self._check_init_step(unseen, loss_fn)
         except BaseException:
             # A refused profile leaves GARD as it was (the batches it took are spent).
             for handle in self.handles:
@@ -455,9 +457,9 @@ class GARD:
             batch = next(batch_iter, _EXHAUSTED)
             if batch is _EXHAUSTED:
                 raise ValueError(f"profile got {done} batches but needs steps={steps}; pass more batches or fewer steps")
-            # A gradient-initialised grow reads the range finder of the last profiled batch
-            # (of the last pass, when the gain probes pass over the batches again).
-            self._set_capture(True, arm=done == steps - 1 and self._grows_from_gradient() and not probing)
+            # A gradient-initialised grow reads the range finder of this pass (of the last pass,
+            # when the gain probes pass over the batches again).
+            self._set_capture(True, arm=not probing and self._range_finder_feeds(done, steps))
             self._set_probe_half(done, steps)
             loss = self._loss(batch, loss_fn)
             loss.backward()
@@ -471,11 +473,32 @@ class GARD:
         return loss_fn(self.model, batch) if loss_fn is not None else self.model(**batch).loss
 
     def _checks_init_step(self) -> bool:
-        return self.config.grow_init == "gora_safe"
+        return self.config.grow_init in CHECKED_GROW_INITS
 
     def _needs_profile(self) -> bool:
         """Whether the allocation needs the profile batches (gard.profile), not just the training steps."""
-        return self.config.score in GAIN_SCORES or self.config.grow_init == "gora_safe"
+        return self.config.score in GAIN_SCORES or self._checks_init_step()
+
+    def _range_finder_feeds(self, done: int, steps: int) -> Union[bool, str]:
+        """What profile batch `done` of `steps` does to the range finder of a gradient-initialised
+        grow (_set_capture's `arm`): the last batch feeds it alone (True: armed afresh there), or,
+        for "gora_mean", every batch but the first, which its check keeps unseen (True at the
+        second, "keep" after it)."""
+        if not self._grows_from_gradient():
+            return False
+        if self.config.grow_init == "gora_mean":
+            return True if done == 1 else ("keep" if done > 1 else False)
+        return done == steps - 1
+
+    def _average_range_finders(self, steps: int) -> None:
+        """"gora_mean": the range finders summed the gradients of steps - 1 batches; GoRA's step
+        is one step of their mean (each batch's loss is already a mean over its tokens)."""
+        if self.config.grow_init != "gora_mean":
+            return
+        for handle in self.handles:
+            if handle.range_finder.armed:
+                for total in handle.range_finder.sums:
+                    total.div_(steps - 1)
 
     @torch.no_grad()
     def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
@@ -532,7 +555,7 @@ class GARD:
             for handle in self.handles:
                 handle.gain_probe.next_pass()
             for done, batch in enumerate(kept):
-                self._set_capture(False, arm=last_pass and done == len(kept) - 1 and self._grows_from_gradient())
+                self._set_capture(False, arm=last_pass and self._range_finder_feeds(done, len(kept)))
                 self._set_probe_half(done, len(kept))
                 loss = self._loss(batch, loss_fn)
                 loss.backward()
@@ -584,8 +607,9 @@ class GARD:
     def _set_capture(self, on: bool, arm: Optional[bool] = None) -> None:
         """Switch capture on or off for the step that runs next.
 
-        arm: whether the range finder accumulates this step (grow_init="gradient"); default: only
-        on the last step before a re-allocation.
+        arm: whether the range finder accumulates this step (grow_init="gradient"; armed afresh),
+        "keep" to leave it as it is (still accumulating if armed); default: only on the last step
+        before a re-allocation.
         """
         # The last generator draws of every public call happen here (arming the range finder);
         # state_dict() saves the state from before them, so a resumed run re-arms identically.
@@ -597,6 +621,8 @@ class GARD:
             if arm is None:
                 arm = on and self._reallocation_due(self.step_count + 1)
             for handle in self.handles:
+                if arm == "keep":
+                    continue
                 if arm:
                     handle.arm_range_finder(self._range_width(), self._generator)
                 else:

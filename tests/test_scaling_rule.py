@@ -1,5 +1,5 @@
 """Rank-dependent LoRA scale (GARDConfig.scaling_rule, lora/scaling.py) and the checked GoRA
-initialisation (grow_init="gora_safe")."""
+initialisations (grow_init="gora_safe" and "gora_mean")."""
 
 import pytest
 import torch
@@ -184,15 +184,15 @@ def _run(grow_init, lr, profile, train=(), held=()):
     return at_init, loss(), event.get("init_step_scale")
 
 
-@pytest.mark.parametrize("lr", [1e-2])
-def test_gora_safe_never_starts_worse_than_zero_where_gora_does(lr):
-    # Random tokens: the last profile batch's gradient is noise for every other batch, and GoRA's
-    # step along it raises their loss; the checked step keeps B = 0 there.
+@pytest.mark.parametrize("checked, unseen", [("gora_safe", slice(0, -1)), ("gora_mean", slice(0, 1))])
+def test_checked_gora_never_starts_worse_than_zero_where_gora_does(checked, unseen):
+    # Random tokens: the gradient of some profile batches is noise for the others, and GoRA's step
+    # along it raises their loss; the checked step keeps B = 0 there (on the batches it did not see).
     profile = batches(4, batch=4, length=16, seed=1)
-    held = profile[:-1]
-    zero, _, _ = _run("zero", lr, profile, held=held)
-    gora, _, _ = _run("gora", lr, profile, held=held)
-    safe, _, scale = _run("gora_safe", lr, profile, held=held)
+    held = profile[unseen]
+    zero, _, _ = _run("zero", 1e-2, profile, held=held)
+    gora, _, _ = _run("gora", 1e-2, profile, held=held)
+    safe, _, scale = _run(checked, 1e-2, profile, held=held)
     assert gora > zero and safe <= zero and scale < 1.0
 
 
@@ -203,12 +203,53 @@ def test_gora_safe_keeps_a_useful_step_and_trains_no_worse_than_zero():
     assert scale == 1.0 and safe_init < zero_init and safe_trained <= zero_trained
 
 
-def test_gora_safe_needs_the_profile_and_static_mode():
-    with pytest.raises(ValueError, match="gora_safe"):
-        gk.GARDConfig(budget=1000, mode="dynamic", grow_init="gora_safe")
-    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init="gora_safe", backend="torch"))
-    with pytest.raises(RuntimeError, match="profile"):
+@pytest.mark.parametrize("checked", ["gora_safe", "gora_mean"])
+def test_checked_gora_needs_the_profile_and_static_mode(checked):
+    with pytest.raises(ValueError, match=checked):
+        gk.GARDConfig(budget=1000, mode="dynamic", grow_init=checked)
+    gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=1000, grow_init=checked, backend="torch"))
+    with pytest.raises(RuntimeError, match=f"profile.*grow_init='{checked}'|grow_init='{checked}'.*profile"):
         gard.step()
+
+
+def _mean_weight_gradients(profile: list[dict]) -> dict[str, torch.Tensor]:
+    """float64 mean over `profile` of every q_proj / v_proj weight's gradient in the base model
+    (GARD's adapters start with B = 0, so its layers see exactly these gradients)."""
+    model = tiny_llama().double()
+    weights = {name: module.weight for name, module in model.named_modules() if name.endswith(("q_proj", "v_proj"))}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    for batch in profile:
+        model(**batch).loss.backward()
+    return {name: weight.grad / len(profile) for name, weight in weights.items()}
+
+
+@pytest.mark.parametrize("score", ["uniform", "marginal_gain"])  # one profile pass, or three
+def test_gora_mean_steps_along_the_mean_gradient_of_every_profile_batch_but_the_first(score):
+    # Batches of 3 tokens: each gradient has rank <= 3, so the range finder (2 + 8 columns) holds
+    # the span of three batches' gradients exactly. The first batch repeats the second, so the
+    # check (on the first) keeps a non-zero share t of the step.
+    profile = batches(4, batch=1, length=3, seed=5)
+    profile[0] = profile[1]
+    lr, rank = 1e-2, 2
+    config = gk.GARDConfig(budget=rank * (32 + 32 + 32 + 16) * 2, r_max=rank, score=score, grow_init="gora_mean",
+                           scaling_rule="constant", k_in=4, k_out=4, backend="torch")
+    gard = gk.GARD(tiny_llama(), config)
+    gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=lr))
+    t = gard.profile(profile)["init_step_scale"]
+    assert t > 0
+    for which, gradients in (("mean", _mean_weight_gradients(profile[1:])), ("last", _mean_weight_gradients(profile[-1:]))):
+        for name, layer in zip(gard.names, gard.manager.layers):
+            g = gradients[name]
+            _, _, vh = torch.linalg.svd(g)
+            top = vh[: layer.rank]
+            # GoRA's step: B A = -(lr sqrt(d_in / r) / scale) G V^T V, whatever the signs of V.
+            expected = -t * lr * (layer.d_in / layer.rank) ** 0.5 / layer.scaling * g @ top.T @ top
+            got = (layer.lora_B.detach() @ layer.lora_A.detach()).double()
+            close = torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+            assert close == (which == "mean"), (which, name)
 
 
 def test_a_failing_check_of_gora_s_step_leaves_gard_as_it_was():
