@@ -91,8 +91,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "gard-marginal": _candidate(score="marginal_gain", grow_init="zero", scaling_rule="constant"),
     "gard-marginal-rslora": _candidate(score="marginal_gain", grow_init="zero", scaling_rule="rslora"),
     "gard-marginal-rslora-safe": _candidate(score="marginal_gain", grow_init="gora_safe", scaling_rule="rslora"),
-    # GoRA's step from the mean gradient of the profile (GoRA's own Ḡ) rather than its last batch.
+    # GoRA's step from the mean gradient of the profile (GoRA's own Ḡ) rather than its last batch,
+    # and A along the gradient's top directions without the step (B = 0).
     "gard-marginal-rslora-mean": _candidate(score="marginal_gain", grow_init="gora_mean", scaling_rule="rslora"),
+    "gard-marginal-rslora-gradient": _candidate(score="marginal_gain", grow_init="gradient", scaling_rule="rslora"),
     "gard-marginal-sq-rslora": _candidate(score="marginal_gain_sq", grow_init="zero", scaling_rule="rslora"),
     "gard-nuclear-rslora": _candidate(score="update_nuclear", grow_init="zero", scaling_rule="rslora"),
     **{name: {"kind": name, "config": BASELINE_PRESET} for name in BASELINES},
