@@ -232,9 +232,12 @@ def _profile_marginal_gain(rank: int, out_dir: str) -> None:
     again = poisoned.profile([dict(b, scale=1.0) for b in _profile_batches(rank)], loss_fn=_scaled_loss)
     # GoRA's step checked on the profile batches: the losses are averaged over the processes.
     checked, checked_event = _gora_safe_profile(_gora_safe_batches(rank))
+    # ... and from the mean gradient of the profile batches but the first (grow_init="gora_mean").
+    mean, mean_event = _gora_safe_profile(_gora_safe_batches(rank), "gora_mean")
     torch.save(
         {"event": event, "refused": str(refused.value), "unallocated": unallocated, "again": again,
-         "checked_event": checked_event, "checked_b": [layer.lora_B.detach().clone() for layer in checked.manager.layers]},
+         "checked_event": checked_event, "checked_b": [layer.lora_B.detach().clone() for layer in checked.manager.layers],
+         "mean_event": mean_event, "mean_b": [layer.lora_B.detach().clone() for layer in mean.manager.layers]},
         os.path.join(out_dir, f"profile{rank}.pt"),
     )
 
@@ -255,10 +258,10 @@ def _gora_safe_batches(rank: int) -> list[dict]:
     return out
 
 
-def _gora_safe_profile(batches_: list) -> tuple:
+def _gora_safe_profile(batches_: list, grow_init: str = "gora_safe") -> tuple:
     from .models import tiny_llama
 
-    gard = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG, grow_init="gora_safe", scaling_rule="rslora"))
+    gard = gk.GARD(tiny_llama(seed=0), gk.GARDConfig(**PROFILE_CONFIG, grow_init=grow_init, scaling_rule="rslora"))
     gard.attach_optimizer(torch.optim.AdamW(gard.lora_parameters(), lr=3e-2))
     return gard, gard.profile(batches_)
 
@@ -315,6 +318,23 @@ def test_gora_safe_check_of_two_processes_equals_one_process_seeing_both(spawned
     for mine, theirs in zip(runs[0]["checked_b"], [layer.lora_B.detach() for layer in single.manager.layers]):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
     assert any(b.abs().sum() > 0 for b in runs[0]["checked_b"])  # a step was kept, not dropped
+
+
+def test_gora_mean_of_two_processes_equals_one_process_seeing_both(spawned, one_thread):
+    """grow_init="gora_mean" under torch.distributed: the mean gradient of each process's batches
+    but the first, averaged over the processes, and the check on every process's first batch, as
+    one process profiling the joined batches."""
+    runs = spawned["profile"]
+    assert runs[0]["mean_event"] == runs[1]["mean_event"]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["mean_b"], runs[1]["mean_b"]))
+    joint = [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(_gora_safe_batches(0), _gora_safe_batches(1))]
+    single, event = _gora_safe_profile(joint, "gora_mean")
+    assert runs[0]["mean_event"]["init_step_scale"] == event["init_step_scale"] > 0
+    assert runs[0]["mean_event"]["ranks"] == event["ranks"]
+    for mine, theirs in zip(runs[0]["mean_b"], [layer.lora_B.detach() for layer in single.manager.layers]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
+    # Not the last batch's step: gora_safe's B on the same batches differs.
+    assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(runs[0]["mean_b"], runs[0]["checked_b"]))
 
 
 def test_single_process_is_a_no_op():
