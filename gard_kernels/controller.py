@@ -491,8 +491,8 @@ class GARD:
         return done == steps - 1
 
     def _average_range_finders(self, steps: int) -> None:
-        """"gora_mean": the range finders summed the gradients of steps - 1 batches; GoRA's step
-        is one step of their mean (each batch's loss is already a mean over its tokens)."""
+        """grow_init="gora_mean": the range finders summed the gradients of steps - 1 batches;
+        GoRA's step is one step of their mean (each batch's loss is already a mean over its tokens)."""
         if self.config.grow_init != "gora_mean":
             return
         for handle in self.handles:
@@ -604,7 +604,7 @@ class GARD:
             return True
         return self.schedule.capture_due(t, self.allocated)
 
-    def _set_capture(self, on: bool, arm: Optional[bool] = None) -> None:
+    def _set_capture(self, on: bool, arm: Optional[Union[bool, str]] = None) -> None:
         """Switch capture on or off for the step that runs next.
 
         arm: whether the range finder accumulates this step (grow_init="gradient"; armed afresh),
