@@ -419,7 +419,8 @@ class GARD:
             if layers is not None:
                 # Checked on the batches the range finder did not see: the step is a gradient step
                 # of the others, and would look good on them whatever its size.
-                unseen = kept[:1] if self.config.grow_init == "gora_mean" else kept[:-1]
+                fed = self._init_gradient_batches(len(kept))
+                unseen = [batch for done, batch in enumerate(kept) if done not in fed]
                 event["init_step_scale"] = self._check_init_step(unseen, loss_fn)
         except BaseException:
             # A refused profile leaves GARD as it was (the batches it took are spent).
@@ -479,26 +480,27 @@ class GARD:
         """Whether the allocation needs the profile batches (gard.profile), not just the training steps."""
         return self.config.score in GAIN_SCORES or self._checks_init_step()
 
+    def _init_gradient_batches(self, steps: int) -> range:
+        """The profile batches whose gradient a gradient-initialised grow starts from: the last
+        one, or every one but the first ("gora_mean"); a checked start is checked on the others."""
+        return range(1, steps) if self.config.grow_init == "gora_mean" else range(steps - 1, steps)
+
     def _range_finder_feeds(self, done: int, steps: int) -> Union[bool, str]:
-        """What profile batch `done` of `steps` does to the range finder of a gradient-initialised
-        grow (_set_capture's `arm`): the last batch feeds it alone (True: armed afresh there), or,
-        for "gora_mean", every batch but the first, which its check keeps unseen (True at the
-        second, "keep" after it)."""
-        if not self._grows_from_gradient():
+        """What profile batch `done` of `steps` does to the range finder (_set_capture's `arm`):
+        armed afresh at the first of _init_gradient_batches, kept armed ("keep") through the rest."""
+        fed = self._init_gradient_batches(steps)
+        if not self._grows_from_gradient() or done not in fed:
             return False
-        if self.config.grow_init == "gora_mean":
-            return True if done == 1 else ("keep" if done > 1 else False)
-        return done == steps - 1
+        return True if done == fed[0] else "keep"
 
     def _average_range_finders(self, steps: int) -> None:
-        """grow_init="gora_mean": the range finders summed the gradients of steps - 1 batches;
-        GoRA's step is one step of their mean (each batch's loss is already a mean over its tokens)."""
-        if self.config.grow_init != "gora_mean":
-            return
+        """The range finders summed the gradients of _init_gradient_batches; GoRA's step is one
+        step of their mean (each batch's loss is already a mean over its tokens)."""
+        count = len(self._init_gradient_batches(steps))
         for handle in self.handles:
-            if handle.range_finder.armed:
+            if count > 1 and handle.range_finder.armed:
                 for total in handle.range_finder.sums:
-                    total.div_(steps - 1)
+                    total.div_(count)
 
     @torch.no_grad()
     def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
