@@ -102,7 +102,7 @@ class GARD:
             model.requires_grad_(False)
             self.manager = LoRAManager(model, config.target_modules, 0, config.scaling)
             # scale(r) per scaling_rule; every rule gives `scaling` at the budget's average rank.
-            rank_scaling = RankScaling(config.scaling, config.scaling_rule, config.budget / sum(costs))
+            rank_scaling = RankScaling(config.scaling, config.scaling_rule, _reference_rank(config, costs, caps))
             for layer in self.manager.layers:
                 layer.rank_scaling = rank_scaling
             self.ring = SketchRing(len(self.manager), config.window, config.k_in * config.k_out, device=device)
@@ -798,13 +798,24 @@ def _resolve_r_max(cfg: GARDConfig, costs: list[int]) -> GARDConfig:
     return cfg.with_resolved_r_max(costs)
 
 
+def _reachable_params(cfg: GARDConfig, costs: list[int], caps: list[int]) -> int:
+    """The most parameters the rank bounds let GARD spend: every layer at min(r_max, min(d_in, d_out))."""
+    return sum(min(cfg.r_max, cap) * cost for cost, cap in zip(costs, caps))
+
+
+def _reference_rank(cfg: GARDConfig, costs: list[int], caps: list[int]) -> float:
+    """r_ref of scale(r): the average rank of the budget GARD can spend, min(budget, reachable) / Σ cost.
+    A budget beyond the rank bounds must not raise the scale of ranks that can never reach it."""
+    return min(cfg.budget, _reachable_params(cfg, costs, caps)) / sum(costs)
+
+
 # Share of the budget that the rank bounds may leave out of reach before GARD warns.
 _UNSPENDABLE_SHARE = 0.10
 
 
 def _warn_unspendable(cfg: GARDConfig, costs: list[int], caps: list[int]) -> None:
     """Warn when r_max (and the layers' sizes) keep a meaningful part of the budget from being spent."""
-    reachable = sum(min(cfg.r_max, cap) * cost for cost, cap in zip(costs, caps))
+    reachable = _reachable_params(cfg, costs, caps)
     if reachable >= (1.0 - _UNSPENDABLE_SHARE) * cfg.budget:
         return
     enough = next(

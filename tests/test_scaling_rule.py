@@ -36,6 +36,19 @@ def test_uniform_lora_at_the_budgets_average_rank_is_the_same_under_every_rule(r
     assert all(layer.scaling == pytest.approx(2.0) for layer in gard.manager.layers)
 
 
+@pytest.mark.parametrize("rule", ["rslora", "linear"])
+def test_a_budget_r_max_cannot_spend_does_not_raise_the_scale(rule):
+    """r_ref counts only the reachable budget: uniform LoRA at r_max under a budget 4 x larger has
+    scale `scaling`, not scaling * 4^p (the unspendable part would otherwise inflate every layer)."""
+    cost = sum(l.d_in + l.d_out for l in gk.GARD(tiny_llama(), gk.GARDConfig(budget=10_000)).manager.layers)
+    with pytest.warns(UserWarning, match="GARD can spend at most"):
+        gard = gk.GARD(tiny_llama(), gk.GARDConfig(budget=12 * cost, score="uniform", scaling_rule=rule, r_max=3,
+                                                   window=2, k_in=4, k_out=4, backend="torch", grow_init="zero"))
+    gard.profile(batches(2), steps=2)
+    assert set(gard.ranks.values()) == {3}
+    assert all(layer.scaling == pytest.approx(2.0) for layer in gard.manager.layers)
+
+
 def _trained_layer(rank, rule, seed=0):
     torch.manual_seed(seed)
     base = torch.nn.Linear(12, 10).double()
