@@ -128,8 +128,9 @@ class GARDConfig:
         'how the scale depends on a layer\'s rank r: scale(r) = scaling * (r_ref / r)^p with p = 0 ("constant": '
         'a resize never rescales what was learned), 1/2 ("rslora", rank-stabilised) or 1 ("linear", PEFT\'s '
         "alpha / r), r_ref = budget / Σ(d_in + d_out), the average rank the budget allows (uniform LoRA at "
-        "that rank is the same under every rule; a budget r_max cannot spend counts only what it can). A resize under a rank-dependent rule rescales B (and its "
-        "optimizer state) so that the layer's output does not change.")})
+        "that rank is the same under every rule; of a budget r_max cannot spend, only what it can counts). "
+        "A resize under a rank-dependent rule rescales B (and its optimizer state) so that the layer's "
+        "output does not change.")})
     seed: int = field(default=0, metadata={"help": (
         "run seed; per-layer projection seeds, adapter inits and random scores derive from it")})
     backend: str = field(default="auto", metadata={"help": (

@@ -186,9 +186,8 @@ def test_controller_invariants(monkeypatch, run):
             # Every rank 0 and capture off: nothing to train this step.
             if loss.requires_grad:
                 loss.backward()
-            # Clipped: SGD with momentum at a large rank-dependent scale (budgets r_max cannot
-            # spend give r_ref far above the ranks) otherwise overflows, and inf - inf hides
-            # every invariant below.
+            # Clipped: SGD's momentum under a large rank-dependent scale (up to scaling * r_ref at
+            # rank 1 under "linear") can overflow, and inf - inf would hide every invariant below.
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             before, inputs = _probe(model, gard, probe_x)
