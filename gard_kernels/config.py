@@ -25,8 +25,9 @@ DEFAULT_SCORES = {"static": "marginal_gain", "dynamic": "update_nuclear"}
 DEFAULT_GROW_INITS = {"static": "gora_safe", "dynamic": "zero"}
 
 # The layer's grow inits, and GoRA's step checked on the profile batches: from the last batch's
-# gradient ("gora_safe") or from the mean gradient of the others ("gora_mean").
-CHECKED_GROW_INITS = ("gora_safe", "gora_mean")
+# gradient ("gora_safe"; its size searched, not capped at the learning rate's: "gora_search") or
+# from the mean gradient of the others ("gora_mean").
+CHECKED_GROW_INITS = ("gora_safe", "gora_mean", "gora_search")
 GROW_INITS = (*_layer.GROW_INITS, *CHECKED_GROW_INITS)
 
 
@@ -117,7 +118,11 @@ class GARDConfig:
         "than with B = 0, so it can never start worse than \"gradient\" does; the allocation record holds the "
         'factor kept ("init_step_scale"). "gora_mean" (static mode, with gard.profile): the same, but the '
         "directions and the step come from the mean gradient of the profile batches but the first (GoRA's own "
-        "mean over its profile), and the check runs on the first.")})
+        "mean over its profile), and the check runs on the first. \"gora_search\" (static mode, with gard.profile): "
+        "gora_safe's directions and check, but the step's size is searched rather than capped at the learning "
+        "rate's: each layer's step sqrt(d_in / r) * lambda for lambda = 4, 2, 1, ..., 2^-10 whatever the learning "
+        "rate (GoRA's adaptive step, He et al. 2025), the lambda with the lowest loss on those batches kept "
+        '(B = 0 if none is below it; the record holds "init_step_lambda").')})
     shrink: str = field(default="norm", metadata={"help": (
         'which directions a shrinking layer keeps: largest ||a_i|| * ||b_i|| ("norm") or the best rank-r '
         'approximation of the current update ("svd")')})

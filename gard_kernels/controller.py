@@ -18,7 +18,7 @@ from . import checkpoint, distributed, fsdp
 from .allocate import allocate_ranks
 from .config import CHECKED_GROW_INITS, DEFAULT_SCORES, GARDConfig, default_r_max
 from .lora.capture import CaptureHandle
-from .lora.layer import adapter_shape
+from .lora.layer import adapter_shape, learning_rate
 from .lora.manager import LoRAManager, find_targets
 from .lora.optim_state import check_optimizer_supported, check_remappable, track_new_directions
 from .lora.scaling import RankScaling
@@ -39,6 +39,10 @@ _GORA_NEEDS_OPTIMIZER = (
 )
 # Halvings of GoRA's step that grow_init="gora_safe" tries before it drops the step.
 _SAFE_INIT_HALVINGS = 6
+# The steps grow_init="gora_search" tries, as multiples λ of sqrt(d_in / r) (GoRA's step without a
+# learning rate; its official adaptive choice tries λ <= 1, and at the q/v study's budgets it took
+# 1 every time, so the grid reaches past it): 4, 2, 1, 1/2, ..., 2^-10.
+SEARCH_INIT_STEPS = tuple(2.0**-k for k in range(-2, 11))
 # Extra random directions of the range finder beyond the largest growth (grow_init "gradient", "gora").
 _RANGE_OVERSAMPLE = 8
 
@@ -421,7 +425,7 @@ class GARD:
                 # of the others, and would look good on them whatever its size.
                 fed = self._init_gradient_batches(len(kept))
                 unseen = [batch for done, batch in enumerate(kept) if done not in fed]
-                event["init_step_scale"] = self._check_init_step(unseen, loss_fn)
+                event.update(self._check_init_step(unseen, loss_fn))
         except BaseException:
             # A refused profile leaves GARD as it was (the batches it took are spent).
             for handle in self.handles:
@@ -503,34 +507,47 @@ class GARD:
                     total.div_(count)
 
     @torch.no_grad()
-    def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> float:
-        """grow_init="gora_safe": keep GoRA's initial B only as far as it does not raise the loss.
+    def _check_init_step(self, kept: list, loss_fn: Optional[Callable]) -> dict:
+        """The checked starts: how much of GoRA's initial B to keep, from the mean loss over `kept`
+        (the profile batches the step's gradient did not come from; under torch.distributed, over
+        every process's), compared with B = 0 (the output of a "gradient" or "zero" init). Only B
+        changes (its optimizer state is still zero after the re-initialisation).
 
-        The mean loss over `kept` (the profile batches but the last; under torch.distributed, over
-        every process's) with every B scaled by t in
-        1, 1/2, ..., 1/64 is compared with t = 0 (B = 0, the output of a "gradient" or "zero"
-        init); the first t that is no worse is kept, else 0. Returns t. Only B changes (its
-        optimizer state is still zero after the re-initialisation).
+        "gora_safe" / "gora_mean": every B scaled by t in 1, 1/2, ..., 1/64; the first t that is
+        no worse than t = 0 is kept, else 0. Returns {"init_step_scale": t}.
+        "gora_search": the step η = λ sqrt(d_in / r) of each layer for λ in SEARCH_INIT_STEPS,
+        whatever the learning rate; the λ with the lowest loss is kept if below t = 0's, else 0.
+        Returns {"init_step_lambda": λ}.
         """
         layers = [layer for layer in self.manager.layers if layer.rank > 0]
+        # B of GoRA's step at the learning rate of the layer's param group (LoRALayer._grow).
         full = [layer.lora_B.detach().clone() for layer in layers]
+        rates = [learning_rate(self.optimizer, layer.lora_B) for layer in layers]
 
-        def loss_at(t: float) -> float:
-            for layer, b in zip(layers, full):
-                layer.lora_B.data.copy_(b * t)
+        def loss_at(scales: list) -> float:
+            for layer, b, scale in zip(layers, full, scales):
+                layer.lora_B.data.copy_(b * scale)
             total = 0.0
             for batch in kept:
                 loss = self._loss(batch, loss_fn)
                 total += float(loss)
-            # Under torch.distributed: the mean over every process's batches, so all keep one t.
+            # Under torch.distributed: the mean over every process's batches, so all keep one step.
             return distributed.mean_of_scalar(total / max(len(kept), 1), self.ring.device)
 
-        start = loss_at(0.0)
+        start = loss_at([0.0] * len(layers))
+        if self.config.grow_init == "gora_search":
+            best, best_loss = 0.0, start
+            for lam in SEARCH_INIT_STEPS:
+                loss = loss_at([lam / rate for rate in rates])
+                if loss < best_loss:
+                    best, best_loss = lam, loss
+            loss_at([best / rate for rate in rates])
+            return {"init_step_lambda": best}
         for t in (2.0**-k for k in range(_SAFE_INIT_HALVINGS + 1)):
-            if loss_at(t) <= start:
-                return t
-        loss_at(0.0)
-        return 0.0
+            if loss_at([t] * len(layers)) <= start:
+                return {"init_step_scale": t}
+        loss_at([0.0] * len(layers))
+        return {"init_step_scale": 0.0}
 
     def _start_gain_probes(self, steps: int) -> None:
         """Start every layer's gain probe with min(r_max, cap) + oversampling columns."""

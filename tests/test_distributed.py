@@ -234,10 +234,13 @@ def _profile_marginal_gain(rank: int, out_dir: str) -> None:
     checked, checked_event = _gora_safe_profile(_gora_safe_batches(rank))
     # ... and from the mean gradient of the profile batches but the first (grow_init="gora_mean").
     mean, mean_event = _gora_safe_profile(_gora_safe_batches(rank), "gora_mean")
+    # ... and with the step's size searched (grow_init="gora_search").
+    search, search_event = _gora_safe_profile(_gora_safe_batches(rank), "gora_search")
     torch.save(
         {"event": event, "refused": str(refused.value), "unallocated": unallocated, "again": again,
          "checked_event": checked_event, "checked_b": [layer.lora_B.detach().clone() for layer in checked.manager.layers],
-         "mean_event": mean_event, "mean_b": [layer.lora_B.detach().clone() for layer in mean.manager.layers]},
+         "mean_event": mean_event, "mean_b": [layer.lora_B.detach().clone() for layer in mean.manager.layers],
+         "search_event": search_event, "search_b": [layer.lora_B.detach().clone() for layer in search.manager.layers]},
         os.path.join(out_dir, f"profile{rank}.pt"),
     )
 
@@ -335,6 +338,24 @@ def test_gora_mean_of_two_processes_equals_one_process_seeing_both(spawned, one_
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
     # Not the last batch's step: gora_safe's B on the same batches differs.
     assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(runs[0]["mean_b"], runs[0]["checked_b"]))
+
+
+def test_gora_search_of_two_processes_equals_one_process_seeing_both(spawned, one_thread):
+    """grow_init="gora_search" under torch.distributed: every process keeps the same λ (the
+    mean loss over all processes' batches decides) and the same B, as one process profiling the
+    joined batches does."""
+    runs = spawned["profile"]
+    assert runs[0]["search_event"] == runs[1]["search_event"]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["search_b"], runs[1]["search_b"]))
+    joint = [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(_gora_safe_batches(0), _gora_safe_batches(1))]
+    single, event = _gora_safe_profile(joint, "gora_search")
+    alone = {_gora_safe_profile(_gora_safe_batches(rank), "gora_search")[1]["init_step_lambda"] for rank in (0, 1)}
+    assert runs[0]["search_event"]["init_step_lambda"] == event["init_step_lambda"] > 0
+    assert len(alone) == 2  # alone, the two processes would keep different steps
+    for mine, theirs in zip(runs[0]["search_b"], [layer.lora_B.detach() for layer in single.manager.layers]):
+        # B is λ / lr times gora_safe's: so is the float noise of the two reductions' orders.
+        largest = float(theirs.abs().amax()) if theirs.numel() else 0.0  # rank-0 layers: empty
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * largest)
 
 
 def test_single_process_is_a_no_op():

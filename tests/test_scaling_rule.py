@@ -1,11 +1,12 @@
 """Rank-dependent LoRA scale (GARDConfig.scaling_rule, lora/scaling.py) and the checked GoRA
-initialisations (grow_init="gora_safe" and "gora_mean")."""
+initialisations (grow_init="gora_safe", "gora_mean" and "gora_search")."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gard_kernels as gk
+from gard_kernels.controller import SEARCH_INIT_STEPS
 from gard_kernels.lora.layer import LoRALayer
 from gard_kernels.lora.optim_state import rescale_optimizer_state
 from gard_kernels.lora.scaling import RankScaling
@@ -174,8 +175,9 @@ def _markov(count, seed, batch=4, length=16):
     return out
 
 
-def _run(grow_init, lr, profile, train=(), held=()):
-    """(loss on `held` after the profile's allocation, after the training steps, init step kept)."""
+def _run(grow_init, lr, profile, train=(), held=(), keep=None):
+    """(loss on `held` after the profile's allocation, after the training steps, init step kept:
+    gora_safe's share of the learning rate's step, or gora_search's λ); `keep` gets the GARD."""
     model = _wide_llama()
     # q_proj and v_proj are 64 x 64: uniform rank 32 on all four.
     config = gk.GARDConfig(budget=32 * 128 * 4, r_max=32, score="uniform", grow_init=grow_init, window=len(profile),
@@ -191,13 +193,16 @@ def _run(grow_init, lr, profile, train=(), held=()):
             return sum(float(model(**b).loss) for b in held) / len(held)
 
     at_init = loss()
+    if keep is not None:
+        keep.append(gard)
     for batch in train:
         model(**batch).loss.backward()
         opt.step(), gard.step(), opt.zero_grad()
-    return at_init, loss(), event.get("init_step_scale")
+    return at_init, loss(), event.get("init_step_scale", event.get("init_step_lambda"))
 
 
-@pytest.mark.parametrize("checked, unseen", [("gora_safe", slice(0, -1)), ("gora_mean", slice(0, 1))])
+@pytest.mark.parametrize("checked, unseen", [("gora_safe", slice(0, -1)), ("gora_mean", slice(0, 1)),
+                                             ("gora_search", slice(0, -1))])
 def test_checked_gora_never_starts_worse_than_zero_where_gora_does(checked, unseen):
     # Random tokens: the gradient of some profile batches is noise for the others, and GoRA's step
     # along it raises their loss; the checked step keeps B = 0 there (on the batches it did not see).
@@ -206,7 +211,9 @@ def test_checked_gora_never_starts_worse_than_zero_where_gora_does(checked, unse
     zero, _, _ = _run("zero", 1e-2, profile, held=held)
     gora, _, _ = _run("gora", 1e-2, profile, held=held)
     safe, _, scale = _run(checked, 1e-2, profile, held=held)
-    assert gora > zero and safe <= zero and scale < 1.0
+    assert gora > zero and safe <= zero
+    if checked != "gora_search":  # the search's λ is not a share of the learning rate's step
+        assert scale < 1.0
 
 
 def test_gora_safe_keeps_a_useful_step_and_trains_no_worse_than_zero():
@@ -216,7 +223,42 @@ def test_gora_safe_keeps_a_useful_step_and_trains_no_worse_than_zero():
     assert scale == 1.0 and safe_init < zero_init and safe_trained <= zero_trained
 
 
-@pytest.mark.parametrize("checked", ["gora_safe", "gora_mean"])
+def _held_out_loss(gard, held, factor):
+    """Mean loss on `held` with every B scaled by `factor` (then put back)."""
+    saved = [layer.lora_B.detach().clone() for layer in gard.manager.layers]
+    with torch.no_grad():
+        for layer in gard.manager.layers:
+            layer.lora_B.mul_(factor)
+        loss = sum(float(gard.model(**b).loss) for b in held) / len(held)
+        for layer, b in zip(gard.manager.layers, saved):
+            layer.lora_B.copy_(b)
+    return loss
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-5])
+def test_gora_search_keeps_the_step_with_the_lowest_loss_on_the_unseen_batches(lr):
+    # A learnable chain: GoRA's step helps. At lr 1e-5 the learning rate's step is far too small,
+    # so gora_safe keeps almost nothing of what the step can give; the search is not tied to lr.
+    profile, held = _markov(4, seed=1), _markov(2, seed=9)
+    unseen = profile[:-1]
+    safe, search = [], []
+    safe_init, _, scale = _run("gora_safe", lr, profile, held=held, keep=safe)
+    search_init, _, lam = _run("gora_search", lr, profile, held=held, keep=search)
+    assert scale == 1.0 and lam in SEARCH_INIT_STEPS
+    # The same directions, B of the step λ sqrt(d_in / r) instead of lr sqrt(d_in / r).
+    for a, b in zip(safe[0].manager.layers, search[0].manager.layers):
+        torch.testing.assert_close(b.lora_A, a.lora_A)
+        torch.testing.assert_close(b.lora_B, a.lora_B * (lam / lr), rtol=1e-5, atol=1e-7)
+    # The kept λ is the best of the grid (and of B = 0) on the batches the step did not come from.
+    gard = search[0]
+    chosen = _held_out_loss(gard, unseen, 1.0)
+    others = [_held_out_loss(gard, unseen, other / lam) for other in (0.0, *SEARCH_INIT_STEPS) if other != lam]
+    assert chosen <= min(others) + 1e-6
+    if lr == 1e-5:
+        assert search_init < safe_init - 0.05  # on batches neither saw
+
+
+@pytest.mark.parametrize("checked", ["gora_safe", "gora_mean", "gora_search"])
 def test_checked_gora_needs_the_profile_and_static_mode(checked):
     with pytest.raises(ValueError, match=checked):
         gk.GARDConfig(budget=1000, mode="dynamic", grow_init=checked)

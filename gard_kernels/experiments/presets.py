@@ -95,6 +95,9 @@ METHODS: dict[str, dict[str, Any]] = {
     # and A along the gradient's top directions without the step (B = 0).
     "gard-marginal-rslora-mean": _candidate(score="marginal_gain", grow_init="gora_mean", scaling_rule="rslora"),
     "gard-marginal-rslora-gradient": _candidate(score="marginal_gain", grow_init="gradient", scaling_rule="rslora"),
+    # gard's start with the step's size searched on the profile (GoRA's adaptive step, not capped
+    # at the learning rate's): faithful GoRA's edge at the q/v study's budgets.
+    "gard-marginal-rslora-search": _candidate(score="marginal_gain", grow_init="gora_search", scaling_rule="rslora"),
     "gard-marginal-sq-rslora": _candidate(score="marginal_gain_sq", grow_init="zero", scaling_rule="rslora"),
     "gard-nuclear-rslora": _candidate(score="update_nuclear", grow_init="zero", scaling_rule="rslora"),
     **{name: {"kind": name, "config": BASELINE_PRESET} for name in BASELINES},

@@ -21,7 +21,7 @@ from .optim_state import (
 )
 from .range_finder import positive_largest_entry
 
-__all__ = ["GROW_INITS", "LoRALayer", "ResizeRecord", "adapter_shape"]
+__all__ = ["GROW_INITS", "LoRALayer", "ResizeRecord", "adapter_shape", "learning_rate"]
 
 GROW_INITS = ("zero", "gradient", "gora")
 
@@ -290,7 +290,7 @@ class LoRALayer(nn.Module):
             rows = directions * _INIT_ROW_NORM
             if grow_init == "gora" and directions.shape[0]:
                 # A_new = c V (orthonormal V): (A A^T)^-1 = I / c^2 and G A^T = c G V^T.
-                xi = _learning_rate(optimizer, b) * math.sqrt(self.d_in / new_rank)
+                xi = learning_rate(optimizer, b) * math.sqrt(self.d_in / new_rank)
                 gora = -(xi / (self.scaling * _INIT_ROW_NORM)) * g_dirs
                 cols[:, : gora.shape[1]] = gora.to(device=cols.device, dtype=cols.dtype)
             if rows.shape[0] < n_new:
@@ -360,7 +360,7 @@ class LoRALayer(nn.Module):
         self.rank = new_rank
 
 
-def _learning_rate(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+def learning_rate(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
     """The base learning rate of the param group that holds `param`.
 
     An LR scheduler keeps the base rate in "initial_lr": GoRA's step uses it, not a warm-up's
