@@ -114,6 +114,15 @@ METHODS: dict[str, dict[str, Any]] = {
         "config": BASELINE_PRESET,
         "options": {"ranks_from": "docs/metrics/study-*/adalora_b{budget}_s{seed}_lr0.03/metrics.json"},
     },
+    # The same diagnostic for faithful GoRA against `gard` at the q/v study's middle budget: its
+    # start (A random, B from the mean gradient, adaptive step) on gard's final ranks there (its
+    # runs at 1e-2, the rate chosen for it at 14,400), so only the start differs from `gard`.
+    "gora-faithful-on-gard-ranks": {
+        "kind": "gora",
+        "config": BASELINE_PRESET,
+        "options": {"xi": "adaptive", "rank_scaling": "rslora",
+                    "ranks_from": "docs/metrics/study-*/gard-marginal-rslora-safe_b{budget}_s{seed}_lr0.01/metrics.json"},
+    },
 }
 
 # Earlier names of the two paper methods: accepted everywhere, listed nowhere.
