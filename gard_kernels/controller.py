@@ -522,7 +522,6 @@ class GARD:
         layers = [layer for layer in self.manager.layers if layer.rank > 0]
         # B of GoRA's step at the learning rate of the layer's param group (LoRALayer._grow).
         full = [layer.lora_B.detach().clone() for layer in layers]
-        rates = [learning_rate(self.optimizer, layer.lora_B) for layer in layers]
 
         def loss_at(scales: list) -> float:
             for layer, b, scale in zip(layers, full, scales):
@@ -536,6 +535,8 @@ class GARD:
 
         start = loss_at([0.0] * len(layers))
         if self.config.grow_init == "gora_search":
+            # λ sqrt(d_in / r) is λ / lr times the B above, whatever each layer's rate.
+            rates = [learning_rate(self.optimizer, layer.lora_B) for layer in layers]
             best, best_loss = 0.0, start
             for lam in SEARCH_INIT_STEPS:
                 loss = loss_at([lam / rate for rate in rates])
