@@ -523,9 +523,12 @@ class GARD:
         # B of GoRA's step at the learning rate of the layer's param group (LoRALayer._grow).
         full = [layer.lora_B.detach().clone() for layer in layers]
 
-        def loss_at(scales: list) -> float:
+        def set_b(scales: list) -> None:
             for layer, b, scale in zip(layers, full, scales):
                 layer.lora_B.data.copy_(b * scale)
+
+        def loss_at(scales: list) -> float:
+            set_b(scales)
             total = 0.0
             for batch in kept:
                 loss = self._loss(batch, loss_fn)
@@ -542,12 +545,12 @@ class GARD:
                 loss = loss_at([lam / rate for rate in rates])
                 if loss < best_loss:
                     best, best_loss = lam, loss
-            loss_at([best / rate for rate in rates])
+            set_b([best / rate for rate in rates])
             return {"init_step_lambda": best}
         for t in (2.0**-k for k in range(_SAFE_INIT_HALVINGS + 1)):
             if loss_at([t] * len(layers)) <= start:
                 return {"init_step_scale": t}
-        loss_at([0.0] * len(layers))
+        set_b([0.0] * len(layers))
         return {"init_step_scale": 0.0}
 
     def _start_gain_probes(self, steps: int) -> None:
